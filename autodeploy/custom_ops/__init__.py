@@ -1,0 +1,3 @@
+"""``autodeploy::`` custom ops. Importing this package registers every op; see README.md for the table."""
+
+from . import activation, attention, cached_attention, gated_mlp, moe, rmsnorm, rope  # noqa: F401

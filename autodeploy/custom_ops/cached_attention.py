@@ -1,0 +1,103 @@
+"""Paged-KV-cache attention over a flattened token batch: the contract every cached backend implements.
+
+After ``insert_cached_attention`` the graph runs one forward over ``T`` tokens of ``B`` sequences: the prefill
+(or prefill-chunk) sequences first, then the decode sequences (one token each). Per backend ``<b>`` the op is
+``autodeploy::<b>_cached_attention`` with this signature (the torch one here is the reference)::
+
+    q            [1, T, Nq, D]      k [1, T, Nkv, D]      v [1, T, Nkv, Dv]
+    k_cache      [num_blocks, block_size, Nkv, D]        (mutated: the new k are written first)
+    v_cache      [num_blocks, block_size, Nkv, Dv]       (mutated)
+    seq_lens     [B] int32   new tokens of each sequence in this step
+    cu_seqlens   [B + 1] int32   offsets of each sequence's tokens in T (cu_seqlens[0] = 0)
+    cache_lens   [B] int32   tokens of each sequence already in the cache before this step
+    page_table   [B, P] int32    block ids of each sequence, in order
+    slot_mapping [T] int64   flat cache slot (block * block_size + offset) of each new token; < 0: skip
+    batch_info   [3] int32 on the host: (num_prefill_seqs, num_prefill_tokens, num_decode_seqs)
+    scale, sliding_window, logit_cap, sinks, alibi_slopes: as in ``torch_attention``
+    -> out [1, T, Nq, Dv]
+
+Token ``i`` of sequence ``s`` sits at absolute position ``cache_lens[s] + i`` and attends causally to every
+cached or new key of ``s`` up to its own position. Rows of ``T`` past ``cu_seqlens[B]`` are padding (CUDA-graph
+buckets) and their outputs are unspecified.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import attention_reference
+
+
+def write_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Scatter the new ``k``/``v`` rows ``[1, T, Nkv, D]`` into the paged pools at ``slot_mapping``."""
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid]
+    n_kv = k.shape[2]
+    k_cache.view(-1, n_kv, k_cache.shape[-1])[slots] = k[0][valid].to(k_cache.dtype)
+    v_cache.view(-1, n_kv, v_cache.shape[-1])[slots] = v[0][valid].to(v_cache.dtype)
+
+
+def gather_kv(cache: torch.Tensor, page_table_row: torch.Tensor, length: int) -> torch.Tensor:
+    """The first ``length`` cached rows of one sequence: ``[length, Nkv, D]``."""
+    block_size = cache.shape[1]
+    num_blocks = (length + block_size - 1) // block_size
+    blocks = cache[page_table_row[:num_blocks].long()]  # [nb, block_size, Nkv, D]
+    return blocks.reshape(-1, *cache.shape[2:])[:length]
+
+
+@torch.library.custom_op("autodeploy::torch_cached_attention", mutates_args=("k_cache", "v_cache"))
+def torch_cached_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    cache_lens: torch.Tensor,
+    page_table: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    batch_info: torch.Tensor,
+    scale: float | None = None,
+    sliding_window: int | None = None,
+    logit_cap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+) -> torch.Tensor:
+    write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    out = torch.zeros((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
+    num_seqs = int(batch_info[0]) + int(batch_info[2])
+    starts = cu_seqlens[: num_seqs + 1].tolist()
+    lens = seq_lens[:num_seqs].tolist()
+    cached = cache_lens[:num_seqs].tolist()
+    for s in range(num_seqs):
+        start, n_new, n_cached = starts[s], lens[s], cached[s]
+        if n_new == 0:
+            continue
+        total = n_cached + n_new
+        keys = gather_kv(k_cache, page_table[s], total).unsqueeze(0)  # [1, total, Nkv, D]
+        values = gather_kv(v_cache, page_table[s], total).unsqueeze(0)
+        positions = torch.arange(total, device=q.device)
+        out[:, start : start + n_new] = attention_reference(
+            q[:, start : start + n_new],
+            keys.to(q.dtype),
+            values.to(q.dtype),
+            scale,
+            sliding_window,
+            logit_cap,
+            sinks,
+            alibi_slopes,
+            q_positions=positions[n_cached:],
+            k_positions=positions,
+        )
+    return out
+
+
+@torch_cached_attention.register_fake
+def _torch_cached_attention_fake(
+    q, k, v, k_cache, v_cache, seq_lens, cu_seqlens, cache_lens, page_table, slot_mapping, batch_info,
+    scale=None, sliding_window=None, logit_cap=None, sinks=None, alibi_slopes=None,
+):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))

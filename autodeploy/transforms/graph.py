@@ -1,0 +1,77 @@
+"""Graph helpers shared by transforms: clean-up, shape propagation, node queries."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+OpTarget = Any  # an OpOverload, an OpOverloadPacket or a Python callable
+
+
+def count_nodes(gm: GraphModule) -> int:
+    return len(gm.graph.nodes)
+
+
+def canonicalize_graph(gm: GraphModule) -> None:
+    """Drop dead code and unused submodules, check the graph, regenerate ``forward``."""
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+
+
+def is_op(node: Node, targets: OpTarget | Iterable[OpTarget]) -> bool:
+    """True if ``node`` calls one of ``targets`` (an overload packet matches all of its overloads)."""
+    if node.op != "call_function":
+        return False
+    if not isinstance(targets, (list, tuple, set, frozenset)):
+        targets = (targets,)
+    for target in targets:
+        if node.target is target:
+            return True
+        if getattr(node.target, "overloadpacket", None) is target:
+            return True
+    return False
+
+
+def find_nodes(gm: GraphModule, targets: OpTarget | Iterable[OpTarget]) -> list[Node]:
+    return [n for n in gm.graph.nodes if is_op(n, targets)]
+
+
+def node_val(node: Any) -> Any:
+    """The fake value recorded for a node (``None`` for non-nodes or nodes without one)."""
+    return node.meta.get("val") if isinstance(node, Node) else None
+
+
+def placeholders(gm: GraphModule) -> list[Node]:
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def get_attr_value(gm: GraphModule, node: Node) -> torch.Tensor:
+    """The parameter or buffer a ``get_attr`` node refers to."""
+    obj: Any = gm
+    for part in node.target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _fake_mode_of(gm: GraphModule):
+    for node in placeholders(gm):
+        val = node_val(node)
+        if isinstance(val, torch.Tensor) and hasattr(val, "fake_mode"):
+            return val.fake_mode
+    return None
+
+
+def run_shape_prop(gm: GraphModule) -> None:
+    """Refresh ``meta["val"]`` on every node with fake tensors, keeping the graph's symbolic shapes."""
+    fake_mode = _fake_mode_of(gm)
+    if fake_mode is None:
+        return
+    inputs = [node_val(n) for n in placeholders(gm)]
+    with fake_mode:
+        FakeTensorProp(gm, mode=fake_mode).propagate_dont_convert_inputs(*inputs)
