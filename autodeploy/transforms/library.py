@@ -1,3 +1,5 @@
 """Imports every built-in transform module so each registers itself by name."""
 
 from . import cleanup_noop_ops  # noqa: F401
+from . import gather_logits  # noqa: F401
+from . import insert_cached_attention  # noqa: F401

@@ -1,0 +1,200 @@
+"""Runs the cached graph on one step's batch: packs inputs, runs eagerly or replays a CUDA graph, returns logits.
+
+The runner owns the static buffers: one pinned host buffer and one device buffer per integer dtype, with fixed
+regions for every graph input (sized for ``max_num_tokens`` tokens and ``max_batch_size`` sequences). A step
+fills the host regions, copies each buffer to the device once, and calls the graph on views of the device
+buffers, whose addresses never change — so decode-only steps can replay CUDA graphs captured on them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+import torch
+from torch.fx import GraphModule
+
+from ..transforms.gather_logits import LOGITS_INDICES
+from ..transforms.insert_cached_attention import KVCacheSpec
+from .cuda_graphs import CUDAGraphRunner
+
+logger = logging.getLogger("autodeploy.executor")
+
+
+@dataclass
+class StepEntry:
+    """One sequence's share of a step: feed ``token_ids`` at positions ``start_pos...``; sample after the last."""
+
+    token_ids: list[int]
+    start_pos: int
+    block_ids: list[int]
+    sample: bool
+
+
+class _Regions:
+    """Named fixed-size regions of one flat buffer (host and device twins)."""
+
+    def __init__(self, sizes: dict[str, int], dtype: torch.dtype, device: torch.device, pin: bool):
+        self.offsets: dict[str, int] = {}
+        total = 0
+        for name, size in sizes.items():
+            self.offsets[name] = total
+            total += size
+        self.sizes = sizes
+        self.host = torch.zeros(total, dtype=dtype, pin_memory=pin)
+        self.device = torch.zeros(total, dtype=dtype, device=device) if device.type != "cpu" else self.host
+        self.used_end = 0
+
+    def host_view(self, name: str, n: int) -> torch.Tensor:
+        start = self.offsets[name]
+        self.used_end = max(self.used_end, start + n)
+        return self.host[start : start + n]
+
+    def device_view(self, name: str, n: int) -> torch.Tensor:
+        start = self.offsets[name]
+        return self.device[start : start + n]
+
+    def upload(self) -> None:
+        if self.device is not self.host and self.used_end:
+            self.device[: self.used_end].copy_(self.host[: self.used_end], non_blocking=True)
+        self.used_end = 0
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        gm: GraphModule,
+        spec: KVCacheSpec,
+        kv_caches: list[torch.Tensor],
+        *,
+        device: torch.device,
+        block_size: int,
+        max_num_tokens: int,
+        max_batch_size: int,
+        max_seq_len: int,
+    ):
+        self.gm = gm
+        self.spec = spec
+        self.kv_caches = kv_caches
+        self.device = device
+        self.block_size = block_size
+        self.max_num_tokens = max_num_tokens
+        self.max_batch_size = max_batch_size
+        self.max_pages = (max_seq_len + block_size - 1) // block_size
+        pin = device.type == "cuda"
+        self.i64 = _Regions(
+            {
+                "input_ids": max_num_tokens,
+                "position_ids": max_num_tokens,
+                "slot_mapping": max_num_tokens,
+                LOGITS_INDICES: max_batch_size,
+            },
+            torch.int64,
+            device,
+            pin,
+        )
+        self.i32 = _Regions(
+            {
+                "seq_lens": max_batch_size,
+                "cu_seqlens": max_batch_size + 1,
+                "cache_lens": max_batch_size,
+                "page_table": max_batch_size * self.max_pages,
+            },
+            torch.int32,
+            device,
+            pin,
+        )
+        self.batch_info = torch.zeros(3, dtype=torch.int32)  # stays on the host by contract
+        self.cache_inputs = {}
+        for i in range(len(spec.layers)):
+            self.cache_inputs[f"k_cache_{i}"] = kv_caches[2 * i]
+            self.cache_inputs[f"v_cache_{i}"] = kv_caches[2 * i + 1]
+        self.cuda_graphs: CUDAGraphRunner | None = None
+
+    # ---- input packing ------------------------------------------------------------------------------------
+    def _pack(self, entries: list[StepEntry], num_prefill: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+        """Fill the host regions for ``entries`` (prefills first), upload, and return the graph's inputs.
+
+        Sequences past ``len(entries)`` up to ``pad_to`` are CUDA-graph padding: one dummy token each, written
+        nowhere (slot -1), its logits row ignored.
+        """
+        num_seqs = len(entries)
+        padded_seqs = max(pad_to or num_seqs, num_seqs)
+        lens = np.fromiter((len(e.token_ids) for e in entries), dtype=np.int64, count=num_seqs)
+        starts = np.fromiter((e.start_pos for e in entries), dtype=np.int64, count=num_seqs)
+        lens = np.concatenate([lens, np.ones(padded_seqs - num_seqs, dtype=np.int64)])
+        starts = np.concatenate([starts, np.zeros(padded_seqs - num_seqs, dtype=np.int64)])
+        num_tokens = int(lens.sum())
+        cu = np.zeros(padded_seqs + 1, dtype=np.int64)
+        np.cumsum(lens, out=cu[1:])
+        seq_of_token = np.repeat(np.arange(padded_seqs), lens)
+        positions = starts[seq_of_token] + (np.arange(num_tokens) - cu[:-1][seq_of_token])
+
+        pages = self.i32.host_view("page_table", padded_seqs * self.max_pages).numpy().reshape(padded_seqs, -1)
+        pages[:] = 0
+        for s, entry in enumerate(entries):
+            pages[s, : len(entry.block_ids)] = entry.block_ids
+        bs = self.block_size
+        slots = pages[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
+        slots[cu[num_seqs] :] = -1
+
+        self.i64.host_view("input_ids", num_tokens).numpy()[:] = (
+            list(itertools.chain.from_iterable(e.token_ids for e in entries)) + [0] * (padded_seqs - num_seqs)
+        )
+        self.i64.host_view("position_ids", num_tokens).numpy()[:] = positions
+        self.i64.host_view("slot_mapping", num_tokens).numpy()[:] = slots
+        self.i32.host_view("seq_lens", padded_seqs).numpy()[:] = lens
+        self.i32.host_view("cu_seqlens", padded_seqs + 1).numpy()[:] = cu
+        self.i32.host_view("cache_lens", padded_seqs).numpy()[:] = starts
+        sample = [bool(e.sample) for e in entries] + [True] * (padded_seqs - num_seqs)
+        sample_rows = (cu[1:] - 1)[np.asarray(sample, dtype=bool)]
+        self.i64.host_view(LOGITS_INDICES, len(sample_rows)).numpy()[:] = sample_rows
+        self.batch_info[0] = num_prefill
+        self.batch_info[1] = int(cu[num_prefill])
+        self.batch_info[2] = padded_seqs - num_prefill
+        self.i64.upload()
+        self.i32.upload()
+        return self.graph_inputs(num_tokens, padded_seqs, len(sample_rows))
+
+    def graph_inputs(self, num_tokens: int, num_seqs: int, num_logits: int) -> dict[str, torch.Tensor]:
+        """Device views of the static buffers, shaped for this step (fixed addresses per shape)."""
+        dv64, dv32 = self.i64.device_view, self.i32.device_view
+        return {
+            "input_ids": dv64("input_ids", num_tokens).view(1, num_tokens),
+            "position_ids": dv64("position_ids", num_tokens).view(1, num_tokens),
+            "seq_lens": dv32("seq_lens", num_seqs),
+            "cu_seqlens": dv32("cu_seqlens", num_seqs + 1),
+            "cache_lens": dv32("cache_lens", num_seqs),
+            "page_table": dv32("page_table", num_seqs * self.max_pages).view(num_seqs, self.max_pages),
+            "slot_mapping": dv64("slot_mapping", num_tokens),
+            "batch_info": self.batch_info,
+            **self.cache_inputs,
+            LOGITS_INDICES: dv64(LOGITS_INDICES, num_logits),
+        }
+
+    # ---- running ------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, prefills: list[StepEntry], decodes: list[StepEntry]) -> torch.Tensor:
+        """Logits ``[N, V]`` for the entries with ``sample=True``, in entry order (prefills, then decodes)."""
+        entries = prefills + decodes
+        if not prefills and self.cuda_graphs is not None:
+            bucket = self.cuda_graphs.bucket_for(len(decodes))
+            if bucket is not None:
+                inputs = self._pack(entries, 0, pad_to=bucket)
+                return self.cuda_graphs.replay(bucket, inputs)[: len(decodes)]
+        inputs = self._pack(entries, len(prefills))
+        return self.gm(**inputs)[0]
+
+    def capture_cuda_graphs(self, max_batch: int) -> None:
+        """Capture decode steps for the bucket sizes up to ``max_batch`` (CUDA and graph-safe backends only)."""
+        if self.device.type != "cuda" or not self.spec.cuda_graph_safe:
+            return
+        self.cuda_graphs = CUDAGraphRunner(self.gm, min(max_batch, self.max_batch_size))
+
+        def inputs_for(bucket: int) -> dict[str, torch.Tensor]:
+            return self._pack([], 0, pad_to=bucket)
+
+        self.cuda_graphs.capture(inputs_for)

@@ -1,0 +1,102 @@
+"""``insert_cached_attention``: every ``torch_attention`` becomes the backend's paged-KV-cache op.
+
+Matches: each ``autodeploy::torch_attention`` node. Emits: ``autodeploy::<backend>_cached_attention`` with the
+batch metadata and two KV pools per layer as new graph inputs, in the order of ``CACHE_METADATA`` and then
+``k_cache_<i>``, ``v_cache_<i>`` (DESIGN.md, "The graph contract after cache insertion"). Records a
+``KVCacheSpec`` in ``ctx.cache`` so the model runner can size and allocate the pools.
+Limits: attention must already be canonical (a graph without ``torch_attention`` is an error).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch.fx import GraphModule, Node
+
+from ..custom_ops.attention_backends import resolve_backend
+from ..errors import TransformError
+from .base import SharedContext, Transform, TransformConfig, TransformInfo, TransformRegistry
+from .graph import find_nodes, node_val, placeholders
+
+#: (name, dtype) of the metadata inputs, in graph-input order, after input_ids and position_ids
+CACHE_METADATA: tuple[tuple[str, torch.dtype], ...] = (
+    ("seq_lens", torch.int32),
+    ("cu_seqlens", torch.int32),
+    ("cache_lens", torch.int32),
+    ("page_table", torch.int32),
+    ("slot_mapping", torch.int64),
+    ("batch_info", torch.int32),
+)
+
+
+@dataclass(frozen=True)
+class LayerCacheSpec:
+    num_kv_heads: int
+    head_dim: int
+    v_head_dim: int
+    dtype: torch.dtype
+
+
+@dataclass
+class KVCacheSpec:
+    """What the runner must allocate: one K and one V pool per attention layer, in graph-input order."""
+
+    backend: str
+    cuda_graph_safe: bool
+    layers: list[LayerCacheSpec] = field(default_factory=list)
+
+    def bytes_per_token(self, cache_dtype: torch.dtype | None = None) -> int:
+        total = 0
+        for layer in self.layers:
+            itemsize = (cache_dtype or layer.dtype).itemsize
+            total += layer.num_kv_heads * (layer.head_dim + layer.v_head_dim) * itemsize
+        return total
+
+
+class InsertCachedAttentionConfig(TransformConfig):
+    backend: Literal["auto", "torch", "triton", "flashinfer"] = "auto"
+
+
+@TransformRegistry.register("insert_cached_attention")
+class InsertCachedAttention(Transform):
+    config_class = InsertCachedAttentionConfig
+    requires_shape_prop = False
+
+    def _apply(self, gm: GraphModule, ctx: SharedContext) -> TransformInfo:
+        attention_nodes = find_nodes(gm, torch.ops.autodeploy.torch_attention.default)
+        if not attention_nodes:
+            raise TransformError(
+                "no autodeploy::torch_attention in the graph, so there is nothing to attach a KV cache to",
+                where="insert_cached_attention",
+                hint="run `autodeploy inspect` to see whether export routed or match_attention matched the attention",
+            )
+        backend = resolve_backend(self.config.backend, ctx.device)
+        graph = gm.graph
+        last = placeholders(gm)[-1]
+        metadata: list[Node] = []
+        with graph.inserting_after(last):
+            for name, _ in reversed(CACHE_METADATA):
+                metadata.insert(0, graph.placeholder(name))
+        spec = KVCacheSpec(backend=backend.name, cuda_graph_safe=backend.cuda_graph_safe)
+        last = metadata[-1]
+        for i, node in enumerate(attention_nodes):
+            q, k, v = node.args[:3]
+            k_val, v_val = node_val(k), node_val(v)
+            spec.layers.append(LayerCacheSpec(k_val.shape[2], k_val.shape[3], v_val.shape[3], k_val.dtype))
+            with graph.inserting_after(last):
+                k_cache = graph.placeholder(f"k_cache_{i}")
+            with graph.inserting_after(k_cache):
+                v_cache = graph.placeholder(f"v_cache_{i}")
+            last = v_cache
+            extra = list(node.args[3:])
+            with graph.inserting_before(node):
+                cached = graph.call_function(
+                    backend.op, (q, k, v, k_cache, v_cache, *metadata, *extra), dict(node.kwargs)
+                )
+            cached.meta.update(node.meta)
+            node.replace_all_uses_with(cached)
+            graph.erase_node(node)
+        ctx.cache = spec
+        return TransformInfo(num_matches=len(attention_nodes), details={"backend": backend.name})
