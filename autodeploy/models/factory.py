@@ -22,7 +22,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from ..errors import ModelLoadError, UnsupportedArchitectureError
 from .source import ModelSource, resolve_source
-from .weights import load_safetensors_into
+from .weights import fill_from_state_dict, load_safetensors_into, meta_tensor_names
 
 logger = logging.getLogger("autodeploy.models")
 
@@ -57,6 +57,7 @@ class ModelFactory:
         random_weights: bool = False,
         tokenizer: Any = None,
         trust_remote_code: bool = False,
+        load_eagerly: bool = False,
     ):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.source: ModelSource = resolve_source(model)
@@ -65,6 +66,9 @@ class ModelFactory:
         self.random_weights = random_weights or self.source.kind == "config"
         self._tokenizer_arg = tokenizer
         self.trust_remote_code = trust_remote_code
+        self.load_eagerly = load_eagerly
+        self._tied: dict[str, str] = {}
+        self._computed_buffers: dict[str, torch.Tensor] = {}
 
     # ---- config -------------------------------------------------------------------------------------------
     @cached_property
@@ -128,6 +132,11 @@ class ModelFactory:
             logger.info("loading %s (GGUF, dequantised by transformers)", src.gguf_file)
             model = AutoModelForCausalLM.from_pretrained(str(src.path), gguf_file=src.gguf_file, dtype=self.dtype)
             return model.to(self.device).eval()
+        if src.kind == "checkpoint" and self.load_eagerly and not self.random_weights:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(src.path), dtype=self.dtype, trust_remote_code=self.trust_remote_code
+            )
+            return model.to(self.device).eval()
         if self.random_weights:
             with torch.device(self.device):
                 model = AutoModelForCausalLM.from_config(
@@ -141,13 +150,27 @@ class ModelFactory:
                 self.config, dtype=self.dtype, trust_remote_code=self.trust_remote_code
             )
         self._tied = _tied_output_embedding(model)
-        return model.to(self.device).eval()
+        self._computed_buffers = {name: b for name, b in model.named_buffers()}  # not in checkpoints
+        return model.to("meta").eval()
 
     def load_weights(self, module: torch.nn.Module) -> int:
         """Fill every meta parameter of ``module`` (the transformed graph) from the checkpoint. Returns how many."""
-        if self.source.kind != "checkpoint" or self.random_weights:
+        if self.source.kind != "checkpoint" or self.random_weights or self.load_eagerly:
             return 0
-        return load_safetensors_into(module, self.source.path, self.device, self.dtype, getattr(self, "_tied", {}))
+        loaded = load_safetensors_into(
+            module, self.source.path, self.device, self.dtype, self._tied, self._computed_buffers
+        )
+        missing = meta_tensor_names(module)
+        if missing:  # names differ from the checkpoint's: let transformers convert them (whole model in memory)
+            logger.info("%d tensors need transformers' checkpoint conversion; loading with from_pretrained", len(missing))
+            reference = AutoModelForCausalLM.from_pretrained(
+                str(self.source.path), dtype=self.dtype, trust_remote_code=self.trust_remote_code
+            )
+            state = dict(reference.named_parameters(remove_duplicate=False))
+            state.update(reference.named_buffers())
+            loaded += fill_from_state_dict(module, state, self.device, self.dtype)
+            del reference, state
+        return loaded
 
     # ---- tokenizer and stop tokens ------------------------------------------------------------------------
     @cached_property

@@ -51,10 +51,12 @@ def load_safetensors_into(
     device: torch.device,
     dtype: torch.dtype,
     tied: dict[str, str] | None = None,
+    known: dict[str, torch.Tensor] | None = None,
 ) -> int:
     """Fill the meta tensors of ``module`` from ``folder``; raise if any stays unfilled. Returns the count.
 
-    ``tied`` maps a weight that checkpoints omit (a tied output embedding) to the one it shares.
+    ``tied`` maps a weight that checkpoints omit (a tied output embedding) to the one it shares; ``known``
+    holds tensors computed at construction rather than stored (rotary frequencies and other buffers).
     """
     wanted = {
         name: t
@@ -62,6 +64,10 @@ def load_safetensors_into(
         if t.is_meta
     }
     hooks: dict[str, Callable[[torch.Tensor], torch.Tensor]] = getattr(module, WEIGHT_HOOKS_ATTR, {})
+    for name, tensor in (known or {}).items():
+        if name in wanted:
+            _set_tensor(module, name, tensor.to(device))
+            del wanted[name]
     loaded = 0
     files = _checkpoint_files(folder)
     with tqdm(total=len(wanted), desc="Loading weights", unit="tensor", disable=None) as bar:
@@ -83,11 +89,24 @@ def load_safetensors_into(
         if name in wanted:
             _set_tensor(module, name, module.get_parameter(source))
             del wanted[name]
-    if wanted:
-        names = ", ".join(sorted(wanted)[:5])
-        raise ModelLoadError(
-            f"{len(wanted)} weights were not found in {folder}: {names}{' ...' if len(wanted) > 5 else ''}",
-            hint="the checkpoint's tensor names differ from the model's; pass a PreTrainedModel loaded with "
-            "from_pretrained instead of the folder",
-        )
     return loaded
+
+
+def fill_from_state_dict(
+    module: torch.nn.Module, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
+) -> int:
+    """Fill the meta tensors of ``module`` from an in-memory state dict (same names). Returns the count."""
+    hooks: dict[str, Callable[[torch.Tensor], torch.Tensor]] = getattr(module, WEIGHT_HOOKS_ATTR, {})
+    filled = 0
+    for name, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers()]:
+        if t.is_meta and name in state:
+            tensor = state[name].to(dtype) if state[name].is_floating_point() else state[name]
+            if name in hooks:
+                tensor = hooks[name](tensor)
+            _set_tensor(module, name, tensor.to(device))
+            filled += 1
+    return filled
+
+
+def meta_tensor_names(module: torch.nn.Module) -> list[str]:
+    return [n for n, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers()] if t.is_meta]

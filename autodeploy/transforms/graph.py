@@ -75,3 +75,29 @@ def run_shape_prop(gm: GraphModule) -> None:
     inputs = [node_val(n) for n in placeholders(gm)]
     with fake_mode:
         FakeTensorProp(gm, mode=fake_mode).propagate_dont_convert_inputs(*inputs)
+
+
+def set_graph_device(gm: GraphModule, device: torch.device) -> int:
+    """Point every device literal in the graph (``arange(..., device=...)``, ``to(device)``) at ``device``.
+
+    Graphs exported on the meta device (weights not loaded yet) carry ``device="meta"`` in such ops.
+    Returns how many literals changed.
+    """
+    changed = 0
+
+    def retarget(value: Any) -> Any:
+        nonlocal changed
+        if isinstance(value, torch.device) and value != device:
+            changed += 1
+            return device
+        if isinstance(value, (list, tuple)):
+            return type(value)(retarget(v) for v in value)
+        return value
+
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            node.args = retarget(node.args)
+            node.kwargs = {k: retarget(v) for k, v in node.kwargs.items()}
+    if changed:
+        gm.recompile()
+    return changed
