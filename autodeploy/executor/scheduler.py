@@ -1,0 +1,362 @@
+"""In-flight batching: which requests run in the next step, and how many tokens each feeds (no torch).
+
+One engine step is ``out = scheduler.schedule()`` → the model runner computes ``out.entries`` (writing their
+K/V into the cache through ``request.block_ids``) and samples one token for each entry with ``sample=True``
+→ ``finished = scheduler.update(out, {request_id: [token_id]})`` → the engine detokenises, and calls
+``finish_request(request_id, "stop", stop_string)`` when a stop string appears.
+
+``schedule()`` fills a budget of ``max_num_batched_tokens`` tokens and at most ``max_num_seqs`` running
+requests, in this order:
+
+1. running requests in the decode phase, one token each;
+2. running requests with a partial prefill (chunked prefill), as much of the rest as the budget allows;
+3. waiting requests, in ``(priority, arrival_time)`` order, head of line: the first one that does not fit
+   stops admission. A new request first reuses its longest cached full-block prefix. Without chunked
+   prefill a prefill is scheduled only whole. Nothing is admitted in a step that preempted.
+
+When a running request needs a block and none is free, the running request that comes last in
+``(priority, arrival_time)`` order is preempted by recompute: its blocks are freed, ``num_computed_tokens``
+drops to 0 and it goes back to the waiting queue (which is kept in the same order, so it comes before anyone
+who arrived later). Later it is prefilled again over prompt + generated tokens (mostly from the prefix cache
+when enabled) and continues, producing the same tokens it would have without preemption (given a sampler
+whose random draws depend only on the request: its seed and the tokens sampled so far). The first request
+in that order is never preempted by another, so it always makes progress.
+
+Not thread-safe: one thread (the engine's step loop, under its lock) calls every method.
+
+Lengths: a request stops with ``"length"`` at ``max_tokens`` or when prompt + output reach the context,
+``min(max_model_len, num_blocks * block_size + 1)``: a request alone never needs more than the whole pool.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from dataclasses import dataclass, field
+
+from ..errors import ConfigError, KVCacheExhaustedError, PromptTooLongError, RequestError
+from .block_manager import BlockManager
+from .request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 4096
+    block_size: int = 16
+    num_blocks: int = 1024
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size", "num_blocks"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"scheduler {name} must be a positive integer, got {value!r}")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ConfigError(
+                f"without chunked prefill, max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                f"max_model_len ({self.max_model_len}): a whole prompt has to fit in one step",
+                hint="enable chunked prefill, raise max_num_batched_tokens or lower max_model_len",
+            )
+
+
+@dataclass
+class ScheduledEntry:
+    """One request's share of a step: feed tokens ``[start_pos, start_pos + num_new_tokens)``.
+
+    ``sample``: the chunk reaches the last known token, so its last position's logits are sampled.
+    Has the fields the model runner's ``StepEntry`` has (``token_ids``, ``start_pos``, ``block_ids``,
+    ``sample``).
+    """
+
+    request: Request
+    num_new_tokens: int
+    start_pos: int
+    sample: bool
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.request.token_ids_between(self.start_pos, self.start_pos + self.num_new_tokens)
+
+    @property
+    def block_ids(self) -> list[int]:
+        return self.request.block_ids
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's work: prefill entries (chunks, recomputes) then decode entries (one token each)."""
+
+    prefills: list[ScheduledEntry] = field(default_factory=list)
+    decodes: list[ScheduledEntry] = field(default_factory=list)
+    #: requests preempted while building this step (already back in the waiting queue)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def entries(self) -> list[ScheduledEntry]:
+        return self.prefills + self.decodes
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(e.num_new_tokens for e in self.prefills) + len(self.decodes)
+
+    @property
+    def num_sampled(self) -> int:
+        return sum(e.sample for e in self.prefills) + len(self.decodes)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.prefills and not self.decodes
+
+
+@dataclass
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    prefix_cache_hit_rate: float
+    num_preemptions: int
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig):
+        self.config = config
+        self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        #: the context a request may fill: the model's, or the whole pool plus the never-cached last token
+        self.max_len = min(config.max_model_len, config.num_blocks * config.block_size + 1)
+        self.waiting: list[Request] = []  # sorted by _order_key
+        self.running: list[Request] = []  # in admission order
+        self.requests: dict[str, Request] = {}  # every unfinished request, by id
+        self.num_preemptions = 0
+        self._arrival_seq: dict[str, int] = {}
+        self._counter = itertools.count()
+        self._aborted: list[Request] = []  # aborted since the last update(), reported by it
+        self._last_finished: dict[str, Request] = {}  # finished by the last update(), for finish_request
+
+    # ---- requests in and out ------------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        """Queue a request; raise a ``RequestError`` or ``KVCacheExhaustedError`` if it can't run."""
+        rid = request.request_id
+        if rid in self.requests:
+            raise RequestError(f"request id {rid!r} is already in use", hint="give every request a unique id")
+        if request.status is not RequestStatus.WAITING or request.output_token_ids or request.block_ids:
+            raise RequestError(
+                f"request {rid!r} was already scheduled once", hint="submit a new Request object"
+            )
+        num_prompt = request.num_prompt_tokens
+        if num_prompt == 0:
+            raise RequestError(f"request {rid!r} has an empty prompt", hint="pass at least one prompt token")
+        max_model_len = self.config.max_model_len
+        if num_prompt >= max_model_len:
+            raise PromptTooLongError(
+                f"request {rid!r}: the prompt has {num_prompt} tokens, but max_model_len is {max_model_len} "
+                f"and at least one token must be generated, so a prompt may have at most {max_model_len - 1}",
+                hint="shorten or truncate the prompt, or raise max_model_len (up to the model's context)",
+            )
+        bm = self.block_manager
+        if bm.blocks_for(num_prompt) > bm.num_blocks:
+            raise KVCacheExhaustedError(
+                f"request {rid!r}: the prompt has {num_prompt} tokens and needs {bm.blocks_for(num_prompt)} "
+                f"KV-cache blocks of {bm.block_size} tokens, but the whole pool has {bm.num_blocks}",
+                hint="give the KV cache more memory (more blocks), or shorten the prompt",
+            )
+        request.num_computed_tokens = 0
+        self.requests[rid] = request
+        self._arrival_seq[rid] = next(self._counter)
+        bisect.insort(self.waiting, request, key=self._order_key)
+
+    def abort_request(self, request_id: str) -> Request | None:
+        """Cancel a request now: its blocks are freed and it is reported by the next ``update()``.
+
+        Returns the request, or None if the id is unknown or already finished (aborts may race finishing).
+        """
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        self._retire(request, "abort", None)
+        self._aborted.append(request)
+        return request
+
+    def finish_request(
+        self, request_id: str, reason: str = "stop", stop_reason: int | str | None = None
+    ) -> Request | None:
+        """Finish a request for a reason found outside the scheduler (a stop string, after detokenising).
+
+        Works on an unfinished request (freed now; not reported again by ``update()``: the caller reports it)
+        and on one the last ``update()`` finished, whose reason is then overridden — a stop string in the
+        token that also reached ``max_tokens`` finishes with "stop". Returns None for an unknown id.
+        """
+        request = self.requests.get(request_id)
+        if request is not None:
+            self._retire(request, reason, stop_reason)
+            return request
+        request = self._last_finished.get(request_id)
+        if request is not None and request.finish_reason != "abort":
+            request.finish(reason, stop_reason)
+        return request
+
+    def get_request(self, request_id: str) -> Request | None:
+        return self.requests.get(request_id)
+
+    def _retire(self, request: Request, reason: str, stop_reason: int | str | None) -> None:
+        request.finish(reason, stop_reason)
+        self.block_manager.free(request)
+        if request in self.running:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        del self.requests[request.request_id]
+        del self._arrival_seq[request.request_id]
+
+    # ---- the step -----------------------------------------------------------------------------------------
+    def _order_key(self, request: Request) -> tuple[int, float, int]:
+        return (request.priority, request.arrival_time, self._arrival_seq[request.request_id])
+
+    def schedule(self) -> SchedulerOutput:
+        cfg = self.config
+        bm = self.block_manager
+        budget = cfg.max_num_batched_tokens
+        scheduled: dict[str, ScheduledEntry] = {}
+        preempted: list[Request] = []
+
+        decoding = [r for r in self.running if r.in_decode_phase]
+        prefilling = [r for r in self.running if not r.in_decode_phase]
+        for request in decoding + prefilling:
+            if budget == 0:
+                break
+            if request.status is not RequestStatus.RUNNING:  # preempted earlier in this step
+                continue
+            num_new = request.num_pending_tokens
+            if num_new > budget:
+                if not cfg.enable_chunked_prefill:
+                    continue
+                num_new = budget
+            while not bm.allocate_for(request, num_new):
+                victim = max(self.running, key=self._order_key)
+                self._preempt(victim)
+                preempted.append(victim)
+                unscheduled = scheduled.pop(victim.request_id, None)
+                if unscheduled is not None:
+                    budget += unscheduled.num_new_tokens
+                if victim is request:
+                    break
+            else:
+                scheduled[request.request_id] = self._entry(request, num_new)
+                budget -= num_new
+
+        while not preempted and self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+            request = self.waiting[0]
+            num_new = request.num_tokens - bm.num_cached_prefix_tokens(request)
+            if num_new > budget:
+                if not cfg.enable_chunked_prefill:
+                    break
+                num_new = budget
+            if not bm.allocate_for(request, num_new):
+                break
+            self.waiting.pop(0)
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled[request.request_id] = self._entry(request, num_new)
+            budget -= num_new
+
+        out = SchedulerOutput(preempted=preempted)
+        for entry in scheduled.values():
+            is_decode = entry.request.in_decode_phase and entry.num_new_tokens == 1
+            (out.decodes if is_decode else out.prefills).append(entry)
+        return out
+
+    @staticmethod
+    def _entry(request: Request, num_new: int) -> ScheduledEntry:
+        start = request.num_computed_tokens
+        return ScheduledEntry(request, num_new, start, sample=start + num_new == request.num_tokens)
+
+    def _preempt(self, request: Request) -> None:
+        self.block_manager.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.running.remove(request)
+        bisect.insort(self.waiting, request, key=self._order_key)
+
+    def update(self, output: SchedulerOutput, sampled_token_ids: dict[str, list[int]]) -> list[Request]:
+        """Record a step's results; return the requests that finished (including aborts since last update).
+
+        ``sampled_token_ids[request_id]``: the token(s) sampled for each entry with ``sample=True``.
+        Entries whose request was aborted or finished after ``schedule()`` are ignored.
+        """
+        finished, self._aborted = self._aborted, []
+        bm = self.block_manager
+        for entry in output.entries:
+            request = entry.request
+            if request.status is not RequestStatus.RUNNING:
+                continue
+            request.num_computed_tokens += entry.num_new_tokens
+            bm.mark_computed(request)
+            if not entry.sample:
+                continue
+            token_ids = sampled_token_ids.get(request.request_id)
+            if not token_ids:
+                raise ValueError(
+                    f"update(): no sampled token for request {request.request_id!r}, which sampled"
+                )
+            for token_id in token_ids:
+                request.output_token_ids.append(token_id)
+                stop = self._check_stop(request)
+                if stop is not None:
+                    self._retire(request, *stop)
+                    finished.append(request)
+                    break
+        self._last_finished = {r.request_id: r for r in finished}
+        return finished
+
+    def _check_stop(self, request: Request) -> tuple[str, int | None] | None:
+        """``(finish_reason, stop_reason)`` if the request's last token ends it, else None."""
+        params = request.sampling_params
+        num_output = request.num_output_tokens
+        token_id = request.output_token_ids[-1]
+        if num_output >= params.min_tokens:
+            if not params.ignore_eos and token_id in request.eos_token_ids:
+                return "stop", None
+            if token_id in params.stop_token_ids:  # type: ignore[operator]
+                return "stop", token_id
+        if params.max_tokens is not None and num_output >= params.max_tokens:
+            return "length", None
+        if request.num_tokens >= self.max_len:
+            return "length", None
+        return None
+
+    # ---- stats --------------------------------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.block_manager.usage
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def has_work(self) -> bool:
+        """Unfinished requests, or aborted ones the next ``update()`` still has to report."""
+        return bool(self.requests) or bool(self._aborted)
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_cache_usage=self.block_manager.usage,
+            prefix_cache_hit_rate=self.block_manager.prefix_cache_hit_rate,
+            num_preemptions=self.num_preemptions,
+        )
