@@ -111,7 +111,11 @@ def build_config(
         else:
             set_dotted(tree, key, value)
     try:
-        return AutoDeployConfig(**tree)
+        config = AutoDeployConfig(**tree)
     except ValidationError as e:
         fields = ", ".join(".".join(str(p) for p in err["loc"]) for err in e.errors())
         raise ConfigError(f"invalid configuration ({fields}): {e}", hint="see autodeploy/configs/default.yaml") from e
+    cached = config.transforms.get("insert_cached_attention")
+    if cached is not None:
+        cached.setdefault("backend", config.attn_backend)
+    return config

@@ -89,11 +89,13 @@ class TransformVerifier:
         ok = bool(err <= self.tolerance * max(1.0, self.reference.abs().max().item()))
         self.results.append(VerifyResult(transform.name, err, ok))
         if not ok:
-            raise VerificationError(
+            error = VerificationError(
                 f"transform {transform.name!r} changed the logits by {err:.3g} (tolerance {self.tolerance:g})",
                 where=f"stage {transform.config.stage.value}",
                 hint=f"disable it with --set transforms.{transform.name}.enabled=false and report the model",
             )
+            error.gm, error.results = gm, self.results
+            raise error
 
 
 def inspect_model(

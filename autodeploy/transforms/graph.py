@@ -72,8 +72,10 @@ def run_shape_prop(gm: GraphModule) -> None:
     fake_mode = _fake_mode_of(gm)
     if fake_mode is None:
         return
+    from ..patterns.matcher import symbolic_dispatch  # the one module allowed torch internals; imports Inductor
+
     inputs = [node_val(n) for n in placeholders(gm)]
-    with fake_mode:
+    with fake_mode, symbolic_dispatch():
         FakeTensorProp(gm, mode=fake_mode).propagate_dont_convert_inputs(*inputs)
 
 

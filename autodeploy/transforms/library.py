@@ -4,3 +4,4 @@ from . import cleanup_noop_ops  # noqa: F401
 from . import gather_logits  # noqa: F401
 from . import insert_cached_attention  # noqa: F401
 from . import load_weights  # noqa: F401
+from . import match_attention  # noqa: F401
