@@ -1,0 +1,1 @@
+"""``autodeploy bench``: synthetic-workload benchmarks of the engine (and of HF ``generate`` as a baseline)."""

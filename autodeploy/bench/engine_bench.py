@@ -1,0 +1,50 @@
+"""Drive the engine with a synthetic workload at a given concurrency, timing every token."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import torch
+from tqdm.auto import tqdm
+
+from ..executor.engine import Engine
+from ..executor.sampling_params import SamplingParams
+from .metrics import BenchReport, RequestTimes, summarize
+from .workload import SyntheticRequest
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def run_engine_bench(
+    engine: Engine, requests: list[SyntheticRequest], concurrency: int, temperature: float = 0.0, name: str = "autodeploy"
+) -> BenchReport:
+    """Keep ``concurrency`` requests in flight (all of them when it is 0) until every request is done."""
+    limit = concurrency or len(requests)
+    pending = deque(enumerate(requests))
+    times: dict[str, RequestTimes] = {}
+    in_flight: set[str] = set()
+    bar = tqdm(total=len(requests), desc=f"bench {name}", unit="req", disable=None)
+    start = time.perf_counter()
+    while pending or in_flight:
+        while pending and len(in_flight) < limit:
+            i, req = pending.popleft()
+            params = SamplingParams(temperature=temperature, max_tokens=req.output_len, ignore_eos=True)
+            state = engine.add_request(req.prompt_token_ids, params, request_id=f"bench-{i}")
+            times[state.request_id] = RequestTimes(arrival=time.perf_counter())
+            in_flight.add(state.request_id)
+        outputs = engine.step()
+        now = time.perf_counter()
+        for out in outputs:
+            record = times[out.request_id]
+            record.token_times.extend([now] * len(out.outputs[0].delta_token_ids))
+            if out.finished:
+                in_flight.discard(out.request_id)
+                bar.update(1)
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    bar.close()
+    return summarize(name, list(times.values()), elapsed, _peak_gib(engine.device))

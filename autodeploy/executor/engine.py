@@ -1,0 +1,315 @@
+"""The engine: the step loop shared by ``LLM``, ``generate_async`` and the server.
+
+One step: ``scheduler.schedule()`` → ``runner.execute`` (logits of the sampled tokens) → ``sampler`` on the
+device → ``scheduler.update`` → detokenise, check stop strings, publish outputs. ``generate`` drives steps in
+the caller's thread; ``generate_async`` (and the server) run them in one background thread, so any number of
+callers share one batch. A request with ``n > 1`` runs as ``n`` sequences that share the prompt's KV blocks
+through the prefix cache, and is published as one ``RequestOutput`` with ``n`` completions.
+
+A step that raises fails only the requests it held (their streams get the error); the engine keeps going.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+
+from ..config import AutoDeployConfig
+from ..errors import RequestError
+from ..models import ModelFactory
+from ..transforms import SharedContext
+from .engine_setup import build_runner
+from .outputs import RequestOutput
+from .request import Request
+from .request_state import RequestState
+from .sampler import Sampler
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+
+logger = logging.getLogger("autodeploy.executor")
+
+Prompt = str | list[int]
+
+
+class Engine:
+    def __init__(self, gm: GraphModule, ctx: SharedContext, config: AutoDeployConfig, factory: ModelFactory):
+        self.config = config
+        self.factory = factory
+        self.device = ctx.device
+        self.tokenizer = factory.tokenizer
+        self.eos_token_ids = factory.eos_token_ids
+        self.max_seq_len = config.max_seq_len or min(factory.max_position_embeddings or 8192, 8192)
+        self.runner, num_blocks = build_runner(gm, ctx, config, self.max_seq_len)
+        self.vocab_size = factory.config.get_text_config().vocab_size
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_batch_size,
+                max_num_batched_tokens=config.max_num_tokens,
+                max_model_len=self.max_seq_len,
+                block_size=config.kv_cache.block_size,
+                num_blocks=num_blocks,
+                enable_chunked_prefill=config.enable_chunked_prefill,
+                enable_prefix_caching=config.enable_prefix_caching,
+            )
+        )
+        self.sampler = Sampler()
+        self._states: dict[str, RequestState] = {}  # by parent request id
+        self._parent_of: dict[str, RequestState] = {}  # child request id -> its parent's state
+        self._ids = itertools.count()
+        self._lock = threading.RLock()
+        self._wakeup = threading.Condition(self._lock)
+        self._loop_thread: threading.Thread | None = None
+        self._closed = False
+
+    # ---- requests -----------------------------------------------------------------------------------------
+    def tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("this model has no tokenizer, so prompts must be lists of token ids")
+            return prompt, self.tokenizer.encode(prompt)
+        return None, list(prompt)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise RequestError("this model's tokenizer has no chat template", hint="send a plain prompt instead")
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def add_request(
+        self,
+        prompt: Prompt,
+        sampling_params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+        sink: Any = None,
+    ) -> RequestState:
+        """Queue a request; returns its state (outputs are published to ``sink`` or collected in the state)."""
+        params = sampling_params or SamplingParams()
+        text, token_ids = self.tokenize(prompt)
+        request_id = request_id or f"req-{next(self._ids)}"
+        with self._lock:
+            if request_id in self._states:
+                raise RequestError(f"request id {request_id!r} is already in use")
+            state = RequestState(request_id, text, token_ids, params, self.tokenizer, sink)
+            for child in state.make_children(frozenset(self.eos_token_ids), priority):
+                self.scheduler.add_request(child)  # validates; children share the prompt, so all pass or the first fails
+                self._parent_of[child.request_id] = state
+            self._states[request_id] = state
+            self._wakeup.notify_all()
+        return state
+
+    def abort_request(self, request_id: str) -> None:
+        with self._lock:
+            state = self._states.get(request_id)
+            if state is None:
+                return
+            for child in state.children:
+                self.scheduler.abort_request(child.request_id)
+            self._wakeup.notify_all()
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the step -----------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; returns the outputs published by it."""
+        with self._lock:
+            out = self.scheduler.schedule()
+            sampled: dict[str, list[int]] = {}
+            extras: dict[str, Any] = {}
+            if not out.is_empty:
+                try:
+                    sampled, extras = self._run_model(out)
+                except Exception as e:  # a failing step fails its requests, not the engine
+                    logger.exception("step failed; aborting its %d requests", len(out.entries))
+                    self._fail(out, e)
+                    return []
+            finished = self.scheduler.update(out, sampled)
+            return self._publish(out, sampled, extras, finished)
+
+    def _run_model(self, out: SchedulerOutput) -> tuple[dict[str, list[int]], dict[str, Any]]:
+        logits = self.runner.execute(out.prefills, out.decodes)  # [N, V]
+        rows = [e.request for e in out.entries if e.sample]
+        if not rows:
+            return {}, {}
+        batch = self.sampler.batch_for(rows, self._generators(rows), self.device, self.vocab_size)
+        result = self.sampler(logits[:, : self.vocab_size], batch)
+        tokens = result.token_ids.tolist()
+        sampled = {r.request_id: [t] for r, t in zip(rows, tokens)}
+        extras = {}
+        if result.logprobs is not None:
+            extras = self._logprob_extras(rows, result)
+        return sampled, extras
+
+    def _generators(self, rows: list[Request]) -> list[torch.Generator | None]:
+        return [self._parent_of[r.request_id].generator_for(r, self.device) for r in rows]
+
+    def _logprob_extras(self, rows: list[Request], result: Any) -> dict[str, Any]:
+        sampled_lp = result.logprobs.tolist()
+        top_ids = result.top_ids.tolist() if result.top_ids is not None else None
+        top_vals = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+        extras = {}
+        for i, request in enumerate(rows):
+            k = request.sampling_params.logprobs
+            if k is None:
+                continue
+            top = list(zip(top_ids[i][:k], top_vals[i][:k])) if top_ids is not None else []
+            extras[request.request_id] = (sampled_lp[i], top)
+        return extras
+
+    def _publish(
+        self,
+        out: SchedulerOutput,
+        sampled: dict[str, list[int]],
+        extras: dict[str, Any],
+        finished: list[Request],
+    ) -> list[RequestOutput]:
+        touched: dict[str, RequestState] = {}
+        now = time.monotonic()
+        for request_id, tokens in sampled.items():
+            state = self._parent_of.get(request_id)
+            if state is None:
+                continue
+            child = state.child(request_id)
+            stop = state.on_tokens(child, tokens, extras.get(request_id), now)
+            if stop is not None and not child.is_finished:
+                self.scheduler.finish_request(request_id, "stop", stop)
+                state.on_finished(child)
+            touched[state.request_id] = state
+        for request in finished:
+            state = self._parent_of.get(request.request_id)
+            if state is not None:
+                state.on_finished(request)
+                touched[state.request_id] = state
+        outputs = []
+        for state in touched.values():
+            outputs.append(state.publish(now))
+            if state.finished:
+                self._forget(state)
+        return outputs
+
+    def _fail(self, out: SchedulerOutput, error: Exception) -> None:
+        failed = {self._parent_of[e.request_id] for e in out.entries if e.request_id in self._parent_of}
+        for state in failed:
+            for child in state.children:
+                self.scheduler.abort_request(child.request_id)
+            state.fail(error)
+            self._forget(state)
+
+    def _forget(self, state: RequestState) -> None:
+        self._states.pop(state.request_id, None)
+        for child in state.children:
+            self._parent_of.pop(child.request_id, None)
+
+    # ---- synchronous generation ---------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], int))
+        batch = [prompts] if single else list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(batch)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(batch):
+                raise RequestError(f"{len(params)} sampling params for {len(batch)} prompts")
+        states = [self.add_request(p, sp) for p, sp in zip(batch, params)]
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(states), desc="Generating", disable=not use_tqdm) as bar:
+            done = 0
+            while not all(s.finished for s in states):
+                if self._loop_thread is not None:
+                    with self._lock:
+                        self._wakeup.wait(timeout=0.05)
+                else:
+                    self.step()
+                now_done = sum(s.finished for s in states)
+                bar.update(now_done - done)
+                done = now_done
+        for state in states:
+            state.raise_if_failed()
+        return [s.final_output() for s in states]
+
+    # ---- asynchronous generation --------------------------------------------------------------------------
+    async def generate_async(
+        self, prompt: Prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield a ``RequestOutput`` for every step that changed the request; the last has ``finished``."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def sink(item: Any) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        state = self.add_request(prompt, sampling_params, request_id, priority, sink=sink)
+        self._ensure_loop()
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            if not state.finished:  # the consumer went away (client disconnect): free its blocks
+                self.abort_request(state.request_id)
+
+    def _ensure_loop(self) -> None:
+        with self._lock:
+            if self._loop_thread is None or not self._loop_thread.is_alive():
+                self._loop_thread = threading.Thread(target=self._run_loop, name="autodeploy-engine", daemon=True)
+                self._loop_thread.start()
+
+    def _run_loop(self) -> None:
+        while not self._closed:
+            with self._lock:
+                while not self._closed and not self.scheduler.has_work():
+                    self._wakeup.wait()
+                if self._closed:
+                    return
+            self.step()
+            with self._lock:
+                self._wakeup.notify_all()
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop the background loop after in-flight requests finish (or ``timeout`` seconds pass)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.scheduler.has_work() and (deadline is None or time.monotonic() < deadline):
+            if self._loop_thread is None:
+                self.step()
+            else:
+                time.sleep(0.01)
+        with self._lock:
+            for request_id in list(self._states):
+                self.abort_request(request_id)
+            self._closed = True
+            self._wakeup.notify_all()
+        if self._loop_thread is not None:
+            self._loop_thread.join(timeout=5)
+
+    # ---- introspection ------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        s = self.scheduler.stats()
+        return {
+            "num_running": s.num_running,
+            "num_waiting": s.num_waiting,
+            "kv_cache_usage": s.kv_cache_usage,
+            "prefix_cache_hit_rate": s.prefix_cache_hit_rate,
+            "num_preemptions": s.num_preemptions,
+            "num_blocks": self.scheduler.config.num_blocks,
+            "num_free_blocks": self.scheduler.block_manager.num_free_blocks,
+        }
+

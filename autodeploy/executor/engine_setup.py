@@ -1,0 +1,81 @@
+"""Building the model runner: size the KV cache from memory, allocate it, capture CUDA graphs.
+
+On CUDA a profiling forward of the largest step (``max_num_tokens`` tokens in prefill sequences of at most
+``max_seq_len``) runs first on a cache just big enough for it; the activation peak it shows is kept free, and
+the KV pool takes ``kv_cache.free_memory_fraction`` of what remains.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch.fx import GraphModule
+
+from ..config import AutoDeployConfig
+from ..transforms import SharedContext
+from .kv_cache import allocate_kv_cache, num_blocks_for
+from .model_runner import ModelRunner, StepEntry
+
+logger = logging.getLogger("autodeploy.executor")
+
+
+def _profiling_entries(num_tokens: int, max_seq_len: int, block_size: int) -> list[StepEntry]:
+    entries, next_block, left = [], 0, num_tokens
+    while left > 0:
+        n = min(left, max_seq_len)
+        blocks = math.ceil(n / block_size)
+        entries.append(StepEntry([1] * n, 0, list(range(next_block, next_block + blocks)), True))
+        next_block += blocks
+        left -= n
+    return entries
+
+
+def _make_runner(gm, ctx, config, caches, max_seq_len: int) -> ModelRunner:
+    return ModelRunner(
+        gm,
+        ctx.cache,
+        caches,
+        device=ctx.device,
+        block_size=config.kv_cache.block_size,
+        max_num_tokens=config.max_num_tokens,
+        max_batch_size=config.max_batch_size,
+        max_seq_len=max_seq_len,
+    )
+
+
+def measure_free_memory(gm: GraphModule, ctx: SharedContext, config: AutoDeployConfig, max_seq_len: int) -> int:
+    """Bytes free for the KV cache after weights and the peak activations of the largest step."""
+    block_size = config.kv_cache.block_size
+    entries = _profiling_entries(min(config.max_num_tokens, config.max_batch_size * max_seq_len), max_seq_len, block_size)
+    entries = entries[: config.max_batch_size]
+    blocks = sum(len(e.block_ids) for e in entries)
+    caches = allocate_kv_cache(ctx.cache, config.kv_cache, blocks, ctx.device)
+    runner = _make_runner(gm, ctx, config, caches, max_seq_len)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    runner.execute(entries, [])
+    torch.cuda.synchronize()
+    activation_peak = torch.cuda.max_memory_allocated() - before
+    del runner, caches
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info()
+    logger.info("profiling step: activation peak %.2f GiB, free %.2f GiB", activation_peak / 2**30, free / 2**30)
+    return max(0, free - activation_peak)
+
+
+def build_runner(
+    gm: GraphModule, ctx: SharedContext, config: AutoDeployConfig, max_seq_len: int
+) -> tuple[ModelRunner, int]:
+    """The runner over a freshly sized and allocated KV cache (CUDA graphs captured when enabled)."""
+    free = measure_free_memory(gm, ctx, config, max_seq_len) if ctx.device.type == "cuda" else None
+    wanted_tokens = config.max_batch_size * max_seq_len
+    num_blocks = num_blocks_for(ctx.cache, config.kv_cache, ctx.device, wanted_tokens, free)
+    caches = allocate_kv_cache(ctx.cache, config.kv_cache, num_blocks, ctx.device)
+    runner = _make_runner(gm, ctx, config, caches, max_seq_len)
+    if config.cuda_graphs:
+        runner.capture_cuda_graphs(config.max_batch_size)
+    return runner, num_blocks
