@@ -229,7 +229,7 @@ class Engine:
         with tqdm(total=len(states), desc="Generating", disable=not use_tqdm) as bar:
             done = 0
             while not all(s.finished for s in states):
-                if self._loop_thread is not None:
+                if self._loop_thread is not None and self._loop_thread.is_alive():
                     with self._lock:
                         self._wakeup.wait(timeout=0.05)
                 else:
@@ -251,7 +251,10 @@ class Engine:
         queue: asyncio.Queue = asyncio.Queue()
 
         def sink(item: Any) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the consumer's event loop is closed: nobody is listening any more
+                pass
 
         state = self.add_request(prompt, sampling_params, request_id, priority, sink=sink)
         self._ensure_loop()
@@ -280,7 +283,10 @@ class Engine:
                     self._wakeup.wait()
                 if self._closed:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception:  # step() already fails the requests it can attribute; the loop must live on
+                logger.exception("engine step failed")
             with self._lock:
                 self._wakeup.notify_all()
 
