@@ -14,13 +14,20 @@ precision are matched too. Literals in the traced pattern match exactly, except:
   ``cat`` inputs) still match exactly;
 - scalars named in ``scalar_params`` (``{"eps": 1e-6}``): the example value becomes a named parameter, bound
   to whatever the model has there (and must agree where it appears more than once). Pick example values that
-  occur nowhere else in the pattern.
+  occur nowhere else in the pattern;
+- keyword arguments the traced pattern leaves out, which are not compared at all (Inductor's rule): ``gelu(x)``
+  also matches ``gelu(x, approximate="tanh")``. Register the more specific pattern first (patterns with the
+  same output op are tried in order) or look at the node in ``extra_check``.
 
 On a match, ``extra_check(kwargs)`` (graph nodes and bound scalars by parameter name) can reject it; then
 ``replace_fn(**kwargs)`` is traced on the matched nodes' fake values and spliced in. Besides a bool, the check may
 return ``Reject(reason)`` (refused; the reason is kept in ``PatternSet.rejections`` against the match's output
 node) or ``Accept(**values)`` (accepted; the values become extra keyword arguments of ``replace_fn``: scalars are
-baked into the replacement, tensors are added to the graph module as constants and passed as graph inputs).
+baked into the replacement, tensors are added to the graph module as constants and passed as graph inputs, graph
+nodes are passed as inputs, e.g. to read a tensor from before an op the pattern starts after).
+
+Inductor refuses matches that contain an in-place op; ``PatternSet.match_across_mutations`` lifts that for patterns
+whose in-place ops only mutate temporaries the pattern itself creates.
 """
 
 from __future__ import annotations
@@ -106,6 +113,9 @@ class PatternSet:
         #: also match nodes whose values are on the meta device (a model exported before its weights are loaded);
         #: Inductor's pass skips those (and complex, sparse, some fp8 tensors) as it cannot lower them
         self.match_meta = False
+        #: let a match contain in-place ops; Inductor's pass refuses matches that span a mutation. Only for patterns
+        #: whose in-place ops mutate temporaries they create themselves (transformers' grouped-mm experts)
+        self.match_across_mutations = False
 
     def _build(self) -> PatternMatcherPass:
         pm_pass = PatternMatcherPass()
@@ -174,9 +184,18 @@ class PatternSet:
         self.matches_by_pattern = {}
         self.rejections = {}
         self._accepted = {}
-        with _lowerable_check_off() if self.match_meta else contextlib.nullcontext():
+        with contextlib.ExitStack() as stack:
+            if self.match_meta:
+                stack.enter_context(_lowerable_check_off())
+            if self.match_across_mutations:
+                stack.enter_context(_mutation_regions_off(gm.graph))
             count = self._pass.apply(gm.graph)
         return int(count)
+
+    def live_rejections(self, gm: GraphModule) -> dict[str, str]:
+        """``{node name: "pattern: reason"}`` of the refused matches whose output node is still in ``gm``."""
+        live = set(gm.graph.nodes)
+        return {n.name: f"{name}: {why}" for n, (name, why) in self.rejections.items() if n in live}
 
 
 @contextlib.contextmanager
@@ -188,6 +207,24 @@ def _lowerable_check_off() -> Any:
         yield
     finally:
         inductor_pattern_matcher.fallback_node_due_to_unsupported_type = original
+
+
+@contextlib.contextmanager
+def _mutation_regions_off(graph: torch.fx.Graph) -> Any:
+    """Within the context, every node is in one mutation region; cached region ids are dropped before and after."""
+
+    def forget() -> None:
+        for node in graph.nodes:
+            node.meta.pop("mutation_region_id", None)
+
+    original = inductor_pattern_matcher.get_mutation_region_id
+    forget()
+    inductor_pattern_matcher.get_mutation_region_id = lambda graph, node: 0
+    try:
+        yield
+    finally:
+        inductor_pattern_matcher.get_mutation_region_id = original
+        forget()
 
 
 def _trace_replacement(fn: Callable[..., Any], args: Sequence[Any]) -> GraphModule:

@@ -5,3 +5,8 @@ from . import gather_logits  # noqa: F401
 from . import insert_cached_attention  # noqa: F401
 from . import load_weights  # noqa: F401
 from . import match_attention  # noqa: F401
+from . import match_rope  # noqa: F401
+from . import match_rmsnorm  # noqa: F401
+from . import match_glu  # noqa: F401
+from . import match_moe  # noqa: F401
+from . import match_custom_patterns  # noqa: F401
