@@ -35,6 +35,7 @@ from .graph import find_nodes, node_val, run_shape_prop
 
 aten = torch.ops.aten
 _MATMULS = (aten.matmul.default, aten.bmm.default)
+_ANCHORS = (aten.scaled_dot_product_attention.default, aten.softmax.int, aten._softmax.default)
 
 
 def _canonical_dims(gm: GraphModule) -> dict[Node, tuple[Any, ...]]:
@@ -88,6 +89,8 @@ class MatchAttention(Transform):
         return cls._patterns
 
     def _apply(self, gm: GraphModule, ctx: SharedContext) -> TransformInfo:
+        if not find_nodes(gm, _ANCHORS):  # attention already routed at export: skip tracing the patterns
+            return TransformInfo(num_matches=0, details={"note": "no SDPA or softmax left in the graph"})
         patterns = self.pattern_set()
         original = _canonical_dims(gm)
         try:

@@ -1,0 +1,66 @@
+"""Helpers shared by the Triton kernels: interpreter detection, a matrix-product wrapper, tanh, device facts."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+#: Running under ``TRITON_INTERPRET=1`` (CPU tests). Read once: Triton reads it at import time too.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+LOG2E = 1.4426950408889634
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def tl_dtype(dtype: torch.dtype) -> tl.dtype:
+    return _TL_DTYPES[dtype]
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(1, n))
+
+
+def upcast_dots(dtype: torch.dtype) -> bool:
+    """Whether ``tl.dot`` operands must be upcast to float32 first.
+
+    The interpreter (Triton 3.6-3.9) multiplies bf16 operands as their raw uint16 bits, so under it every
+    product runs in float32 on operands already rounded to the kernel's dtype, which is what the tensor
+    cores compute on the GPU (exact products, float32 accumulation).
+    """
+    return INTERPRET and dtype != torch.float32
+
+
+@functools.cache
+def num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def device_sms(device: torch.device) -> int:
+    """Multiprocessors of ``device``; a small stand-in on CPU so the interpreter exercises the split paths."""
+    if device.type != "cuda":
+        return 4
+    return num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@triton.jit
+def mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """``acc + a @ b``: tensor cores for 16-bit operands, exact float32 (``ieee``) for float32 ones."""
+    if UPCAST:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif IEEE:
+        out = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc)
+    return out
+
+
+@triton.jit
+def tanh(x):
+    """``tanh`` from one ``exp2`` (``tl.math`` has none that runs on every Triton 3.x); saturates to +-1."""
+    e = tl.exp2(tl.minimum(x, 30.0) * 2.8853900817779268)  # exp(2x); tanh(30) is 1 in float32
+    return 1.0 - 2.0 / (e + 1.0)

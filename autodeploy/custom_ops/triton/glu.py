@@ -1,0 +1,77 @@
+"""Triton gated activation: ``autodeploy::triton_glu_packed`` (contract: ``custom_ops/gated_mlp.py``).
+
+``gate_up [..., 2I] -> act(gate) * up [..., I]`` for ``silu`` (SwiGLU), ``gelu``, ``gelu_tanh`` (GeGLU), ``relu``,
+``relu2``. Memory-bound: 2I elements read and I written per row; a program covers ``BLOCK`` channels of one
+row (contiguous 16-byte loads of both halves). As in the reference the activation is computed in float32 and
+rounded to the input dtype before the product with ``up``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import gated_mlp as _reference  # noqa: F401  (registers the torch op family)
+from ._common import INTERPRET, next_pow2, tanh
+
+#: activation name -> the kernel's ``ACT`` code
+ACTIVATION_CODES: dict[str, int] = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "relu2": 4}
+MAX_BLOCK = 2048
+
+
+@triton.jit
+def _activate(x, ACT: tl.constexpr):
+    if ACT == 0:
+        y = x / (1.0 + tl.exp(-x))
+    elif ACT == 1:
+        y = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+    elif ACT == 2:
+        y = 0.5 * x * (1.0 + tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+    elif ACT == 3:
+        y = tl.maximum(x, 0.0)
+    else:
+        y = tl.maximum(x, 0.0)
+        y = y * y
+    return y
+
+
+@triton.jit
+def _glu_kernel(gu_ptr, o_ptr, inter, stride_gu, stride_o, BLOCK: tl.constexpr, ACT: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < inter
+    gate = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0)
+    up = tl.load(gu_ptr + row * stride_gu + inter + cols, mask=mask, other=0.0)
+    act = _activate(gate.to(tl.float32), ACT).to(gate.dtype)
+    out = act.to(tl.float32) * up.to(tl.float32)
+    tl.store(o_ptr + row * stride_o + cols, out.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+def glu_packed_launch(gate_up: torch.Tensor, activation: str, out: torch.Tensor) -> None:
+    """``gate_up [..., 2I]`` -> ``out [..., I]`` (contiguous)."""
+    if activation not in ACTIVATION_CODES:
+        raise ValueError(f"triton_glu_packed: unknown activation {activation!r}; known: {sorted(ACTIVATION_CODES)}")
+    inter = gate_up.shape[-1] // 2
+    gu = gate_up.reshape(-1, 2 * inter)  # [rows, 2I]
+    gu = gu if gu.stride(-1) == 1 else gu.contiguous()
+    o = out.view(-1, inter)
+    if gu.shape[0] == 0 or inter == 0:
+        return
+    block = min(next_pow2(inter), MAX_BLOCK)
+    warps = 1 if INTERPRET else max(1, min(8, block // 256))
+    _glu_kernel[(gu.shape[0], triton.cdiv(inter, block))](
+        gu, o, inter, gu.stride(0), o.stride(0), BLOCK=block, ACT=ACTIVATION_CODES[activation], num_warps=warps
+    )
+
+
+@torch.library.custom_op("autodeploy::triton_glu_packed", mutates_args=())
+def triton_glu_packed(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    out = gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+    glu_packed_launch(gate_up, activation, out)
+    return out
+
+
+@triton_glu_packed.register_fake
+def _triton_glu_packed_fake(gate_up, activation):
+    return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))

@@ -1,0 +1,170 @@
+"""Triton RMSNorm: ``autodeploy::triton_rmsnorm`` and ``autodeploy::triton_fused_add_rmsnorm``.
+
+Memory-bound: one read of ``x`` (and ``residual``), one write of the output (and of the sum). Rows of up to
+``MAX_ONE_PASS`` elements stay in registers (one pass); a program then takes ``BLOCK_R`` rows at once so
+small hidden sizes (per-head q/k norms of 64-256) still move >= 4K elements per program. Longer rows take two
+passes (sum of squares, then scale), the second re-reading ``x`` from L2. Rounding follows the reference
+exactly: the residual sum is rounded to its dtype before it is normalised, and without ``weight_offset`` the
+normalised row is rounded to ``x.dtype`` before the weight product, which is rounded to the product dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import rmsnorm as _reference  # noqa: F401  (registers the torch op family)
+from ._common import INTERPRET, next_pow2, tl_dtype
+
+MAX_ONE_PASS = 16384
+ROW_ELEMS = 4096  # elements per program in the one-pass kernel
+
+
+@triton.jit
+def _normalize(xf, rstd, w, w_offset, X_DTYPE: tl.constexpr, PROD_DTYPE: tl.constexpr, HAS_OFFSET: tl.constexpr):
+    normed = xf * rstd
+    if HAS_OFFSET:
+        y = normed * (w.to(tl.float32) + w_offset)
+    else:
+        y = (normed.to(X_DTYPE).to(tl.float32) * w.to(tl.float32)).to(PROD_DTYPE)
+    return y
+
+
+@triton.jit
+def _rmsnorm_rows_kernel(
+    x_ptr, r_ptr, w_ptr, o_ptr, sum_ptr,
+    n_rows, H, stride_x, stride_r, stride_o, stride_sum, eps, w_offset,
+    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_OFFSET: tl.constexpr, X_DTYPE: tl.constexpr, PROD_DTYPE: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
+    cols = tl.arange(0, BLOCK_H)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < H)
+    rows64 = rows.to(tl.int64)[:, None]
+    xf = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        added = xf + tl.load(r_ptr + rows64 * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        added = added.to(sum_ptr.dtype.element_ty)
+        tl.store(sum_ptr + rows64 * stride_sum + cols[None, :], added, mask=mask)
+        xf = added.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, 1) / H + eps)  # [BLOCK_R]
+    w = tl.load(w_ptr + cols, mask=cols < H, other=0.0)
+    y = _normalize(xf, rstd[:, None], w[None, :], w_offset, X_DTYPE, PROD_DTYPE, HAS_OFFSET)
+    tl.store(o_ptr + rows64 * stride_o + cols[None, :], y.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rmsnorm_long_kernel(
+    x_ptr, r_ptr, w_ptr, o_ptr, sum_ptr,
+    H, stride_x, stride_r, stride_o, stride_sum, eps, w_offset,
+    BLOCK_H: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_OFFSET: tl.constexpr, X_DTYPE: tl.constexpr, PROD_DTYPE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_H)
+    sq = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for start in range(0, H, BLOCK_H):
+        c = start + cols
+        m = c < H
+        xf = tl.load(x_ptr + row * stride_x + c, mask=m, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            added = (xf + tl.load(r_ptr + row * stride_r + c, mask=m, other=0.0).to(tl.float32))
+            added = added.to(sum_ptr.dtype.element_ty)
+            tl.store(sum_ptr + row * stride_sum + c, added, mask=m)
+            xf = added.to(tl.float32)
+        sq += xf * xf
+    rstd = tl.rsqrt(tl.sum(sq, 0) / H + eps)
+    if HAS_RESIDUAL:
+        src_ptr = sum_ptr
+        src_stride = stride_sum
+    else:
+        src_ptr = x_ptr
+        src_stride = stride_x
+    for start in range(0, H, BLOCK_H):
+        c = start + cols
+        m = c < H
+        xf = tl.load(src_ptr + row * src_stride + c, mask=m, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + c, mask=m, other=0.0)
+        y = _normalize(xf, rstd, w, w_offset, X_DTYPE, PROD_DTYPE, HAS_OFFSET)
+        tl.store(o_ptr + row * stride_o + c, y.to(o_ptr.dtype.element_ty), mask=m)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])  # [R, H]
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def rmsnorm_launch(
+    x: torch.Tensor,  # [..., H]
+    weight: torch.Tensor,  # [H]
+    eps: float,
+    weight_offset: float,
+    out: torch.Tensor,  # [..., H] contiguous
+    residual: torch.Tensor | None = None,  # [..., H]
+    summed: torch.Tensor | None = None,  # [..., H] contiguous, receives x + residual
+    max_one_pass: int = MAX_ONE_PASS,
+) -> None:
+    """Normalise ``x`` (or ``x + residual``, also written to ``summed``) into ``out``."""
+    h = x.shape[-1]
+    x2, o2 = _rows(x), out.view(-1, h)
+    n_rows = x2.shape[0]
+    if n_rows == 0:
+        return
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    has_res = residual is not None
+    r2 = _rows(residual) if has_res else x2
+    s2 = summed.view(-1, h) if has_res else o2
+    norm_dtype = s2.dtype if has_res else x.dtype
+    flags = dict(
+        HAS_RESIDUAL=has_res,
+        HAS_OFFSET=bool(weight_offset),
+        X_DTYPE=tl_dtype(norm_dtype),
+        PROD_DTYPE=tl_dtype(torch.promote_types(norm_dtype, weight.dtype)),
+    )
+    args = (x2, r2, weight, o2, s2)
+    block_h = next_pow2(h)
+    if block_h <= max_one_pass:
+        block_r = max(1, min(ROW_ELEMS // block_h, next_pow2(n_rows)))
+        warps = 1 if INTERPRET else max(1, min(16, block_r * block_h // 512))
+        _rmsnorm_rows_kernel[(triton.cdiv(n_rows, block_r),)](
+            *args, n_rows, h, x2.stride(0), r2.stride(0), o2.stride(0), s2.stride(0), eps, float(weight_offset),
+            BLOCK_R=block_r, BLOCK_H=block_h, **flags, num_warps=warps,
+        )
+    else:
+        block_h = min(block_h, max_one_pass)
+        _rmsnorm_long_kernel[(n_rows,)](
+            *args, h, x2.stride(0), r2.stride(0), o2.stride(0), s2.stride(0), eps, float(weight_offset),
+            BLOCK_H=block_h, **flags, num_warps=1 if INTERPRET else 8,
+        )
+
+
+@torch.library.custom_op("autodeploy::triton_rmsnorm", mutates_args=())
+def triton_rmsnorm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    out = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
+    rmsnorm_launch(x, weight, eps, weight_offset, out)
+    return out
+
+
+@triton_rmsnorm.register_fake
+def _triton_rmsnorm_fake(x, weight, eps, weight_offset=0.0, out_dtype=None):
+    return x.new_empty(x.shape, dtype=out_dtype or x.dtype)
+
+
+@torch.library.custom_op("autodeploy::triton_fused_add_rmsnorm", mutates_args=())
+def triton_fused_add_rmsnorm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    sum_dtype = torch.promote_types(x.dtype, residual.dtype)
+    summed = torch.empty(x.shape, dtype=sum_dtype, device=x.device)
+    out = torch.empty(x.shape, dtype=sum_dtype, device=x.device)
+    rmsnorm_launch(x, weight, eps, weight_offset, out, residual=residual, summed=summed)
+    return out, summed
+
+
+@triton_fused_add_rmsnorm.register_fake
+def _triton_fused_add_rmsnorm_fake(x, residual, weight, eps, weight_offset=0.0):
+    sum_dtype = torch.promote_types(x.dtype, residual.dtype)
+    return x.new_empty(x.shape, dtype=sum_dtype), x.new_empty(x.shape, dtype=sum_dtype)

@@ -1,0 +1,101 @@
+"""Triton rotary embedding: ``autodeploy::triton_rope`` (contract: ``custom_ops/rope.py``).
+
+Memory-bound. A program owns one token and ``BLOCK_N`` heads: it loads the token's cos/sin row once and
+reuses it for all its heads. Each head is read as the two halves of every rotated pair (``i`` and ``i + R/2``
+for the NeoX form, ``2i`` and ``2i + 1`` interleaved), so every element is read once and written once; the
+pass-through channels ``[R, D)`` of partial rotary are copied. ``x`` may be a strided view (q/k sliced from a
+fused QKV): any strides but a unit last one. The math reproduces the reference's rounding: products and the
+sum are rounded to ``promote(x.dtype, cos.dtype)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import rope as _reference  # noqa: F401  (registers the torch op family)
+from ._common import INTERPRET, next_pow2, tl_dtype
+
+HEAD_ELEMS = 2048  # x elements per program (BLOCK_N heads of D channels)
+
+
+@triton.jit
+def _rope_kernel(
+    x_ptr, cos_ptr, sin_ptr, o_ptr,
+    S, N,
+    sxb, sxs, sxn, scb, scs, ssb, sss, sob, sos, son,
+    R: tl.constexpr, PASS: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
+    BLOCK_N: tl.constexpr, INTERLEAVED: tl.constexpr, COMPUTE: tl.constexpr,
+):
+    row = tl.program_id(0)
+    b = (row // S).to(tl.int64)
+    s = (row % S).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    h_ok = heads < N
+    j = tl.arange(0, BLOCK_HALF)
+    j_ok = j < R // 2
+    if INTERLEAVED:
+        i1 = 2 * j
+        i2 = 2 * j + 1
+    else:
+        i1 = j
+        i2 = j + R // 2
+    c_row = cos_ptr + b * scb + s * scs
+    s_row = sin_ptr + b * ssb + s * sss
+    c1 = tl.load(c_row + i1, mask=j_ok, other=0.0).to(COMPUTE).to(tl.float32)[None, :]
+    c2 = tl.load(c_row + i2, mask=j_ok, other=0.0).to(COMPUTE).to(tl.float32)[None, :]
+    s1 = tl.load(s_row + i1, mask=j_ok, other=0.0).to(COMPUTE).to(tl.float32)[None, :]
+    s2 = tl.load(s_row + i2, mask=j_ok, other=0.0).to(COMPUTE).to(tl.float32)[None, :]
+
+    x_base = x_ptr + b * sxb + s * sxs + heads[:, None] * sxn  # [BLOCK_N, 1]
+    o_base = o_ptr + b * sob + s * sos + heads[:, None] * son
+    mask = h_ok[:, None] & j_ok[None, :]
+    x1 = tl.load(x_base + i1[None, :], mask=mask, other=0.0).to(COMPUTE).to(tl.float32)
+    x2 = tl.load(x_base + i2[None, :], mask=mask, other=0.0).to(COMPUTE).to(tl.float32)
+    # out_1 = x1 * cos_1 - x2 * sin_1 ; out_2 = x2 * cos_2 + x1 * sin_2, each product rounded like the reference
+    o1 = (x1 * c1).to(COMPUTE).to(tl.float32) + (-x2 * s1).to(COMPUTE).to(tl.float32)
+    o2 = (x2 * c2).to(COMPUTE).to(tl.float32) + (x1 * s2).to(COMPUTE).to(tl.float32)
+    out_ty = o_ptr.dtype.element_ty
+    tl.store(o_base + i1[None, :], o1.to(COMPUTE).to(out_ty), mask=mask)
+    tl.store(o_base + i2[None, :], o2.to(COMPUTE).to(out_ty), mask=mask)
+    if PASS > 0:
+        p = tl.arange(0, BLOCK_PASS)
+        p_mask = h_ok[:, None] & (p[None, :] < PASS)
+        xp = tl.load(x_base + R + p[None, :], mask=p_mask)
+        tl.store(o_base + R + p[None, :], xp, mask=p_mask)
+
+
+def rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool, out: torch.Tensor) -> None:
+    """``x [B, S, N, D]``, ``cos``/``sin`` ``[B or 1, S, R]`` -> ``out [B, S, N, D]``."""
+    bsz, seq, n, d = x.shape
+    r = cos.shape[-1]
+    if x.numel() == 0:
+        return
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    cos = cos if cos.stride(-1) == 1 else cos.contiguous()
+    sin = sin if sin.stride(-1) == 1 else sin.contiguous()
+    cos = cos.expand(bsz, seq, r)
+    sin = sin.expand(bsz, seq, r)
+    compute = torch.promote_types(x.dtype, cos.dtype)
+    block_n = max(1, min(next_pow2(n), HEAD_ELEMS // next_pow2(d)))
+    grid = (bsz * seq, triton.cdiv(n, block_n))
+    _rope_kernel[grid](
+        x, cos, sin, out, seq, n,
+        x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        R=r, PASS=d - r, BLOCK_HALF=next_pow2(r // 2), BLOCK_PASS=next_pow2(max(d - r, 1)),
+        BLOCK_N=block_n, INTERLEAVED=interleaved, COMPUTE=tl_dtype(compute), num_warps=1 if INTERPRET else 4,
+    )
+
+
+@torch.library.custom_op("autodeploy::triton_rope", mutates_args=())
+def triton_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    rope_launch(x, cos, sin, interleaved, out)
+    return out
+
+
+@triton_rope.register_fake
+def _triton_rope_fake(x, cos, sin, interleaved=False):
+    return torch.empty_like(x)
