@@ -1,0 +1,110 @@
+"""End-to-end GPU benchmark in one process: HF generate baselines, then the engine on the same shapes.
+
+    python bench/e2e.py --model examples/configs/llama-3.1-8b/config.json [--skip-hf] [--json $OUT/e2e.json]
+
+Builds the engine once (timing ``optimize``), then runs: batch-1 decode, TTFT of one 1024-token prompt on an idle
+engine, and offline throughput of N requests of ISL/OSL 128/128; checks that CUDA-graph decode gives the eager
+path's greedy tokens. Prints one table at the end; the targets are those of docs/PERFORMANCE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import time
+
+import torch
+
+from autodeploy import SamplingParams, optimize
+from autodeploy.bench.engine_bench import run_engine_bench
+from autodeploy.bench.hf_bench import run_hf_bench
+from autodeploy.bench.workload import synthetic_requests
+from autodeploy.models import ModelFactory
+
+
+def hf_baselines(model_path: str, args) -> dict:
+    factory = ModelFactory(model_path, dtype="bfloat16", device="cuda", random_weights=True)
+    model = factory.build_model()
+    vocab = factory.config.vocab_size
+    out = {}
+    r = run_hf_bench(model, synthetic_requests(1, 128, args.decode_osl // 4, vocab, seed=11), 1)
+    out["hf_batch1_decode_tok_s"] = 1e3 / r.itl_p50_ms
+    r = run_hf_bench(model, synthetic_requests(1, 1024, 1, vocab, seed=12), 1)
+    out["hf_ttft_1024_ms"] = r.ttft_p50_ms
+    r = run_hf_bench(model, synthetic_requests(64, 128, 128, vocab, seed=13), 64)
+    out["hf_batch64_128_128_tok_s"] = r.output_tok_per_s
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def cuda_graph_tokens_match(engine, vocab: int) -> bool:
+    prompts = [p.prompt_token_ids for p in synthetic_requests(8, 32, 1, vocab, seed=14)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    graphed = [o.outputs[0].token_ids for o in engine.generate(prompts, params)]
+    saved, engine.runner.cuda_graphs = engine.runner.cuda_graphs, None
+    eager = [o.outputs[0].token_ids for o in engine.generate(prompts, params)]
+    engine.runner.cuda_graphs = saved
+    return graphed == eager
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="examples/configs/llama-3.1-8b/config.json")
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--num-requests", type=int, default=1000)
+    parser.add_argument("--max-batch-size", type=int, default=256)
+    parser.add_argument("--max-num-tokens", type=int, default=8192)
+    parser.add_argument("--decode-osl", type=int, default=256)
+    parser.add_argument("--attn-backend", default="auto")
+    parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    results: dict = {"device": device, "date": time.strftime("%Y-%m-%d")}
+    if not args.skip_hf:
+        results.update(hf_baselines(args.model, args))
+        print("HF baselines:", results, flush=True)
+    overrides = dict(item.split("=", 1) for item in args.set)
+    start = time.perf_counter()
+    engine = optimize(
+        args.model, dtype="bfloat16", random_weights=True, max_batch_size=args.max_batch_size,
+        max_num_tokens=args.max_num_tokens, max_seq_len=2048, attn_backend=args.attn_backend,
+        **{k: json.loads(v) if v[:1] in "0123456789tfn[{" else v for k, v in overrides.items()},
+    )
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    results["optimize_s"] = time.perf_counter() - start
+    results["kv_cache_blocks"] = engine.scheduler.config.num_blocks
+    results["backend"] = engine.runner.spec.backend
+    print(f"optimize: {results['optimize_s']:.1f}s backend={results['backend']}", flush=True)
+    vocab = engine.vocab_size
+    run_engine_bench(engine, synthetic_requests(8, 128, 16, vocab, seed=1), 0, name="warm-up")
+    results["cuda_graph_tokens_match_eager"] = cuda_graph_tokens_match(engine, vocab)
+
+    r = run_engine_bench(engine, synthetic_requests(3, 128, args.decode_osl, vocab, seed=2), 1, name="batch-1 decode")
+    results["batch1_decode_tok_s"] = 1e3 / r.itl_p50_ms
+    results["batch1_itl_p99_ms"] = r.itl_p99_ms
+    r = run_engine_bench(engine, synthetic_requests(5, 1024, 1, vocab, seed=3), 1, name="ttft 1024")
+    results["ttft_1024_p50_ms"] = r.ttft_p50_ms
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    r = run_engine_bench(engine, synthetic_requests(args.num_requests, 128, 128, vocab, seed=4), 0, name="offline")
+    results["offline_128_128_tok_s"] = r.output_tok_per_s
+    results["offline_requests_s"] = r.requests_per_s
+    results["offline_ttft_p50_ms"] = r.ttft_p50_ms
+    results["offline_itl_p50_ms"] = r.itl_p50_ms
+    results["offline_itl_p99_ms"] = r.itl_p99_ms
+    results["peak_memory_gib"] = r.peak_memory_gib
+    print(json.dumps(results, indent=2))
+    path = args.json or (os.path.join(os.environ["OUT"], "e2e.json") if os.environ.get("OUT") else None)
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

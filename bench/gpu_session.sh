@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One device-machine session: install what the GPU image lacks (wheels carried in .whl/), then run the named
+# steps, each under its own time limit, logging to $OUT. Usage: bench/gpu_session.sh kernels e2e gpu-tests
+set -uo pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+for step in "$@"; do
+  echo "=== $step ==="
+  case "$step" in
+    kernels)   timeout 240 python3 bench/kernels.py --quick 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
+    kernels-full) timeout 400 python3 bench/kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -60 ;;
+    e2e)       timeout 420 python3 bench/e2e.py --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" | grep -v Warn | tail -40 ;;
+    e2e-nohf)  timeout 300 python3 bench/e2e.py --skip-hf --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" | grep -v Warn | tail -40 ;;
+    gpu-tests) timeout 300 python3 -m pytest -q -m gpu tests/ 2>&1 | tail -15 ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
