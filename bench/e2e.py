@@ -43,9 +43,11 @@ def hf_baselines(model_path: str, args) -> dict:
 
 def cuda_graph_tokens_match(engine, vocab: int) -> bool:
     prompts = [p.prompt_token_ids for p in synthetic_requests(8, 32, 1, vocab, seed=14)]
+    engine.scheduler.block_manager.reset_prefix_cache()
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     graphed = [o.outputs[0].token_ids for o in engine.generate(prompts, params)]
     saved, engine.runner.cuda_graphs = engine.runner.cuda_graphs, None
+    engine.scheduler.block_manager.reset_prefix_cache()  # recompute the prompts exactly as the first time
     eager = [o.outputs[0].token_ids for o in engine.generate(prompts, params)]
     engine.runner.cuda_graphs = saved
     return graphed == eager

@@ -23,7 +23,7 @@ def _val(node) -> torch.Tensor | None:
     return val if isinstance(val, torch.Tensor) else None
 
 
-def _same_shape(a: torch.Tensor, shape) -> bool:
+def same_shape(a: torch.Tensor, shape) -> bool:
     if len(a.shape) != len(shape):
         return False
     return all(statically_known_true(x == y) for x, y in zip(a.shape, shape))
@@ -55,7 +55,7 @@ def _noop_source(node: Node) -> Node | None:
             return src
         return None
     if target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default):
-        if src_val is not None and out_val is not None and _same_shape(src_val, out_val.shape):
+        if src_val is not None and out_val is not None and same_shape(src_val, out_val.shape):
             return src
         return None
     if target == aten.dropout.default:

@@ -103,3 +103,19 @@ def set_graph_device(gm: GraphModule, device: torch.device) -> int:
     if changed:
         gm.recompile()
     return changed
+
+
+def drop_unused_attributes(gm: GraphModule) -> int:
+    """Delete parameters and buffers no ``get_attr`` node refers to any more (frees replaced weights)."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    dropped = 0
+    named = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
+    for name, _ in named:
+        if name in used:
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        owner = gm.get_submodule(owner_name) if owner_name else gm
+        if hasattr(owner, attr):
+            delattr(owner, attr)
+            dropped += 1
+    return dropped

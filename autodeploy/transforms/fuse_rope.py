@@ -1,0 +1,32 @@
+"""``fuse_rope``: RoPE runs on the chosen kernel backend (one kernel per rotated tensor).
+
+Matches: every ``torch_rope``. Emits its backend twin (Triton on CUDA), which reads q/k views of a fused QKV
+GEMM in place. Limits: the KV-cache write is not fused into it yet.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule
+
+from ..custom_ops.kernel_backends import KernelBackend, kernel_op
+from .base import SharedContext, Transform, TransformConfig, TransformInfo, TransformRegistry
+from .graph import find_nodes
+
+
+class FuseRopeConfig(TransformConfig):
+    backend: KernelBackend = "auto"
+
+
+@TransformRegistry.register("fuse_rope")
+class FuseRope(Transform):
+    config_class = FuseRopeConfig
+
+    def _apply(self, gm: GraphModule, ctx: SharedContext) -> TransformInfo:
+        op = kernel_op("torch_rope", self.config.backend, ctx.device)
+        if op is torch.ops.autodeploy.torch_rope.default:
+            return TransformInfo(num_matches=0, details={"backend": "torch"})
+        nodes = find_nodes(gm, torch.ops.autodeploy.torch_rope.default)
+        for node in nodes:
+            node.target = op
+        return TransformInfo(num_matches=len(nodes), details={"backend": "triton"})
