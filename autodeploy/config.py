@@ -54,6 +54,7 @@ class AutoDeployConfig(BaseModel):
     kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig)
     attn_backend: Literal["auto", "torch", "triton", "flashinfer"] = "auto"
     cuda_graphs: bool = True
+    async_scheduling: bool = True
     quantize: Literal[None, "fp8", "int8_weight_only", "int4_weight_only"] = None
     tensor_parallel_size: int = Field(1, ge=1)
     seed: int = 0

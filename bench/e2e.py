@@ -22,6 +22,7 @@ from autodeploy.bench.engine_bench import run_engine_bench
 from autodeploy.bench.hf_bench import run_hf_bench
 from autodeploy.bench.workload import synthetic_requests
 from autodeploy.models import ModelFactory
+from step_profile import StepProfiler
 
 
 def hf_baselines(model_path: str, args) -> dict:
@@ -53,6 +54,23 @@ def cuda_graph_tokens_match(engine, vocab: int) -> bool:
     return graphed == eager
 
 
+def decode_replay_ms(engine) -> float:
+    """Device time of one batch-1 decode CUDA-graph replay (the model forward alone, no host work)."""
+    graphs = engine.runner.cuda_graphs
+    if graphs is None or 1 not in graphs.graphs:
+        return float("nan")
+    graph = graphs.graphs[1]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(3):
+        graph.replay()
+    start.record()
+    for _ in range(50):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 50
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="examples/configs/llama-3.1-8b/config.json")
@@ -64,6 +82,9 @@ def main() -> None:
     parser.add_argument("--attn-backend", default="auto")
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--json", default=None)
+    parser.add_argument("--profile-steps", action="store_true", help="per-step GPU vs wall time of the offline run")
+    parser.add_argument("--trace-from", type=int, default=None, help="torch.profiler over 6 offline steps from here")
+    parser.add_argument("--only", default=None, help="comma list of: decode,ttft,offline (default all)")
     args = parser.parse_args()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     results: dict = {"device": device, "date": time.strftime("%Y-%m-%d")}
@@ -87,14 +108,34 @@ def main() -> None:
     run_engine_bench(engine, synthetic_requests(8, 128, 16, vocab, seed=1), 0, name="warm-up")
     results["cuda_graph_tokens_match_eager"] = cuda_graph_tokens_match(engine, vocab)
 
-    r = run_engine_bench(engine, synthetic_requests(3, 128, args.decode_osl, vocab, seed=2), 1, name="batch-1 decode")
-    results["batch1_decode_tok_s"] = 1e3 / r.itl_p50_ms
-    results["batch1_itl_p99_ms"] = r.itl_p99_ms
-    r = run_engine_bench(engine, synthetic_requests(5, 1024, 1, vocab, seed=3), 1, name="ttft 1024")
-    results["ttft_1024_p50_ms"] = r.ttft_p50_ms
+    only = set((args.only or "decode,ttft,offline").split(","))
+    if "decode" in only:
+        r = run_engine_bench(engine, synthetic_requests(3, 128, args.decode_osl, vocab, seed=2), 1, name="batch-1 decode")
+        results["batch1_decode_tok_s"] = 1e3 / r.itl_p50_ms
+        results["batch1_itl_p99_ms"] = r.itl_p99_ms
+        if torch.cuda.is_available():
+            results["batch1_graph_replay_ms"] = decode_replay_ms(engine)
+    if "ttft" in only:
+        r = run_engine_bench(engine, synthetic_requests(5, 1024, 1, vocab, seed=3), 1, name="ttft 1024")
+        results["ttft_1024_p50_ms"] = r.ttft_p50_ms
+    if "offline" not in only:
+        print(json.dumps(results, indent=2))
+        return
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    profiler = (
+        StepProfiler(engine, trace_from=args.trace_from) if args.profile_steps and torch.cuda.is_available() else None
+    )
     r = run_engine_bench(engine, synthetic_requests(args.num_requests, 128, 128, vocab, seed=4), 0, name="offline")
+    if profiler is not None:
+        profiler.detach()
+        results["offline_steps"] = profiler.summary()
+        if profiler.trace_table:
+            print(profiler.trace_table)
+            results["offline_trace"] = profiler.trace_table
+        for row in results["offline_steps"]:
+            print("{kind:8s} <={size<=:5d} steps={steps:4d} wall={wall_ms:7.2f}ms gpu={gpu_ms:7.2f}ms "
+                  "dec={decodes:6.1f} ptok={prefill_tokens:7.1f} total={total_wall_s:6.2f}s".format(**row))
     results["offline_128_128_tok_s"] = r.output_tok_per_s
     results["offline_requests_s"] = r.requests_per_s
     results["offline_ttft_p50_ms"] = r.ttft_p50_ms

@@ -37,9 +37,9 @@ def run_engine_bench(
             in_flight.add(state.request_id)
         outputs = engine.step()
         now = time.perf_counter()
+        for request_id, tokens in engine.last_sampled.items():
+            times[request_id].token_times.extend([now] * len(tokens))
         for out in outputs:
-            record = times[out.request_id]
-            record.token_times.extend([now] * len(out.outputs[0].delta_token_ids))
             if out.finished:
                 in_flight.discard(out.request_id)
                 bar.update(1)

@@ -12,11 +12,13 @@ A step that raises fails only the requests it held (their streams get the error)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,7 +30,8 @@ from ..models import ModelFactory
 from ..transforms import SharedContext
 from .engine_setup import build_runner
 from .outputs import RequestOutput
-from .request import Request
+from .model_runner import TokenFill
+from .request import PLACEHOLDER_TOKEN, Request
 from .request_state import RequestState
 from .sampler import Sampler
 from .sampling_params import SamplingParams
@@ -37,6 +40,36 @@ from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 logger = logging.getLogger("autodeploy.executor")
 
 Prompt = str | list[int]
+
+
+class _HostTokens:
+    """Sampled token ids on their way to the host: a non-blocking copy into pinned memory and its event."""
+
+    def __init__(self, token_ids: torch.Tensor):
+        if token_ids.device.type == "cuda":
+            self.host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
+            self.host.copy_(token_ids, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host, self.event = token_ids, None
+
+    def wait(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
+def _to_host(result: Any) -> _HostTokens | None:
+    return None if result is None else _HostTokens(result.token_ids)
+
+
+@dataclass
+class _Launched:
+    out: SchedulerOutput
+    rows: list[Request]  # the requests sampled, in the order of the sampler's rows
+    result: Any  # SamplerOutput (device tensors) or None when nothing was sampled
+    host_tokens: _HostTokens | None
 
 
 class Engine:
@@ -66,8 +99,15 @@ class Engine:
         self._ids = itertools.count()
         self._lock = threading.RLock()
         self._wakeup = threading.Condition(self._lock)
+        #: callers blocked on ``_lock`` in add/abort; the step loop lets them in before its next step, since the
+        #: lock is not fair and the loop would otherwise re-take it for step after step (starving the server)
+        self._callers_waiting = 0
+        self._callers_mutex = threading.Lock()
         self._loop_thread: threading.Thread | None = None
         self._closed = False
+        self.last_sampled: dict[str, list[int]] = {}
+        self.async_scheduling = config.async_scheduling
+        self._inflight: _Launched | None = None
 
     # ---- requests -----------------------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
@@ -75,7 +115,14 @@ class Engine:
             if self.tokenizer is None:
                 raise RequestError("this model has no tokenizer, so prompts must be lists of token ids")
             return prompt, self.tokenizer.encode(prompt)
-        return None, list(prompt)
+        token_ids = list(prompt)
+        bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:  # would fail the embedding lookup, and with it every request in the same step
+            raise RequestError(
+                f"prompt token ids must be in [0, {self.vocab_size}) for this model, got {bad}",
+                hint="check that the prompt was tokenized with this model's tokenizer",
+            )
+        return None, token_ids
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
@@ -94,7 +141,7 @@ class Engine:
         params = sampling_params or SamplingParams()
         text, token_ids = self.tokenize(prompt)
         request_id = request_id or f"req-{next(self._ids)}"
-        with self._lock:
+        with self._caller_lock():
             if request_id in self._states:
                 raise RequestError(f"request id {request_id!r} is already in use")
             state = RequestState(request_id, text, token_ids, params, self.tokenizer, sink)
@@ -106,7 +153,7 @@ class Engine:
         return state
 
     def abort_request(self, request_id: str) -> None:
-        with self._lock:
+        with self._caller_lock():
             state = self._states.get(request_id)
             if state is None:
                 return
@@ -114,39 +161,96 @@ class Engine:
                 self.scheduler.abort_request(child.request_id)
             self._wakeup.notify_all()
 
+    @contextlib.contextmanager
+    def _caller_lock(self) -> Iterator[None]:
+        """``_lock`` for a caller thread, taken before the step loop's next step (see ``_callers_waiting``)."""
+        with self._callers_mutex:
+            self._callers_waiting += 1
+        try:
+            self._lock.acquire()
+        finally:
+            with self._callers_mutex:
+                self._callers_waiting -= 1
+        try:
+            yield
+        finally:
+            self._wakeup.notify_all()
+            self._lock.release()
+
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     # ---- the step -----------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one batch; returns the outputs published by it."""
+        """Run one batch; returns the outputs it published: streamed requests and finished ones.
+
+        With asynchronous scheduling the batch is launched before the previous one's tokens are read back, so
+        the host work of one step (scheduling, packing, sampling set-up, detokenising) overlaps the GPU work of
+        the other; outputs then lag one step. ``last_sampled`` maps each sequence that got tokens in the
+        published step to them (benchmarks, metrics).
+        """
         with self._lock:
             out = self.scheduler.schedule()
-            sampled: dict[str, list[int]] = {}
-            extras: dict[str, Any] = {}
-            if not out.is_empty:
-                try:
-                    sampled, extras = self._run_model(out)
-                except Exception as e:  # a failing step fails its requests, not the engine
-                    logger.exception("step failed; aborting its %d requests", len(out.entries))
-                    self._fail(out, e)
-                    return []
-            finished = self.scheduler.update(out, sampled)
-            return self._publish(out, sampled, extras, finished)
+            previous, self._inflight = self._inflight, None
+            outputs: list[RequestOutput] = []
+            defer = self.async_scheduling and not out.is_empty and not self._needs_host_tokens(out)
+            if previous is not None and not defer:
+                outputs += self._finish(previous)  # this step needs the previous tokens on the host
+                previous = None
+                out.drop_finished()
+            if out.is_empty:
+                return outputs + self._publish(out, {}, {}, self.scheduler.update(out, {}))
+            try:
+                launched = self._launch(out, previous)
+            except Exception as e:  # a failing step fails its requests, not the engine
+                logger.exception("step failed; aborting its %d requests", len(out.entries))
+                self._fail(out, e)
+                return outputs + (self._finish(previous) if previous is not None else [])
+            if defer:
+                self.scheduler.commit(out)
+                self._inflight = launched
+                return outputs + (self._finish(previous) if previous is not None else [])
+            return outputs + self._finish(launched)
 
-    def _run_model(self, out: SchedulerOutput) -> tuple[dict[str, list[int]], dict[str, Any]]:
-        logits = self.runner.execute(out.prefills, out.decodes)  # [N, V]
+    @staticmethod
+    def _needs_host_tokens(out: SchedulerOutput) -> bool:
+        """Penalties read the previous tokens on the host when the sampling batch is built."""
+        for entry in out.entries:
+            p = entry.request.sampling_params
+            if entry.sample and (p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty):
+                return True
+        return False
+
+    def _launch(self, out: SchedulerOutput, previous: _Launched | None) -> _Launched:
+        """Run the model and the sampler for ``out``; nothing waits for the GPU."""
+        fill = None
+        if previous is not None:  # decode inputs the previous step sampled: read them on the device
+            source = {r.request_id: i for i, r in enumerate(previous.rows)}
+            entries = out.entries
+            picks = [(i, source[e.request_id]) for i, e in enumerate(entries) if e.request_id in source
+                     and e.request.output_token_ids[-1] == PLACEHOLDER_TOKEN and e.start_pos + e.num_new_tokens
+                     == e.request.num_tokens]
+            if picks:
+                fill = TokenFill([i for i, _ in picks], [j for _, j in picks], previous.result.token_ids)
+        logits = self.runner.execute(out.prefills, out.decodes, fill)  # [N, V]
         rows = [e.request for e in out.entries if e.sample]
-        if not rows:
-            return {}, {}
-        batch = self.sampler.batch_for(rows, self._generators(rows), self.device, self.vocab_size)
-        result = self.sampler(logits[:, : self.vocab_size], batch)
-        tokens = result.token_ids.tolist()
-        sampled = {r.request_id: [t] for r, t in zip(rows, tokens)}
-        extras = {}
-        if result.logprobs is not None:
-            extras = self._logprob_extras(rows, result)
-        return sampled, extras
+        result = None
+        if rows:
+            batch = self.sampler.batch_for(rows, self._generators(rows), self.device, self.vocab_size)
+            result = self.sampler(logits[:, : self.vocab_size], batch)
+        return _Launched(out, rows, result, _to_host(result))
+
+    def _finish(self, launched: _Launched) -> list[RequestOutput]:
+        """Wait for a launched step's tokens, record them and publish."""
+        sampled: dict[str, list[int]] = {}
+        extras: dict[str, Any] = {}
+        if launched.result is not None:
+            tokens = launched.host_tokens.wait()
+            sampled = {r.request_id: [t] for r, t in zip(launched.rows, tokens)}
+            if launched.result.logprobs is not None:
+                extras = self._logprob_extras(launched.rows, launched.result)
+        finished = self.scheduler.update(launched.out, sampled)
+        return self._publish(launched.out, sampled, extras, finished)
 
     def _generators(self, rows: list[Request]) -> list[torch.Generator | None]:
         return [self._parent_of[r.request_id].generator_for(r, self.device) for r in rows]
@@ -188,9 +292,11 @@ class Engine:
             if state is not None:
                 state.on_finished(request)
                 touched[state.request_id] = state
+        self.last_sampled = sampled
         outputs = []
-        for state in touched.values():
-            outputs.append(state.publish(now))
+        for state in touched.values():  # only streams and finished requests need an output object now
+            if state.sink is not None or state.finished:
+                outputs.append(state.publish(now))
             if state.finished:
                 self._forget(state)
         return outputs
@@ -279,7 +385,7 @@ class Engine:
     def _run_loop(self) -> None:
         while not self._closed:
             with self._lock:
-                while not self._closed and not self.scheduler.has_work():
+                while not self._closed and (self._callers_waiting or not self.has_unfinished_requests()):
                     self._wakeup.wait()
                 if self._closed:
                     return
@@ -293,7 +399,7 @@ class Engine:
     def shutdown(self, timeout: float | None = None) -> None:
         """Stop the background loop after in-flight requests finish (or ``timeout`` seconds pass)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.scheduler.has_work() and (deadline is None or time.monotonic() < deadline):
+        while self.has_unfinished_requests() and (deadline is None or time.monotonic() < deadline):
             if self._loop_thread is None:
                 self.step()
             else:
@@ -305,6 +411,9 @@ class Engine:
             self._wakeup.notify_all()
         if self._loop_thread is not None:
             self._loop_thread.join(timeout=5)
+        close = getattr(self.runner, "close", None)  # a tensor-parallel runner stops its worker ranks
+        if close is not None:
+            close()
 
     # ---- introspection ------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

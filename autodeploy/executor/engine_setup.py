@@ -14,6 +14,7 @@ import torch
 from torch.fx import GraphModule
 
 from ..config import AutoDeployConfig
+from ..distributed import min_across_ranks
 from ..transforms import SharedContext
 from .kv_cache import allocate_kv_cache, num_blocks_for
 from .model_runner import ModelRunner, StepEntry
@@ -74,8 +75,34 @@ def build_runner(
     free = measure_free_memory(gm, ctx, config, max_seq_len) if ctx.device.type == "cuda" else None
     wanted_tokens = config.max_batch_size * max_seq_len
     num_blocks = num_blocks_for(ctx.cache, config.kv_cache, ctx.device, wanted_tokens, free)
+    num_blocks = min_across_ranks(num_blocks)  # tensor parallel: one scheduler's block ids must fit every rank
     caches = allocate_kv_cache(ctx.cache, config.kv_cache, num_blocks, ctx.device)
     runner = _make_runner(gm, ctx, config, caches, max_seq_len)
+    if ctx.device.type == "cuda":
+        warm_up(runner, config, max_seq_len)
     if config.cuda_graphs:
         runner.capture_cuda_graphs(config.max_batch_size)
     return runner, num_blocks
+
+
+def warm_up(runner: ModelRunner, config: AutoDeployConfig, max_seq_len: int) -> None:
+    """Eager steps of every kind (prefill, chunked prefill, mixed, decode; token counts with and without the
+    divisibility Triton specialises on), so kernel compilation happens here and not in the first requests."""
+    bs = config.kv_cache.block_size
+    budget = min(config.max_num_tokens, max_seq_len - 1)
+    num_blocks = runner.kv_caches[0].shape[0]
+
+    def seq(n: int, start: int, first_block: int) -> StepEntry:  # its KV lands in blocks no request owns yet
+        blocks = math.ceil((start + n) / bs)
+        return StepEntry([1] * n, start, [b % num_blocks for b in range(first_block, first_block + blocks)], True)
+
+    steps = [
+        ([seq(min(17, budget), 0, 0)], []),
+        ([seq(min(16, budget), 0, 0), seq(min(5, budget), 0, 8)], [seq(1, 3, 16)]),
+        ([seq(min(33, budget), min(16, budget), 0)], [seq(1, 7, 16), seq(1, 9, 24)]),
+        ([], [seq(1, 5, 0), seq(1, 9, 8), seq(1, 2, 16)]),
+        ([seq(budget, 0, 0)], []),
+    ]
+    for prefills, decodes in steps:
+        runner.execute(prefills, decodes)
+    torch.cuda.synchronize()

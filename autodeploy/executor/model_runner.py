@@ -25,6 +25,16 @@ logger = logging.getLogger("autodeploy.executor")
 
 
 @dataclass
+class TokenFill:
+    """Input tokens not known on the host yet: entry ``entry_indices[j]``'s last new token is
+    ``tokens[source_rows[j]]``, a device tensor the previous step's sampler produced (asynchronous scheduling)."""
+
+    entry_indices: list[int]
+    source_rows: list[int]
+    tokens: torch.Tensor
+
+
+@dataclass
 class StepEntry:
     """One sequence's share of a step: feed ``token_ids`` at positions ``start_pos...``; sample after the last."""
 
@@ -91,6 +101,8 @@ class ModelRunner:
                 "position_ids": max_num_tokens,
                 "slot_mapping": max_num_tokens,
                 LOGITS_INDICES: max_batch_size,
+                "fill_rows": max_batch_size,
+                "fill_sources": max_batch_size,
             },
             torch.int64,
             device,
@@ -115,7 +127,9 @@ class ModelRunner:
         self.cuda_graphs: CUDAGraphRunner | None = None
 
     # ---- input packing ------------------------------------------------------------------------------------
-    def _pack(self, entries: list[StepEntry], num_prefill: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+    def _pack(
+        self, entries: list[StepEntry], num_prefill: int, pad_to: int | None = None, fill: TokenFill | None = None
+    ) -> dict[str, torch.Tensor]:
         """Fill the host regions for ``entries`` (prefills first), upload, and return the graph's inputs.
 
         Sequences past ``len(entries)`` up to ``pad_to`` are CUDA-graph padding: one dummy token each, written
@@ -155,9 +169,18 @@ class ModelRunner:
         self.batch_info[0] = num_prefill
         self.batch_info[1] = int(cu[num_prefill])
         self.batch_info[2] = padded_seqs - num_prefill
+        if fill is not None:
+            rows = [int(cu[s + 1]) - 1 for s in fill.entry_indices]  # the last (only) new token of each
+            self.i64.host_view("fill_rows", len(rows)).numpy()[:] = rows
+            self.i64.host_view("fill_sources", len(rows)).numpy()[:] = fill.source_rows
         self.i64.upload()
         self.i32.upload()
-        return self.graph_inputs(num_tokens, padded_seqs, len(sample_rows))
+        inputs = self.graph_inputs(num_tokens, padded_seqs, len(sample_rows))
+        if fill is not None:  # tokens sampled by the previous step, still on the device
+            n = len(fill.source_rows)
+            rows_dev = self.i64.device_view("fill_rows", n)
+            inputs["input_ids"].view(-1)[rows_dev] = fill.tokens[self.i64.device_view("fill_sources", n)]
+        return inputs
 
     def graph_inputs(self, num_tokens: int, num_seqs: int, num_logits: int) -> dict[str, torch.Tensor]:
         """Device views of the static buffers, shaped for this step (fixed addresses per shape)."""
@@ -177,15 +200,20 @@ class ModelRunner:
 
     # ---- running ------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, prefills: list[StepEntry], decodes: list[StepEntry]) -> torch.Tensor:
-        """Logits ``[N, V]`` for the entries with ``sample=True``, in entry order (prefills, then decodes)."""
+    def execute(
+        self, prefills: list[StepEntry], decodes: list[StepEntry], fill: TokenFill | None = None
+    ) -> torch.Tensor:
+        """Logits ``[N, V]`` for the entries with ``sample=True``, in entry order (prefills, then decodes).
+
+        ``fill`` supplies input tokens that are still on the device (their host value is a placeholder).
+        """
         entries = prefills + decodes
         if not prefills and self.cuda_graphs is not None:
             bucket = self.cuda_graphs.bucket_for(len(decodes))
             if bucket is not None:
-                inputs = self._pack(entries, 0, pad_to=bucket)
+                inputs = self._pack(entries, 0, pad_to=bucket, fill=fill)
                 return self.cuda_graphs.replay(bucket, inputs)[: len(decodes)]
-        inputs = self._pack(entries, len(prefills))
+        inputs = self._pack(entries, len(prefills), fill=fill)
         return self.gm(**inputs)[0]
 
     def capture_cuda_graphs(self, max_batch: int) -> None:

@@ -18,6 +18,10 @@ from ..errors import RequestError
 from .sampling_params import SamplingParams
 
 
+#: an output token sampled on the device and not yet known on the host (asynchronous scheduling)
+PLACEHOLDER_TOKEN = -1
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -95,6 +99,15 @@ class Request:
     def all_token_ids(self) -> list[int]:
         """Prompt then output tokens (a new list)."""
         return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def known_output_token_ids(self) -> list[int]:
+        """The output tokens already read back (without the in-flight placeholders at the end)."""
+        outputs = self.output_token_ids
+        end = len(outputs)
+        while end and outputs[end - 1] == PLACEHOLDER_TOKEN:
+            end -= 1
+        return outputs if end == len(outputs) else outputs[:end]
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -103,7 +103,6 @@ class RequestState:
         if self.metrics.first_token_time is None:
             self.metrics.first_token_time = now
             self.metrics.num_cached_tokens = request.num_cached_tokens
-        seq.completion.token_ids = list(request.output_token_ids)
         if extra is not None and seq.completion.logprobs is not None:
             sampled_logprob, top = extra
             entry = {tokens[-1]: Logprob(sampled_logprob)}
@@ -153,6 +152,7 @@ class RequestState:
     def publish(self, now: float) -> RequestOutput:
         completions = []
         for seq in self.sequences.values():
+            seq.completion.token_ids = seq.request.known_output_token_ids
             text = self._streamable_text(seq)
             delta_text = text[seq.published_text :]
             delta_tokens = seq.completion.token_ids[seq.published_tokens :]

@@ -24,6 +24,13 @@ in that order is never preempted by another, so it always makes progress.
 
 Not thread-safe: one thread (the engine's step loop, under its lock) calls every method.
 
+Asynchronous scheduling: ``commit(out)`` right after ``schedule()`` records the step as launched — computed
+tokens advance and every sampling entry gets a ``PLACEHOLDER_TOKEN`` output — so the next ``schedule()`` can run
+before this step's tokens reach the host (the runner feeds them on the device). ``update(out, ...)`` of a
+committed step then fills the placeholders in and applies the stop checks; work scheduled meanwhile for a request
+that turns out finished is discarded. A request that will stop by length once its placeholders are filled is not
+scheduled again.
+
 Lengths: a request stops with ``"length"`` at ``max_tokens`` or when prompt + output reach the context,
 ``min(max_model_len, num_blocks * block_size + 1)``: a request alone never needs more than the whole pool.
 """
@@ -36,7 +43,7 @@ from dataclasses import dataclass, field
 
 from ..errors import ConfigError, KVCacheExhaustedError, PromptTooLongError, RequestError
 from .block_manager import BlockManager
-from .request import Request, RequestStatus
+from .request import PLACEHOLDER_TOKEN, Request, RequestStatus
 
 
 @dataclass
@@ -97,6 +104,8 @@ class SchedulerOutput:
     decodes: list[ScheduledEntry] = field(default_factory=list)
     #: requests preempted while building this step (already back in the waiting queue)
     preempted: list[Request] = field(default_factory=list)
+    #: set by ``Scheduler.commit``: the step was launched before the previous step's tokens were known
+    committed: bool = False
 
     @property
     def entries(self) -> list[ScheduledEntry]:
@@ -113,6 +122,11 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.prefills and not self.decodes
+
+    def drop_finished(self) -> None:
+        """Forget the entries of requests that finished since ``schedule()`` (before anything was launched)."""
+        self.prefills = [e for e in self.prefills if not e.request.is_finished]
+        self.decodes = [e for e in self.decodes if not e.request.is_finished]
 
 
 @dataclass
@@ -205,6 +219,9 @@ class Scheduler:
         return self.requests.get(request_id)
 
     def _retire(self, request: Request, reason: str, stop_reason: int | str | None) -> None:
+        outputs = request.output_token_ids
+        while outputs and outputs[-1] == PLACEHOLDER_TOKEN:  # tokens still in flight are dropped
+            outputs.pop()
         request.finish(reason, stop_reason)
         self.block_manager.free(request)
         if request in self.running:
@@ -231,6 +248,8 @@ class Scheduler:
             if budget == 0:
                 break
             if request.status is not RequestStatus.RUNNING:  # preempted earlier in this step
+                continue
+            if self._stops_by_length(request):  # its in-flight token is its last
                 continue
             num_new = request.num_pending_tokens
             if num_new > budget:
@@ -276,6 +295,22 @@ class Scheduler:
         start = request.num_computed_tokens
         return ScheduledEntry(request, num_new, start, sample=start + num_new == request.num_tokens)
 
+    def commit(self, output: SchedulerOutput) -> None:
+        """The step is launched: advance computed tokens and give each sampling entry a placeholder output."""
+        for entry in output.entries:
+            request = entry.request
+            request.num_computed_tokens += entry.num_new_tokens
+            if entry.sample:
+                request.output_token_ids.append(PLACEHOLDER_TOKEN)
+        output.committed = True
+
+    def _stops_by_length(self, request: Request) -> bool:
+        """Whether the request's in-flight tokens already reach its length limits."""
+        if not request.output_token_ids or request.output_token_ids[-1] != PLACEHOLDER_TOKEN:
+            return False
+        max_tokens = request.sampling_params.max_tokens
+        return (max_tokens is not None and request.num_output_tokens >= max_tokens) or request.num_tokens >= self.max_len
+
     def _preempt(self, request: Request) -> None:
         self.block_manager.free(request)
         request.num_computed_tokens = 0
@@ -289,38 +324,50 @@ class Scheduler:
         """Record a step's results; return the requests that finished (including aborts since last update).
 
         ``sampled_token_ids[request_id]``: the token(s) sampled for each entry with ``sample=True``.
-        Entries whose request was aborted or finished after ``schedule()`` are ignored.
+        Entries whose request was aborted or finished after ``schedule()`` are ignored. For a committed step the
+        tokens replace the entries' placeholders (also for a request preempted meanwhile).
         """
         finished, self._aborted = self._aborted, []
         bm = self.block_manager
         for entry in output.entries:
             request = entry.request
-            if request.status is not RequestStatus.RUNNING:
+            if output.committed:
+                if request.is_finished:
+                    continue
+            elif request.status is not RequestStatus.RUNNING:
                 continue
-            request.num_computed_tokens += entry.num_new_tokens
-            bm.mark_computed(request)
+            else:
+                request.num_computed_tokens += entry.num_new_tokens
+            if request.status is RequestStatus.RUNNING:
+                bm.mark_computed(request)
             if not entry.sample:
                 continue
             token_ids = sampled_token_ids.get(request.request_id)
             if not token_ids:
-                raise ValueError(
-                    f"update(): no sampled token for request {request.request_id!r}, which sampled"
-                )
-            for token_id in token_ids:
-                request.output_token_ids.append(token_id)
-                stop = self._check_stop(request)
+                raise ValueError(f"update(): no sampled token for request {request.request_id!r}, which sampled")
+            index = entry.start_pos + entry.num_new_tokens - request.num_prompt_tokens  # of the token in outputs
+            for offset, token_id in enumerate(token_ids):
+                position = index + offset
+                if output.committed:
+                    request.output_token_ids[position] = token_id
+                else:
+                    request.output_token_ids.append(token_id)
+                stop = self._check_stop(request, position)
                 if stop is not None:
+                    del request.output_token_ids[position + 1 :]
                     self._retire(request, *stop)
                     finished.append(request)
                     break
+            if output.committed and request.status is RequestStatus.RUNNING:
+                bm.mark_computed(request)  # blocks that filled up with the now-known token
         self._last_finished = {r.request_id: r for r in finished}
         return finished
 
-    def _check_stop(self, request: Request) -> tuple[str, int | None] | None:
-        """``(finish_reason, stop_reason)`` if the request's last token ends it, else None."""
+    def _check_stop(self, request: Request, index: int) -> tuple[str, int | None] | None:
+        """``(finish_reason, stop_reason)`` if output token ``index`` ends the request, else None."""
         params = request.sampling_params
-        num_output = request.num_output_tokens
-        token_id = request.output_token_ids[-1]
+        num_output = index + 1
+        token_id = request.output_token_ids[index]
         if num_output >= params.min_tokens:
             if not params.ignore_eos and token_id in request.eos_token_ids:
                 return "stop", None
@@ -328,7 +375,7 @@ class Scheduler:
                 return "stop", token_id
         if params.max_tokens is not None and num_output >= params.max_tokens:
             return "length", None
-        if request.num_tokens >= self.max_len:
+        if request.num_prompt_tokens + num_output >= self.max_len:
             return "length", None
         return None
 

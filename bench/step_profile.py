@@ -1,0 +1,76 @@
+"""Per-step time breakdown of the engine on the GPU: where offline throughput goes.
+
+Wraps ``runner.execute`` with CUDA events, so each step's device time (model forward) is known next to its
+wall time; steps are grouped by kind (decode-only, prefill-only, mixed) and size.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import torch
+
+
+class StepProfiler:
+    def __init__(self, engine, trace_from: int | None = None, trace_steps: int = 6):
+        self.engine = engine
+        self.trace_from, self.trace_steps = trace_from, trace_steps
+        self.trace_table: str | None = None
+        self._profiler = None
+        self._index = 0
+        self.records: list[tuple[str, int, int, float, float]] = []  # kind, prefill tokens, decodes, wall, gpu
+        self._original_step = engine.step
+        self._original_execute = engine.runner.execute
+        self._last = None
+        engine.runner.execute = self._execute
+        engine.step = self._step
+
+    def _execute(self, prefills, decodes):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = self._original_execute(prefills, decodes)
+        end.record()
+        kind = "decode" if not prefills else ("prefill" if not decodes else "mixed")
+        self._last = (kind, sum(p.num_new_tokens for p in prefills), len(decodes), start, end)
+        return out
+
+    def _step(self):
+        self._last = None
+        if self.trace_from is not None and self._index == self.trace_from:
+            self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            self._profiler.__enter__()
+        t0 = time.perf_counter()
+        out = self._original_step()
+        self._index += 1
+        if self._profiler is not None and self._index == self.trace_from + self.trace_steps:
+            self._profiler.__exit__(None, None, None)
+            self.trace_table = self._profiler.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+            self._profiler = None
+        wall = (time.perf_counter() - t0) * 1e3
+        if self._last is not None:
+            kind, ptok, ndec, start, end = self._last
+            end.synchronize()
+            self.records.append((kind, ptok, ndec, wall, start.elapsed_time(end)))
+        return out
+
+    def detach(self) -> None:
+        self.engine.step = self._original_step
+        self.engine.runner.execute = self._original_execute
+
+    def summary(self) -> list[dict]:
+        groups: dict[tuple, list] = defaultdict(list)
+        for kind, ptok, ndec, wall, gpu in self.records:
+            size = ndec if kind == "decode" else ptok
+            bucket = 1 << max(0, (size - 1).bit_length()) if size else 0
+            groups[(kind, bucket)].append((wall, gpu, ndec, ptok))
+        rows = []
+        for (kind, bucket), items in sorted(groups.items()):
+            n = len(items)
+            rows.append({
+                "kind": kind, "size<=": bucket, "steps": n,
+                "wall_ms": sum(i[0] for i in items) / n, "gpu_ms": sum(i[1] for i in items) / n,
+                "decodes": sum(i[2] for i in items) / n, "prefill_tokens": sum(i[3] for i in items) / n,
+                "total_wall_s": sum(i[0] for i in items) / 1e3,
+            })
+        return rows
