@@ -14,7 +14,6 @@ import torch
 from torch.fx import GraphModule
 
 from ..config import AutoDeployConfig
-from ..distributed import min_across_ranks
 from ..transforms import SharedContext
 from .kv_cache import allocate_kv_cache, num_blocks_for
 from .model_runner import ModelRunner, StepEntry
@@ -75,7 +74,6 @@ def build_runner(
     free = measure_free_memory(gm, ctx, config, max_seq_len) if ctx.device.type == "cuda" else None
     wanted_tokens = config.max_batch_size * max_seq_len
     num_blocks = num_blocks_for(ctx.cache, config.kv_cache, ctx.device, wanted_tokens, free)
-    num_blocks = min_across_ranks(num_blocks)  # tensor parallel: one scheduler's block ids must fit every rank
     caches = allocate_kv_cache(ctx.cache, config.kv_cache, num_blocks, ctx.device)
     runner = _make_runner(gm, ctx, config, caches, max_seq_len)
     if ctx.device.type == "cuda":
