@@ -123,9 +123,7 @@ def main() -> None:
         return
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    profiler = (
-        StepProfiler(engine, trace_from=args.trace_from) if args.profile_steps and torch.cuda.is_available() else None
-    )
+    profiler = StepProfiler(engine, trace_from=args.trace_from) if args.profile_steps else None
     r = run_engine_bench(engine, synthetic_requests(args.num_requests, 128, 128, vocab, seed=4), 0, name="offline")
     if profiler is not None:
         profiler.detach()

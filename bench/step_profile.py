@@ -12,6 +12,29 @@ from collections import defaultdict
 import torch
 
 
+class _Timer:
+    """A CUDA event on GPU machines, a host clock elsewhere (so the profiler also runs in CPU smoke tests)."""
+
+    def __init__(self):
+        self.event = torch.cuda.Event(enable_timing=True) if torch.cuda.is_available() else None
+        self.t = 0.0
+
+    def record(self) -> None:
+        if self.event is not None:
+            self.event.record()
+        else:
+            self.t = time.perf_counter()
+
+    def synchronize(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+
+    def elapsed_time(self, end: "_Timer") -> float:
+        if self.event is not None:
+            return self.event.elapsed_time(end.event)
+        return (end.t - self.t) * 1e3
+
+
 class StepProfiler:
     def __init__(self, engine, trace_from: int | None = None, trace_steps: int = 6):
         self.engine = engine
@@ -26,10 +49,10 @@ class StepProfiler:
         engine.runner.execute = self._execute
         engine.step = self._step
 
-    def _execute(self, prefills, decodes):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    def _execute(self, prefills, decodes, *args, **kwargs):
+        start, end = _Timer(), _Timer()
         start.record()
-        out = self._original_execute(prefills, decodes)
+        out = self._original_execute(prefills, decodes, *args, **kwargs)
         end.record()
         kind = "decode" if not prefills else ("prefill" if not decodes else "mixed")
         self._last = (kind, sum(p.num_new_tokens for p in prefills), len(decodes), start, end)
@@ -38,14 +61,16 @@ class StepProfiler:
     def _step(self):
         self._last = None
         if self.trace_from is not None and self._index == self.trace_from:
-            self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            activity = "CUDA" if torch.cuda.is_available() else "CPU"
+            self._profiler = torch.profiler.profile(activities=[getattr(torch.profiler.ProfilerActivity, activity)])
             self._profiler.__enter__()
         t0 = time.perf_counter()
         out = self._original_step()
         self._index += 1
         if self._profiler is not None and self._index == self.trace_from + self.trace_steps:
             self._profiler.__exit__(None, None, None)
-            self.trace_table = self._profiler.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+            key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+            self.trace_table = self._profiler.key_averages().table(sort_by=key, row_limit=25)
             self._profiler = None
         wall = (time.perf_counter() - t0) * 1e3
         if self._last is not None:

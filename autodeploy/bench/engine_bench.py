@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -25,7 +26,7 @@ def run_engine_bench(
     limit = concurrency or len(requests)
     pending = deque(enumerate(requests))
     times: dict[str, RequestTimes] = {}
-    in_flight: set[str] = set()
+    in_flight: dict[str, Any] = {}
     bar = tqdm(total=len(requests), desc=f"bench {name}", unit="req", disable=None)
     start = time.perf_counter()
     while pending or in_flight:
@@ -34,15 +35,18 @@ def run_engine_bench(
             params = SamplingParams(temperature=temperature, max_tokens=req.output_len, ignore_eos=True)
             state = engine.add_request(req.prompt_token_ids, params, request_id=f"bench-{i}")
             times[state.request_id] = RequestTimes(arrival=time.perf_counter())
-            in_flight.add(state.request_id)
+            in_flight[state.request_id] = state
         outputs = engine.step()
         now = time.perf_counter()
         for request_id, tokens in engine.last_sampled.items():
             times[request_id].token_times.extend([now] * len(tokens))
         for out in outputs:
             if out.finished:
-                in_flight.discard(out.request_id)
+                in_flight.pop(out.request_id, None)
                 bar.update(1)
+        failed = next((s for s in in_flight.values() if s.error is not None), None)
+        if failed is not None:  # a failed step: stop at once instead of waiting for outputs that never come
+            raise RuntimeError(f"benchmark request {failed.request_id} failed") from failed.error
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
