@@ -190,6 +190,7 @@ class Engine:
         published step to them (benchmarks, metrics).
         """
         with self._lock:
+            self.last_sampled = {}
             out = self.scheduler.schedule()
             previous, self._inflight = self._inflight, None
             outputs: list[RequestOutput] = []
@@ -292,7 +293,7 @@ class Engine:
             if state is not None:
                 state.on_finished(request)
                 touched[state.request_id] = state
-        self.last_sampled = sampled
+        self.last_sampled.update(sampled)
         outputs = []
         for state in touched.values():  # only streams and finished requests need an output object now
             if state.sink is not None or state.finished:

@@ -70,7 +70,7 @@ def default_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> A
 
 
 # ---- kernels ----------------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["n_kv"])
 def _kv_write_kernel(
     k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
@@ -185,7 +185,7 @@ def _finish(acc, m_i, l_i, sinks_ptr, head, row_ok, HAS_SINKS: tl.constexpr):
     return acc / l_i[:, None]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "window"])  # per-step values: no recompiles
 def _prefill_kernel(
     q_ptr, kc_ptr, vc_ptr, o_ptr,
     seq_lens_ptr, cu_ptr, cache_lens_ptr, pt_ptr, sinks_ptr, alibi_ptr,
@@ -280,7 +280,7 @@ def _prefill_kernel(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["first_seq", "num_splits"])  # per-step values: no recompiles
 def _decode_kernel(
     q_ptr, kc_ptr, vc_ptr, o_ptr, part_acc_ptr, part_ml_ptr,
     seq_lens_ptr, cu_ptr, cache_lens_ptr, pt_ptr, sinks_ptr, alibi_ptr,
@@ -352,7 +352,7 @@ def _decode_kernel(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["first_seq", "num_splits"])
 def _decode_reduce_kernel(
     part_acc_ptr, part_ml_ptr, o_ptr, seq_lens_ptr, cu_ptr, sinks_ptr,
     first_seq, num_splits, n_q, stride_ot, stride_oh,
