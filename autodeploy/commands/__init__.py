@@ -26,4 +26,5 @@ COMMANDS = {
     "run": _Lazy("autodeploy.commands.run"),
     "inspect": _Lazy("autodeploy.commands.inspect"),
     "bench": _Lazy("autodeploy.bench.cli"),
+    "serve": _Lazy("autodeploy.serve.cli"),
 }

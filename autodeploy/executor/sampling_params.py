@@ -101,6 +101,8 @@ class SamplingParams:
             setattr(self, name, value)
         if self.seed is not None:
             self.seed = _as_int("seed", self.seed)
+            if not -(2**63) <= self.seed < 2**63:  # torch generators take 64 bits; a bigger seed fails the step
+                raise RequestError(f"seed must be a 64-bit integer in [-2**63, 2**63), got {self.seed}")
         if self.max_tokens is not None:
             self.max_tokens = _as_int("max_tokens", self.max_tokens)
             if self.max_tokens < 1:
