@@ -14,3 +14,4 @@ from . import fuse_parallel_linears  # noqa: F401
 from . import fuse_glu  # noqa: F401
 from . import fuse_add_rmsnorm  # noqa: F401
 from . import fuse_rope  # noqa: F401
+from . import fuse_moe  # noqa: F401

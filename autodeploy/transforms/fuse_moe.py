@@ -1,0 +1,64 @@
+"""``fuse_moe``: every mixture-of-experts block runs on the chosen kernel backend.
+
+Matches: every ``autodeploy::torch_moe`` (what export routing or ``match_moe`` made of the experts). Emits its
+backend twin with the same arguments: ``triton_moe`` (sorted/aligned routing, two grouped GEMMs with the
+activation, biases and routing weight fused, a deterministic top-k sum; ``custom_ops/triton/moe.py``) when the
+backend is ``triton`` or ``auto`` on CUDA; on ``torch`` (``auto`` on CPU) the reference stays. The router and
+shared experts (a dense MLP beside the experts, as in Qwen2-MoE) stay as the model wrote them.
+After ``shard_moe`` (sharding runs before fusion) the op's arguments are this rank's share and the swap is the
+same: expert mode leaves ``E / N`` local experts and shifted ids, the other ranks' experts falling outside
+``[0, E / N)``, which the kernel skips like the reference; tensor mode leaves every expert's slice of the
+intermediate size (any weight strides are read in place).
+
+Limits: the Triton kernel takes bf16, fp16 or fp32 weights in the activations' dtype; a ``torch_moe`` with
+anything else stays (listed in ``details["kept"]``). The torch reference syncs with the host per expert, so a
+graph that keeps it cannot be captured in CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule, Node
+
+from ..custom_ops.kernel_backends import KernelBackend, kernel_op
+from .base import SharedContext, Transform, TransformConfig, TransformInfo, TransformRegistry
+from .graph import find_nodes, node_val
+
+TORCH_MOE = torch.ops.autodeploy.torch_moe.default
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+class FuseMoeConfig(TransformConfig):
+    backend: KernelBackend = "auto"
+
+
+@TransformRegistry.register("fuse_moe")
+class FuseMoe(Transform):
+    config_class = FuseMoeConfig
+    requires_shape_prop = False  # same arguments and output, only the target changes
+
+    def _apply(self, gm: GraphModule, ctx: SharedContext) -> TransformInfo:
+        nodes = find_nodes(gm, TORCH_MOE)
+        if not nodes:
+            return TransformInfo(num_matches=0, details={"backend": None})
+        op = kernel_op("torch_moe", self.config.backend, ctx.device)
+        if op is TORCH_MOE:
+            return TransformInfo(num_matches=0, details={"backend": "torch", "moe_layers": len(nodes)})
+        swapped, kept = 0, []
+        for node in nodes:
+            if _kernel_can_run(node):
+                node.target = op
+                swapped += 1
+            else:
+                kept.append(node.name)
+        details = {"backend": "triton", **({"kept": kept} if kept else {})}
+        return TransformInfo(num_matches=swapped, details=details)
+
+
+def _kernel_can_run(node: Node) -> bool:
+    """Activations and both expert weights share one dtype the kernel takes (assumed without fake values)."""
+    args = dict(zip(("x", "topk_ids", "topk_weights", "w_up", "w_down"), node.args), **node.kwargs)
+    vals = [node_val(args.get(name)) for name in ("x", "w_up", "w_down")]
+    if any(v is None for v in vals):
+        return True
+    return vals[0].dtype in KERNEL_DTYPES and all(v.dtype == vals[0].dtype for v in vals)

@@ -1,0 +1,199 @@
+"""Fused MoE on one H100 with Qwen3-30B-A3B's shapes (bf16, random weights): the layer, then the whole model.
+
+    PYTHONPATH=$PWD python3 bench/moe.py --out $OUT/moe.json   # ~4 min: kernels, then the 48-layer engine
+    python bench/moe.py --smoke --out /tmp/moe.json              # CPU, Triton interpreter, tiny shapes
+    options: --skip-kernels, --skip-e2e, --layers N (engine depth), --sweep (a few decode tile candidates)
+
+One JSON line is printed per measurement (``{"phase": ..., ...}``); ``--out`` gets all of them and the device.
+
+**Kernels** (hidden 2048, 128 experts, top-8, moe_intermediate 768; T = 1, 64, 512, 4096 tokens routed by a
+Qwen3-style router on random logits). ``triton_moe`` is checked against a float32 evaluation of ``torch_moe``
+(``rel_err``, must stay under 1e-2), then timed: ``graph_us`` = CUDA-graph replay of ``ROTATE`` layers with
+their own weights and routing (1.2 GB of experts each, so L2 holds nothing over) / ``ROTATE``, what a captured
+decode step sees; ``torch_us`` = the ``torch_moe`` reference (do_bench median, eager: it syncs per expert).
+``roof_us = max(bytes / 3.0 TB/s, FLOPs / 795 TFLOP/s)`` with bytes = the touched experts' weights + x + out.
+
+**Engine** (``moe_e2e.py``): batch-1 decode vs its roofline, 1000 x 128/128 offline, and the same engine
+with every MoE swapped back to ``torch_moe``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from dataclasses import asdict
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SMOKE = "--smoke" in sys.argv
+if SMOKE:  # before triton is imported
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
+
+import autodeploy.custom_ops  # noqa: E402,F401  (torch references)
+import autodeploy.custom_ops.triton  # noqa: E402,F401  (Triton ops)
+from autodeploy.custom_ops.triton.moe import MoeTiles, default_tiles, moe_into  # noqa: E402
+
+ops = torch.ops.autodeploy
+DEV = torch.device("cpu" if SMOKE else "cuda")
+DTYPE = torch.float32 if SMOKE else torch.bfloat16
+H, E, K, I = (64, 16, 4, 32) if SMOKE else (2048, 128, 8, 768)
+TOKENS = [1, 40] if SMOKE else [1, 64, 512, 4096]
+ROTATE = 2 if SMOKE else 4
+COPY_BPS, MMA_FLOPS = 3.0e12, 795e12  # H100 copy bandwidth (measured) and dense bf16 rate
+REL_TOL = 1e-2
+DECODE_SWEEP = [  # --sweep: decode (T = 1) tile candidates beside the default
+    MoeTiles(16, 32, 128, 4, 4, 32, 128, 4, 4),
+    MoeTiles(16, 64, 256, 4, 3, 64, 256, 4, 3),
+    MoeTiles(16, 128, 128, 4, 4, 128, 128, 4, 4),
+]
+
+
+class Results:
+    """Every measurement as one printed JSON line; all of them (and the device) rewritten to ``path``."""
+
+    def __init__(self, path: str | None):
+        self.path, self.start = path, time.time()
+        self.doc = {"device": "cpu (interpreter)" if SMOKE else torch.cuda.get_device_name(0),
+                    "torch": torch.__version__, "triton": triton.__version__, "smoke": SMOKE, "results": []}
+
+    def elapsed(self) -> float:
+        return time.time() - self.start
+
+    def emit(self, phase: str, **fields) -> dict:
+        record = {"phase": phase, **fields, "t_s": round(self.elapsed(), 1)}
+        print(json.dumps(record, default=str), flush=True)
+        self.doc["results"].append(record)
+        if self.path:
+            with open(self.path, "w") as f:
+                json.dump(self.doc, f, indent=1, default=str)
+        return record
+
+
+def median_us(fn, rep_ms: int = 100) -> float:
+    if SMOKE:
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e6
+    return do_bench(fn, warmup=10, rep=rep_ms, return_mode="median") * 1e3
+
+
+def make_layer() -> tuple[torch.Tensor, torch.Tensor]:
+    w_up = (torch.randn(E, 2 * I, H, device=DEV) * H**-0.5).to(DTYPE)  # [E, 2I, H]: gate rows, then up rows
+    w_down = (torch.randn(E, H, I, device=DEV) * I**-0.5).to(DTYPE)  # [E, H, I]
+    return w_up, w_down
+
+
+def route(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3's router on random logits: softmax, top-k, renormalised, in the model dtype."""
+    weights, ids = torch.randn(tokens, E, device=DEV).softmax(-1).topk(K, -1)
+    return ids, (weights / weights.sum(-1, keepdim=True)).to(DTYPE)
+
+
+def moe_args(x, ids, weights, layer) -> tuple:
+    return (x, ids, weights, layer[0], layer[1], None, None, "silu", True, False, None, None)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if torch.isnan(out).any():
+        return math.inf
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def bench_tokens(tokens: int, layers: list, tiles: MoeTiles | None = None, reference: bool = True) -> dict:
+    """Check and time ``triton_moe`` on ``tokens`` tokens; ``layers`` rotate inside the captured graph."""
+    x = torch.randn(tokens, H, device=DEV).to(DTYPE)
+    routes = [route(tokens) for _ in layers]
+    args = moe_args(x, *routes[0], layers[0])
+    out = torch.full_like(x, float("nan"))
+    moe_into(out, *args, tiles=tiles)
+    truth = ops.torch_moe(*(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                            for a in args))
+    row = {"T": tokens, "rel_err": rel_err(out, truth)}
+    row["ok"] = row["rel_err"] < REL_TOL
+    del truth
+    outs = [torch.empty_like(x) for _ in layers]
+
+    def run_all() -> None:
+        for o, (ids, w), layer in zip(outs, routes, layers):
+            moe_into(o, *moe_args(x, ids, w, layer), tiles=tiles)
+
+    if SMOKE:
+        row["graph_us"] = median_us(run_all) / len(layers)
+    else:
+        row["graph_us"] = do_bench_cudagraph(run_all, rep=50, return_mode="median") * 1e3 / len(layers)
+    if reference:
+        row["torch_us"] = median_us(lambda: ops.torch_moe(*args))
+        row["speedup_vs_torch"] = row["torch_us"] / row["graph_us"]
+    active = sum(ids.unique().numel() for ids, _ in routes) / len(routes)
+    nbytes = active * 3 * H * I * DTYPE.itemsize + 2 * tokens * H * DTYPE.itemsize + tokens * K * 10
+    flops = 2.0 * tokens * K * 3 * H * I
+    row["active_experts"] = active
+    row["roof_us"] = max(nbytes / COPY_BPS, flops / MMA_FLOPS) * 1e6
+    row["pct_roof"] = 100 * row["roof_us"] / row["graph_us"]
+    row["bound"] = "memory" if nbytes / COPY_BPS > flops / MMA_FLOPS else "compute"
+    row["tiles"] = asdict(tiles or default_tiles(tokens * K, E, DTYPE, DEV))
+    return row
+
+
+def kernels(results: Results, sweep: bool) -> bool:
+    layers = [make_layer() for _ in range(ROTATE)]
+    ok = True
+    for tokens in TOKENS:
+        try:
+            row = bench_tokens(tokens, layers)
+            ok &= row["ok"]
+            results.emit("kernel", **row)
+        except Exception:  # noqa: BLE001
+            ok = False
+            results.emit("kernel", T=tokens, error=traceback.format_exc(limit=4))
+    for tiles in DECODE_SWEEP if sweep else []:
+        try:
+            results.emit("kernel_sweep", **bench_tokens(1, layers, tiles, reference=False))
+        except Exception as e:  # noqa: BLE001
+            results.emit("kernel_sweep", T=1, tiles=asdict(tiles), error=f"{type(e).__name__}: {e}"[:300])
+    del layers
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return ok
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, tiny shapes")
+    parser.add_argument("--out", default=None, help="JSON file for every measurement")
+    parser.add_argument("--skip-kernels", action="store_true")
+    parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="also time a few decode tile candidates")
+    parser.add_argument("--layers", type=int, default=None, help="num_hidden_layers of the engine (48)")
+    parser.add_argument("--num-requests", type=int, default=1000)
+    parser.add_argument("--ref-requests", type=int, default=256, help="one full batch for the torch_moe run")
+    parser.add_argument("--max-batch-size", type=int, default=256)
+    parser.add_argument("--max-num-tokens", type=int, default=8192)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    results = Results(args.out)
+    ok = True
+    if not args.skip_kernels:
+        ok &= kernels(results, args.sweep)
+    if not args.skip_e2e:
+        from moe_e2e import run_e2e
+
+        try:
+            ok &= run_e2e(args, results.emit, SMOKE)
+        except Exception:  # noqa: BLE001
+            ok = False
+            results.emit("e2e", error=traceback.format_exc(limit=6))
+    results.emit("done", ok=ok, total_s=round(results.elapsed(), 1))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
