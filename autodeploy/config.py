@@ -38,6 +38,15 @@ class ExportConfig(BaseModel):
     disabled_patches: list[str] = Field(default_factory=list)
 
 
+class TorchCompileConfig(BaseModel):
+    """``torch.compile`` of the non-attention glue of the cached graph (``executor/compile_glue.py``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = False
+    backend: Literal["inductor", "aot_eager"] = "inductor"
+    mode: str | None = None  # an Inductor mode, e.g. "max-autotune-no-cudagraphs"
+
+
 class AutoDeployConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -54,6 +63,7 @@ class AutoDeployConfig(BaseModel):
     kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig)
     attn_backend: Literal["auto", "torch", "triton", "flashinfer"] = "auto"
     cuda_graphs: bool = True
+    torch_compile: TorchCompileConfig = Field(default_factory=TorchCompileConfig)
     async_scheduling: bool = True
     quantize: Literal[None, "fp8", "int8_weight_only", "int4_weight_only"] = None
     tensor_parallel_size: int = Field(1, ge=1)

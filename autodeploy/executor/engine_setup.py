@@ -15,6 +15,7 @@ from torch.fx import GraphModule
 
 from ..config import AutoDeployConfig
 from ..transforms import SharedContext
+from .compile_glue import compile_glue
 from .kv_cache import allocate_kv_cache, num_blocks_for
 from .model_runner import ModelRunner, StepEntry
 
@@ -76,6 +77,8 @@ def build_runner(
     num_blocks = num_blocks_for(ctx.cache, config.kv_cache, ctx.device, wanted_tokens, free)
     caches = allocate_kv_cache(ctx.cache, config.kv_cache, num_blocks, ctx.device)
     runner = _make_runner(gm, ctx, config, caches, max_seq_len)
+    if config.torch_compile.enabled:
+        runner.gm = compile_glue(gm, config.torch_compile)
     if ctx.device.type == "cuda":
         warm_up(runner, config, max_seq_len)
     if config.cuda_graphs:
