@@ -34,9 +34,15 @@ def optimize(
     """Build an engine for ``model`` (a ``PreTrainedModel``, checkpoint folder, GGUF, ``config.json`` or None).
 
     Keyword overrides are config keys, plain or dotted (``max_batch_size=8``,
-    ``**{"transforms.match_rope.enabled": False}``).
+    ``**{"transforms.match_rope.enabled": False}``). With ``tensor_parallel_size=N > 1`` the graph is sharded over
+    N ranks: N-1 worker processes are started here (one per GPU), or, under ``torchrun``, every process calls this
+    and only rank 0 returns (see ``executor/tensor_parallel.py``). ``engine.shutdown()`` stops the workers.
     """
     config = config or build_config(overrides)
+    if config.tensor_parallel_size > 1:  # rank 0's engine; the other ranks are spawned (or joined under torchrun)
+        from .executor.tensor_parallel import optimize_tensor_parallel
+
+        return optimize_tensor_parallel(model, tokenizer, config, progress)
     say = progress or (lambda message: None)
     factory = ModelFactory(
         model,
@@ -46,6 +52,8 @@ def optimize(
         tokenizer=tokenizer if tokenizer is not None else config.tokenizer,
         trust_remote_code=config.trust_remote_code,
     )
+    if factory.random_weights:
+        torch.manual_seed(config.seed)  # reproducible random weights (tensor-parallel ranks draw the same)
     say(f"Exporting and transforming {factory.source.name}")
     gm, ctx = export_and_transform(factory, config)
     say("Allocating the KV cache" + (" and capturing CUDA graphs" if config.cuda_graphs else ""))
@@ -63,6 +71,10 @@ class LLM:
     @property
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
+
+    def shutdown(self) -> None:
+        """Stop the engine; with ``tensor_parallel_size > 1`` also its worker ranks."""
+        self.engine.shutdown()
 
     def generate(
         self,

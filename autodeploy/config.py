@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .errors import ConfigError
 
 DEFAULT_CONFIG = "default.yaml"
+SHARDING_TRANSFORMS = ("detect_sharding", "shard_attention", "shard_mlp", "shard_moe", "shard_vocab")
 
 
 class KVCacheConfig(BaseModel):
@@ -129,4 +130,8 @@ def build_config(
     cached = config.transforms.get("insert_cached_attention")
     if cached is not None:
         cached.setdefault("backend", config.attn_backend)
+    for name in SHARDING_TRANSFORMS:  # on only for tensor parallelism, unless a key says otherwise
+        sharding = config.transforms.get(name)
+        if sharding is not None:
+            sharding.setdefault("enabled", config.tensor_parallel_size > 1)
     return config

@@ -61,3 +61,26 @@ class KVCacheExhaustedError(AutoDeployError):
 
 class RequestAbortedError(AutoDeployError):
     """The request was aborted (client disconnect or explicit cancel)."""
+
+
+class DistributedError(AutoDeployError):
+    """Tensor-parallel ranks could not start, lost each other, or could not agree."""
+
+
+class WorkerError(DistributedError):
+    """A tensor-parallel rank other than 0 failed; ``rank``, ``error_type`` and ``remote_traceback`` say how."""
+
+    def __init__(
+        self,
+        what: str,
+        *,
+        rank: int,
+        error_type: str,
+        remote_traceback: str = "",
+        where: str | None = None,
+        hint: str | None = None,
+    ):
+        self.rank = rank
+        self.error_type = error_type
+        self.remote_traceback = remote_traceback
+        super().__init__(what, where=where, hint=hint)

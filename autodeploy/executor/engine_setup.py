@@ -14,6 +14,7 @@ import torch
 from torch.fx import GraphModule
 
 from ..config import AutoDeployConfig
+from ..distributed import min_across_ranks
 from ..transforms import SharedContext
 from .compile_glue import compile_glue
 from .kv_cache import allocate_kv_cache, num_blocks_for
@@ -75,6 +76,8 @@ def build_runner(
     free = measure_free_memory(gm, ctx, config, max_seq_len) if ctx.device.type == "cuda" else None
     wanted_tokens = config.max_batch_size * max_seq_len
     num_blocks = num_blocks_for(ctx.cache, config.kv_cache, ctx.device, wanted_tokens, free)
+    if ctx.world_size > 1:  # tensor parallel: one scheduler's block ids must fit every rank
+        num_blocks = min_across_ranks(num_blocks)
     caches = allocate_kv_cache(ctx.cache, config.kv_cache, num_blocks, ctx.device)
     runner = _make_runner(gm, ctx, config, caches, max_seq_len)
     if config.torch_compile.enabled:

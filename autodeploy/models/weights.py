@@ -1,9 +1,12 @@
 """Streaming safetensors weights into a (transformed) module whose parameters are still on the meta device.
 
 Tensors are read one at a time (``safe_open``), cast and placed on the target device, so peak host memory
-stays near one tensor. A module may register ``_autodeploy_weight_hooks`` — a dict from parameter name to a
+stays near one tensor. A module may register ``_autodeploy_weight_hooks`` — a dict from checkpoint key to a
 function ``(full_tensor) -> tensor_for_this_module`` — so transforms that reshape parameters (sharding,
-quantization) receive the checkpoint tensor and store their own form of it.
+quantization) receive the checkpoint tensor and store their own form of it. A hooked tensor arrives as stored
+and the hook's result is cast to the dtype of the (meta) parameter it fills, so fp8 codes and float32 scales
+stay exact; a hook's key need not name a parameter of the module, and a hook may return
+``{parameter name: tensor}`` to fill several parameters (a weight and its scale) at once.
 """
 
 from __future__ import annotations
@@ -35,6 +38,44 @@ def _checkpoint_files(folder: Path) -> list[Path]:
     return files
 
 
+WeightHook = Callable[[torch.Tensor], "torch.Tensor | dict[str, torch.Tensor]"]
+
+
+def _apply_hook(
+    hooks: dict[str, WeightHook],
+    key: str,
+    tensor: torch.Tensor,
+    dtype: torch.dtype,
+    targets: dict[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """``{parameter name: tensor}`` for one checkpoint tensor: the tensor cast to ``dtype``, or the hook's result
+    with each floating tensor cast to the dtype of its ``targets`` entry (the meta parameter it fills)."""
+    hook = hooks.get(key)
+    if hook is None:
+        return {key: tensor.to(dtype) if tensor.is_floating_point() else tensor}
+    result = hook(tensor)
+    result = result if isinstance(result, dict) else {key: result}
+    out = {}
+    for name, value in result.items():
+        target = targets.get(name)
+        if target is not None and value.is_floating_point() and target.is_floating_point():
+            value = value.to(target.dtype)
+        out[name] = value
+    return out
+
+
+def checkpoint_tensor_names(folder: Path) -> set[str]:
+    """Every tensor name stored in the safetensors checkpoint ``folder`` (headers only)."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return set(json.loads(index.read_text())["weight_map"])
+    names: set[str] = set()
+    for path in _checkpoint_files(folder):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            names.update(f.keys())
+    return names
+
+
 def _set_tensor(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
     owner_name, _, attr = name.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
@@ -63,7 +104,7 @@ def load_safetensors_into(
         for name, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers()]
         if t.is_meta
     }
-    hooks: dict[str, Callable[[torch.Tensor], torch.Tensor]] = getattr(module, WEIGHT_HOOKS_ATTR, {})
+    hooks: dict[str, WeightHook] = getattr(module, WEIGHT_HOOKS_ATTR, {})
     for name, tensor in (known or {}).items():
         if name in wanted:
             _set_tensor(module, name, tensor.to(device))
@@ -74,17 +115,14 @@ def load_safetensors_into(
         for path in files:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for key in f.keys():
-                    if key not in wanted:
+                    if key not in wanted and key not in hooks:
                         continue
-                    tensor = f.get_tensor(key)
-                    if tensor.is_floating_point():
-                        tensor = tensor.to(dtype)
-                    if key in hooks:
-                        tensor = hooks[key](tensor)
-                    _set_tensor(module, key, tensor.to(device))
-                    del wanted[key]
+                    filled = _apply_hook(hooks, key, f.get_tensor(key), dtype, wanted)
+                    for name, tensor in filled.items():
+                        _set_tensor(module, name, tensor.to(device))
+                        if wanted.pop(name, None) is not None:
+                            bar.update(1)
                     loaded += 1
-                    bar.update(1)
     for name, source in (tied or {}).items():
         if name in wanted:
             _set_tensor(module, name, module.get_parameter(source))
@@ -96,15 +134,13 @@ def fill_from_state_dict(
     module: torch.nn.Module, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
 ) -> int:
     """Fill the meta tensors of ``module`` from an in-memory state dict (same names). Returns the count."""
-    hooks: dict[str, Callable[[torch.Tensor], torch.Tensor]] = getattr(module, WEIGHT_HOOKS_ATTR, {})
+    hooks: dict[str, WeightHook] = getattr(module, WEIGHT_HOOKS_ATTR, {})
     filled = 0
-    for name, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers()]:
-        if t.is_meta and name in state:
-            tensor = state[name].to(dtype) if state[name].is_floating_point() else state[name]
-            if name in hooks:
-                tensor = hooks[name](tensor)
+    meta = {n: t for n, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers()] if t.is_meta}
+    for key in [k for k in state if k in meta or k in hooks]:
+        for name, tensor in _apply_hook(hooks, key, state[key], dtype, meta).items():
             _set_tensor(module, name, tensor.to(device))
-            filled += 1
+        filled += 1
     return filled
 
 

@@ -81,7 +81,8 @@ class SharedContext:
     """What transforms may know about the world beyond their config.
 
     ``factory`` builds the model and loads weights; ``cache`` describes the paged KV cache once the cache stage
-    has set it up; ``device``/``dtype`` are where and in what precision the engine runs; ``extras`` is for
+    has set it up; ``device``/``dtype`` are where and in what precision the engine runs; ``rank``/``world_size``
+    place this process in the tensor-parallel group (the sharding stage reads them); ``extras`` is for
     user transforms.
     """
 
@@ -90,6 +91,8 @@ class SharedContext:
     factory: Any = None
     cache: Any = None
     runtime: Any = None
+    rank: int = 0
+    world_size: int = 1
     extras: dict[str, Any] = field(default_factory=dict)
 
 

@@ -7,11 +7,21 @@ device. Emits no ops; a parameter left on the meta device afterwards is an error
 
 from __future__ import annotations
 
+import torch
 from torch.fx import GraphModule
 
 from ..errors import ModelLoadError
 from .base import SharedContext, Transform, TransformInfo, TransformRegistry
-from .graph import set_graph_device
+from .graph import node_val, placeholders, set_graph_device
+
+
+def _move_placeholder_vals(gm: GraphModule, device: torch.device) -> None:
+    """The graph's example inputs follow the weights (a graph exported on meta would fail later shape props)."""
+    for node in placeholders(gm):
+        val = node_val(node)
+        if isinstance(val, torch.Tensor) and hasattr(val, "fake_mode") and val.device != device:
+            with val.fake_mode:
+                node.meta["val"] = val.to(device)
 
 
 @TransformRegistry.register("load_weights")
@@ -29,4 +39,5 @@ class LoadWeights(Transform):
             )
         gm.to(ctx.device)
         retargeted = set_graph_device(gm, ctx.device)
+        _move_placeholder_vals(gm, ctx.device)
         return TransformInfo(num_matches=0, details={"loaded": loaded, "device_literals_retargeted": retargeted})

@@ -1,0 +1,34 @@
+"""Tensor parallelism on ``torch.distributed``: process groups, collectives as graph ops, launching ranks.
+
+- ``process_group``: who this process is (``DistInfo``), joining the model (NCCL/gloo) and control (gloo) groups,
+  torchrun detection, small host-side agreements (``min_across_ranks``, ``all_gather_objects``);
+- ``collectives``: ``autodeploy::all_reduce`` and ``autodeploy::all_gather`` (torch references over
+  ``torch.distributed``, fake kernels, CUDA-graph capturable on NCCL);
+- ``launch``: ``spawn_workers`` starts ranks ``1..N-1`` next to the calling process (rank 0);
+- ``channel`` + ``worker``: rank 0's ``RunnerProxy`` sends each step to the workers' ``serve_steps`` loops.
+
+This package sits below everything else: it knows the model runner only by its ``execute`` method.
+"""
+
+from . import collectives  # noqa: F401  (registers autodeploy::all_reduce / all_gather)
+from .process_group import (
+    DistInfo,
+    control_group,
+    current_dist_info,
+    destroy_distributed,
+    init_distributed,
+    launched_by_torchrun,
+    min_across_ranks,
+    rank_device,
+)
+
+__all__ = [
+    "DistInfo",
+    "control_group",
+    "current_dist_info",
+    "destroy_distributed",
+    "init_distributed",
+    "launched_by_torchrun",
+    "min_across_ranks",
+    "rank_device",
+]

@@ -1,0 +1,187 @@
+"""Tensor-parallel GPU benchmark: the same random-weight model at TP=1 and TP=2 in one invocation.
+
+    NCCL_NVLS_ENABLE=0 PYTHONPATH=$PWD python3 bench/tp.py --out tp.json      # 2 GPUs, Llama-3.1-8B shape, bf16
+    PYTHONPATH=$PWD python3 bench/tp.py --smoke --out /tmp/tp.json             # CPU, gloo, tiny Llama
+
+For each tensor-parallel size: build the engine (random weights from the same seed on every rank, built on the
+rank's GPU; each rank keeps only its shard), greedy tokens of a few prompts (with the top-2 logprobs, so a
+divergence can be told apart from a near-tie between two tokens), then batch-1 decode tokens/s (CUDA graphs,
+ITL p50 over whole requests). Then: are TP=2's greedy tokens TP=1's, and the decode speed-up (target >= 1.6x).
+Prints one JSON line per measurement and rewrites ``--out`` after each, so a run cut short keeps what it measured.
+NVLink multicast (NVLS) stays off: ``NCCL_NVLS_ENABLE=0`` is set here unless the caller set it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # before torch.distributed starts; spawned ranks inherit it
+
+import torch  # noqa: E402
+
+from autodeploy import SamplingParams, optimize  # noqa: E402
+from autodeploy.bench.engine_bench import run_engine_bench  # noqa: E402
+from autodeploy.bench.workload import synthetic_requests  # noqa: E402
+
+GPU_MODEL = "examples/configs/llama-3.1-8b/config.json"
+TARGET_SPEEDUP = 1.6
+
+
+class Results:
+    """Measurements as JSON lines on stdout and, all of them, in ``path`` (rewritten after each)."""
+
+    def __init__(self, path: str, header: dict):
+        self.path, self.rows = path, [header]
+        self.add(header, keep=False)
+
+    def add(self, row: dict, keep: bool = True) -> None:
+        if keep:
+            self.rows.append(row)
+        print(json.dumps(row), flush=True)
+        with open(self.path, "w") as f:
+            json.dump(self.rows, f, indent=2)
+
+
+def smoke_model_path() -> str:
+    """A tiny Llama ``config.json`` (4 query heads, 2 KV heads) in a temporary folder."""
+    from autodeploy.models.tiny import tiny_config
+
+    folder = tempfile.mkdtemp(prefix="autodeploy-tp-smoke-")
+    tiny_config("llama").to_json_file(os.path.join(folder, "config.json"))
+    return os.path.join(folder, "config.json")
+
+
+def engine_settings(args: argparse.Namespace, cuda: bool) -> dict:
+    settings = {
+        "dtype": "bfloat16" if cuda else "float32",
+        "random_weights": True,
+        "seed": 0,
+        "max_batch_size": 4,
+        "max_num_tokens": 2048,
+        "max_seq_len": 2048,
+        "kv_cache.max_tokens": 32768,
+        "cuda_graphs": cuda and not args.eager,
+    }
+    if args.layers is not None:
+        settings["num_hidden_layers"] = args.layers
+    return settings
+
+
+def greedy_run(engine, prompts: list[list[int]], max_tokens: int) -> list[dict]:
+    """Per prompt: the greedy tokens and, per step, the gap between the best and second-best logprob."""
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=2)
+    out = []
+    for result in engine.generate(prompts, params):
+        completion = result.outputs[0]
+        gaps = []
+        for step in completion.logprobs or []:
+            top = sorted((lp.logprob for lp in step.values()), reverse=True)
+            gaps.append(top[0] - top[1] if len(top) > 1 else float("inf"))
+        out.append({"tokens": completion.token_ids, "top2_gaps": gaps})
+    return out
+
+
+def compare_greedy(reference: list[dict], candidate: list[dict]) -> dict:
+    """Exact equality, and where a prompt diverges: the step and TP=1's top-2 logprob gap there (a near-tie
+    is bf16 rounding order, not a sharding bug)."""
+    prompts = []
+    for ref, cand in zip(reference, candidate):
+        same = 0
+        while same < min(len(ref["tokens"]), len(cand["tokens"])) and ref["tokens"][same] == cand["tokens"][same]:
+            same += 1
+        row = {"matched_tokens": same, "of": len(ref["tokens"])}
+        if same < len(ref["tokens"]):
+            row["tp1_top2_gap_at_divergence"] = ref["top2_gaps"][same] if same < len(ref["top2_gaps"]) else None
+        prompts.append(row)
+    return {"equal": all(p["matched_tokens"] == p["of"] for p in prompts), "prompts": prompts}
+
+
+def config_with_layers(model: str, layers: int) -> str:
+    """A copy of ``model`` (a config.json) with ``num_hidden_layers`` changed (a quicker run of the same shape)."""
+    with open(model) as f:
+        raw = json.load(f)
+    raw["num_hidden_layers"] = layers
+    folder = tempfile.mkdtemp(prefix="autodeploy-tp-layers-")
+    path = os.path.join(folder, "config.json")
+    with open(path, "w") as f:
+        json.dump(raw, f)
+    return path
+
+
+def run_tp(model: str, tp: int, args: argparse.Namespace, cuda: bool, results: Results) -> dict:
+    settings = engine_settings(args, cuda)
+    layers = settings.pop("num_hidden_layers", None)
+    if layers is not None:
+        model = config_with_layers(model, layers)
+    start = time.perf_counter()
+    engine = optimize(model, tensor_parallel_size=tp, **settings)
+    build_s = time.perf_counter() - start
+    results.add({"measure": "build", "tp": tp, "seconds": round(build_s, 1),
+                 "kv_cache_blocks": engine.scheduler.config.num_blocks})
+    try:
+        vocab = engine.vocab_size
+        prompts = [list(torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(7 + i)).tolist())
+                   for i, n in enumerate(args.prompt_lens)]
+        greedy = greedy_run(engine, prompts, args.greedy_tokens)
+        results.add({"measure": "greedy", "tp": tp, "tokens": [g["tokens"] for g in greedy],
+                     "min_top2_gap": min(min(g["top2_gaps"]) for g in greedy)})
+        run_engine_bench(engine, synthetic_requests(2, 64, 8, vocab, seed=1), 1, name=f"warm-up tp={tp}")
+        requests = synthetic_requests(args.decode_requests, 128, args.decode_tokens, vocab, seed=2)
+        report = run_engine_bench(engine, requests, 1, name=f"batch-1 decode tp={tp}")
+        decode = {"measure": "decode_batch1", "tp": tp, "tok_s": round(1e3 / report.itl_p50_ms, 1),
+                  "itl_p50_ms": round(report.itl_p50_ms, 3), "itl_p99_ms": round(report.itl_p99_ms, 3)}
+        results.add(decode)
+        return {"greedy": greedy, "tok_s": decode["tok_s"]}
+    finally:
+        engine.shutdown()
+        del engine
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="CPU, gloo, tiny Llama: checks the script runs")
+    parser.add_argument("--out", required=True, help="JSON file for all results")
+    parser.add_argument("--model", default=None, help=f"config.json or checkpoint (default {GPU_MODEL})")
+    parser.add_argument("--tp", type=int, default=2, help="the tensor-parallel size compared with TP=1")
+    parser.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (default: the model's)")
+    parser.add_argument("--prompt-lens", type=int, nargs="+", default=None)
+    parser.add_argument("--greedy-tokens", type=int, default=None)
+    parser.add_argument("--decode-tokens", type=int, default=None)
+    parser.add_argument("--decode-requests", type=int, default=3)
+    parser.add_argument("--eager", action="store_true", help="no CUDA graphs (to isolate a capture problem)")
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available() and not args.smoke
+    if not args.smoke and not cuda:
+        sys.exit("bench/tp.py needs CUDA GPUs (or --smoke for the CPU check)")
+    if cuda and torch.cuda.device_count() < args.tp:
+        sys.exit(f"--tp {args.tp} needs {args.tp} GPUs, {torch.cuda.device_count()} are visible")
+    model = args.model or (smoke_model_path() if args.smoke else GPU_MODEL)
+    args.prompt_lens = args.prompt_lens or ([5, 17, 40] if args.smoke else [16, 100, 300, 700])
+    args.greedy_tokens = args.greedy_tokens or (8 if args.smoke else 32)
+    args.decode_tokens = args.decode_tokens or (12 if args.smoke else 128)
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    results = Results(args.out, {"bench": "tp", "device": device, "gpus": torch.cuda.device_count() if cuda else 0,
+                                 "model": model, "tp": args.tp, "layers": args.layers,
+                                 "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE"),
+                                 "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")})
+    start = time.perf_counter()
+    base = run_tp(model, 1, args, cuda, results)
+    sharded = run_tp(model, args.tp, args, cuda, results)
+    results.add({"measure": "greedy_equal", "tp": args.tp, **compare_greedy(base["greedy"], sharded["greedy"])})
+    speedup = sharded["tok_s"] / base["tok_s"]
+    results.add({"measure": "decode_speedup", "tp": args.tp, "speedup": round(speedup, 3),
+                 "target": TARGET_SPEEDUP, "meets_target": speedup >= TARGET_SPEEDUP,
+                 "total_s": round(time.perf_counter() - start, 1)})
+
+
+if __name__ == "__main__":
+    main()
