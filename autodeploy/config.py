@@ -29,6 +29,7 @@ class KVCacheConfig(BaseModel):
     free_memory_fraction: float = Field(0.85, gt=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
     dtype: Literal["auto", "fp8"] = "auto"
+    scale: float = Field(1.0, gt=0.0)  # fp8 caches store k / scale and v / scale (per-tensor)
 
 
 class ExportConfig(BaseModel):
@@ -130,6 +131,8 @@ def build_config(
     cached = config.transforms.get("insert_cached_attention")
     if cached is not None:
         cached.setdefault("backend", config.attn_backend)
+        if config.kv_cache.dtype == "fp8":
+            cached.setdefault("kv_cache_scale", config.kv_cache.scale)
     for name in SHARDING_TRANSFORMS:  # on only for tensor parallelism, unless a key says otherwise
         sharding = config.transforms.get(name)
         if sharding is not None:

@@ -31,6 +31,10 @@ class UnsupportedArchitectureError(AutoDeployError):
     """The model has a part autodeploy cannot run (e.g. a recurrent/state-space layer)."""
 
 
+class NotDecoderOnlyTextError(UnsupportedArchitectureError):
+    """The model is not a decoder-only text model (encoder-decoder, encoder-only or multimodal)."""
+
+
 class ModelLoadError(AutoDeployError):
     """The model source (folder, config, GGUF file) could not be read."""
 

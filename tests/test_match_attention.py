@@ -34,9 +34,11 @@ def _attention_args(gm) -> list[tuple]:
     return out
 
 
-def _check_model(model, num_layers: int, softmax_per_layer: int = 0):
+def _check_model(model, num_layers: int, softmax_per_layer: int = 0, max_seq_len: int = 1 << 20):
     present = {ATTENTION: num_layers, aten.softmax.int: softmax_per_layer * num_layers}
-    gm, history = check_transforms(model, TRANSFORMS, present, GONE, disabled_patches=NO_ROUTING)
+    gm, history = check_transforms(
+        model, TRANSFORMS, present, GONE, disabled_patches=NO_ROUTING, max_seq_len=max_seq_len
+    )
     info = history["match_attention"]
     assert info.num_matches == num_layers
     assert "unmatched" not in info.details and "rejected" not in info.details, info.details
@@ -79,6 +81,38 @@ def test_bloom_alibi_is_matched():
     (slopes,) = {args[4].target for args in _attention_args(gm)}
     expected = torch.tensor([2.0 ** (-8 * (h + 1) / model.config.n_head) for h in range(model.config.n_head)])
     torch.testing.assert_close(getattr(gm, slopes), expected)
+
+
+def test_mpt_eager_alibi_is_matched():
+    """MPT adds its ALiBi bias to the scaled scores, then masked_fill: the eager form with a bias."""
+    model = tiny_model("mpt")
+    layers = model.config.n_layers
+    gm, info = _check_model(model, layers, max_seq_len=model.config.max_seq_len)  # its ALiBi table bounds it
+    assert info.details["matches_by_pattern"] == {"attention_alibi": layers}
+    heads = model.config.n_heads
+    expected = torch.tensor([2.0 ** (-8 * (h + 1) / heads) for h in range(heads)])  # MPT's alibi_bias_max = 8
+    for slopes in {args[4].target for args in _attention_args(gm)}:  # each layer slices the table anew
+        torch.testing.assert_close(getattr(gm, slopes), expected)
+
+
+@pytest.mark.parametrize(
+    "model_type, position, size",
+    [("llama4_text", 5, 8), ("gemma3_text", 1, 8), ("cohere2", 1, 8)],  # chunk_size / sliding_window
+)
+def test_routed_masks_are_folded(model_type, position, size):
+    """Routed attention carries the model's own mask; match_attention evaluates it and keeps a window or chunks.
+
+    The tiny models keep one layer of each kind (chunked/sliding and full); their masks are never looked up by the
+    layer's name, and the numbers are checked on prompts longer than the window or chunk."""
+    model = tiny_model(model_type)
+    layers = model.config.num_hidden_layers
+    gm, history = check_transforms(model, TRANSFORMS, {ATTENTION: layers})
+    info = history["match_attention"]
+    assert info.details["masks_folded"] == layers and "rejected" not in info.details
+    local = [args[position] if len(args) > position else None for args in _attention_args(gm)]
+    kinds = model.config.layer_types
+    assert local == [None if kind == "full_attention" else size for kind in kinds]
+    assert all(len(node.args) <= 9 for node in find_nodes(gm, ATTENTION))  # no mask left for the cache
 
 
 class HandWrittenLM(nn.Module):
@@ -146,6 +180,7 @@ class HandWrittenLM(nn.Module):
         ("causal", "attention_sdpa", 0.3, None),  # SDPA, bool mask, explicit scale, enable_gqa
         ("is_causal", "attention_sdpa", None, None),  # SDPA is_causal, default scale, repeat_interleave GQA
         ("window", "attention_eager", 1 / math.sqrt(7), 3),  # eager, div scale, masked_fill(-inf), repeat_kv
+        ("chunked", "attention_sdpa", 0.3, None),  # SDPA, chunked local attention (chunks of 4)
     ],
 )
 def test_hand_written_attention_with_odd_sizes(form, group, scale, window):
@@ -156,9 +191,10 @@ def test_hand_written_attention_with_odd_sizes(form, group, scale, window):
         assert node_val(node.args[0]).shape[2:] == (6, 7) and node_val(node.args[1]).shape[2:] == (2, 7)
         assert args[1] == window
         assert args[0] == pytest.approx(scale) if scale is not None else args[0] is None
+        assert (args[5] if len(args) > 5 else None) == (4 if form == "chunked" else None)
 
 
-@pytest.mark.parametrize("form", ["padding", "chunked", "scrambled"])
+@pytest.mark.parametrize("form", ["padding", "scrambled"])
 def test_non_causal_masks_are_left_alone(form):
     torch.manual_seed(0)
     sdpa = aten.scaled_dot_product_attention.default

@@ -141,6 +141,8 @@ FEATURES = {
     "alibi": dict(alibi_slopes=True),
     "all": dict(sliding_window=7, logit_cap=10.0, sinks=True, alibi_slopes=True),
     "scale": dict(scale=0.37),
+    "chunk": dict(chunk_size=6),
+    "chunk_window": dict(chunk_size=8, sliding_window=5),
 }
 
 
@@ -178,6 +180,15 @@ def test_attention_tiles_long_context(config, window):
     seqs = [(37, 26), (70, 1), (3, 1)]
     batch = _paged_batch(seqs, 1, 8, 2, 16, 4, torch.float32)
     _check_attention(batch, config=config, num_splits=5, sliding_window=window)
+
+
+@pytest.mark.parametrize("config", [SMALL_TILES, AttentionConfig(64, 16, 4, 1, 32, 4, 1)], ids=["m16n8", "m64n16"])
+@pytest.mark.parametrize("chunk_size", [5, 16, 24])
+def test_attention_chunked_local_long_context(config, chunk_size):
+    """Chunked local attention over several key tiles: chunk edges inside and on tile edges, decode included."""
+    seqs = [(37, 26), (70, 1), (3, 1), (15, 1)]
+    batch = _paged_batch(seqs, 1, 8, 2, 16, 4, torch.float32)
+    _check_attention(batch, config=config, num_splits=3, chunk_size=chunk_size)
 
 
 @pytest.mark.parametrize("config", [SMALL_TILES, None], ids=["n8", "default"])

@@ -66,9 +66,10 @@ def check_transforms(
     atol: float = 1e-4,
     rtol: float = 1e-4,
     reexport: bool = True,
+    max_seq_len: int = 1 << 20,
 ) -> tuple[GraphModule, dict[str, TransformInfo]]:
     vocab = model.config.vocab_size
-    gm = export_causal_lm(model, ExportConfig(disabled_patches=list(disabled_patches)))
+    gm = export_causal_lm(model, ExportConfig(disabled_patches=list(disabled_patches)), max_seq_len=max_seq_len)
     ids, pos = random_inputs(*SHAPES[0], vocab)
     torch.testing.assert_close(gm(ids, pos), eager_logits(model, ids, pos), atol=atol, rtol=rtol)
 

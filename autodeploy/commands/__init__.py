@@ -27,4 +27,5 @@ COMMANDS = {
     "inspect": _Lazy("autodeploy.commands.inspect"),
     "bench": _Lazy("autodeploy.bench.cli"),
     "serve": _Lazy("autodeploy.serve.cli"),
+    "coverage": _Lazy("autodeploy.commands.coverage"),
 }

@@ -8,7 +8,14 @@ sequence; the optional parts are those real models use:
 - ``sliding_window``: a key is visible only if ``q_pos - k_pos < sliding_window``;
 - ``logit_cap``: ``cap * tanh(logits / cap)`` before the softmax (Gemma 2);
 - ``sinks``: one learned logit per query head that joins the softmax denominator (gpt-oss);
-- ``alibi_slopes``: per query head, adds ``slope * (k_pos - q_pos)`` to the logits (BLOOM, MPT).
+- ``alibi_slopes``: per query head, adds ``slope * (k_pos - q_pos)`` to the logits (BLOOM, MPT);
+- ``chunk_size``: a key is visible only if it is in the query's chunk, ``k_pos // chunk_size == q_pos // chunk_size``
+  (Llama 4's chunked local attention);
+- ``mask``: a mask the model built (bool: True = visible, or float: added), ``[B, 1 or Nq, S, Sk]``, applied on
+  top. Only export produces it (a routed model's own mask); ``match_attention`` folds it into ``sliding_window`` /
+  ``chunk_size`` by evaluating it, and cached backends never receive it.
+
+Arguments after ``alibi_slopes`` are trailing and optional: graphs leave them out when they are ``None``.
 
 Cached backends (paged KV cache) implement the same function over a flattened token batch.
 """
@@ -29,6 +36,8 @@ def attention_reference(
     alibi_slopes: torch.Tensor | None = None,  # [Nq]
     q_positions: torch.Tensor | None = None,  # [S] absolute positions of the queries
     k_positions: torch.Tensor | None = None,  # [Sk]
+    chunk_size: int | None = None,
+    mask: torch.Tensor | None = None,  # [B, 1 or Nq, S, Sk]
 ) -> torch.Tensor:
     """Plain-torch attention in float32. Also used by the cached reference backend (one sequence at a time)."""
     n_q, n_kv = q.shape[2], k.shape[2]
@@ -50,6 +59,12 @@ def attention_reference(
     visible = rel <= 0
     if sliding_window is not None and sliding_window > 0:
         visible = visible & (rel > -sliding_window)
+    if chunk_size is not None and chunk_size > 0:
+        visible = visible & (k_positions[None, :] // chunk_size == q_positions[:, None] // chunk_size)
+    if mask is not None and mask.dtype == torch.bool:
+        visible = visible & mask
+    elif mask is not None:
+        logits = logits + mask.float()
     logits = logits.masked_fill(~visible, float("-inf"))
     if sinks is not None:
         sink = sinks.float().reshape(1, -1, 1, 1).expand(logits.shape[0], -1, logits.shape[2], 1)
@@ -71,10 +86,16 @@ def torch_attention(
     logit_cap: float | None = None,
     sinks: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    return attention_reference(q, k, v, scale, sliding_window, logit_cap, sinks, alibi_slopes)
+    return attention_reference(
+        q, k, v, scale, sliding_window, logit_cap, sinks, alibi_slopes, chunk_size=chunk_size, mask=mask
+    )
 
 
 @torch_attention.register_fake
-def _torch_attention_fake(q, k, v, scale=None, sliding_window=None, logit_cap=None, sinks=None, alibi_slopes=None):
+def _torch_attention_fake(
+    q, k, v, scale=None, sliding_window=None, logit_cap=None, sinks=None, alibi_slopes=None, chunk_size=None, mask=None
+):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))

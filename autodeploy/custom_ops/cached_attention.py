@@ -13,7 +13,10 @@ After ``insert_cached_attention`` the graph runs one forward over ``T`` tokens o
     page_table   [B, P] int32    block ids of each sequence, in order
     slot_mapping [T] int64   flat cache slot (block * block_size + offset) of each new token; < 0: skip
     batch_info   [3] int32 on the host: (num_prefill_seqs, num_prefill_tokens, num_decode_seqs)
-    scale, sliding_window, logit_cap, sinks, alibi_slopes: as in ``torch_attention``
+    scale, sliding_window, logit_cap, sinks, alibi_slopes, chunk_size: as in ``torch_attention`` (``chunk_size``
+    is trailing: a graph passes it only when set)
+    kv_scale     float, keyword: float8 caches store ``clamp(k / kv_scale)`` (and v), read back times kv_scale;
+                 caches of other dtypes ignore it
     -> out [1, T, Nq, Dv]
 
 Token ``i`` of sequence ``s`` sits at absolute position ``cache_lens[s] + i`` and attends causally to every
@@ -28,15 +31,37 @@ import torch
 from .attention import attention_reference
 
 
+FP8_CACHE_DTYPES = (torch.float8_e4m3fn,)
+FP8_CACHE_MAX = 448.0
+
+
+def to_cache(x: torch.Tensor, cache: torch.Tensor, kv_scale: float = 1.0) -> torch.Tensor:
+    """``x`` in the cache's dtype: float8 caches store ``x / kv_scale``, saturated at the format's maximum."""
+    if cache.dtype in FP8_CACHE_DTYPES:
+        return (x.float() / kv_scale).clamp(-FP8_CACHE_MAX, FP8_CACHE_MAX).to(cache.dtype)
+    return x.to(cache.dtype)
+
+
+def from_cache(x: torch.Tensor, dtype: torch.dtype, kv_scale: float = 1.0) -> torch.Tensor:
+    if x.dtype in FP8_CACHE_DTYPES and kv_scale != 1.0:
+        return (x.float() * kv_scale).to(dtype)
+    return x.to(dtype)
+
+
 def write_kv_cache(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv_scale: float = 1.0,
 ) -> None:
     """Scatter the new ``k``/``v`` rows ``[1, T, Nkv, D]`` into the paged pools at ``slot_mapping``."""
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
     n_kv = k.shape[2]
-    k_cache.view(-1, n_kv, k_cache.shape[-1])[slots] = k[0][valid].to(k_cache.dtype)
-    v_cache.view(-1, n_kv, v_cache.shape[-1])[slots] = v[0][valid].to(v_cache.dtype)
+    k_cache.view(-1, n_kv, k_cache.shape[-1])[slots] = to_cache(k[0][valid], k_cache, kv_scale)
+    v_cache.view(-1, n_kv, v_cache.shape[-1])[slots] = to_cache(v[0][valid], v_cache, kv_scale)
 
 
 def gather_kv(cache: torch.Tensor, page_table_row: torch.Tensor, length: int) -> torch.Tensor:
@@ -65,8 +90,11 @@ def torch_cached_attention(
     logit_cap: float | None = None,
     sinks: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    *,
+    kv_scale: float = 1.0,
 ) -> torch.Tensor:
-    write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    write_kv_cache(k, v, k_cache, v_cache, slot_mapping, kv_scale)
     out = torch.zeros((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
     num_seqs = int(batch_info[0]) + int(batch_info[2])
     starts = cu_seqlens[: num_seqs + 1].tolist()
@@ -82,8 +110,8 @@ def torch_cached_attention(
         positions = torch.arange(total, device=q.device)
         out[:, start : start + n_new] = attention_reference(
             q[:, start : start + n_new],
-            keys.to(q.dtype),
-            values.to(q.dtype),
+            from_cache(keys, q.dtype, kv_scale),
+            from_cache(values, q.dtype, kv_scale),
             scale,
             sliding_window,
             logit_cap,
@@ -91,6 +119,7 @@ def torch_cached_attention(
             alibi_slopes,
             q_positions=positions[n_cached:],
             k_positions=positions,
+            chunk_size=chunk_size,
         )
     return out
 
@@ -98,6 +127,6 @@ def torch_cached_attention(
 @torch_cached_attention.register_fake
 def _torch_cached_attention_fake(
     q, k, v, k_cache, v_cache, seq_lens, cu_seqlens, cache_lens, page_table, slot_mapping, batch_info,
-    scale=None, sliding_window=None, logit_cap=None, sinks=None, alibi_slopes=None,
+    scale=None, sliding_window=None, logit_cap=None, sinks=None, alibi_slopes=None, chunk_size=None, *, kv_scale=1.0,
 ):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))

@@ -84,6 +84,27 @@ def _strip_wrapper(gm: GraphModule) -> GraphModule:
     return new_gm
 
 
+def _export(wrapper: torch.nn.Module, input_ids, position_ids, max_batch: int, max_seq: int):
+    batch_dim = Dim("batch", min=1, max=max_batch)
+    seq_dim = Dim("seq", min=1, max=max_seq)
+    dynamic_shapes = ({0: batch_dim, 1: seq_dim}, {0: batch_dim, 1: seq_dim})
+    return torch.export.export(wrapper, (input_ids, position_ids), dynamic_shapes=dynamic_shapes, strict=False)
+
+
+def _excludes_only_upper_bound(exc: BaseException, max_seq: int) -> bool:
+    """Export refused ``seq``'s range only because the model branches at ``seq == max_seq``.
+
+    A model whose position table holds exactly ``max_seq`` rows (MPT's ALiBi bias, sliced from the end) guards
+    ``seq != max_seq``. Exporting ``seq <= max_seq - 1`` then traces the same graph: the stripped graph keeps no
+    guards, and the branch only chooses where a slice of that table starts, which pattern matching removes.
+    """
+    text = str(exc)
+    if "Constraints violated (seq)" not in text:
+        return False
+    violations = [line for line in text.splitlines() if line.strip().startswith("- ")]
+    return bool(violations) and all(f"!= {max_seq}" in line for line in violations)
+
+
 def export_causal_lm(
     model: torch.nn.Module, config: ExportConfig | None = None, max_batch: int = 4096, max_seq_len: int = 1 << 20
 ) -> GraphModule:
@@ -95,22 +116,28 @@ def export_causal_lm(
     vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 2
     input_ids = torch.randint(0, vocab, (b, s), device=device)
     position_ids = torch.arange(s, device=device).expand(b, s).contiguous()
-    batch_dim = Dim("batch", min=1, max=max(max_batch, b))
-    seq_dim = Dim("seq", min=1, max=max(max_seq_len, s))
-    dynamic_shapes = ({0: batch_dim, 1: seq_dim}, {0: batch_dim, 1: seq_dim})
     wrapper = _LogitsOnly(model, _accepts_position_ids(model))
     name = type(model).__name__
     start = time.perf_counter()
     try:
         with torch.no_grad(), apply_export_patches(model, frozenset(config.disabled_patches)) as applied:
-            program = torch.export.export(
-                wrapper, (input_ids, position_ids), dynamic_shapes=dynamic_shapes, strict=False
-            )
+            max_seq = max(max_seq_len, s)
+            try:
+                program = _export(wrapper, input_ids, position_ids, max(max_batch, b), max_seq)
+            except Exception as e:
+                if not _excludes_only_upper_bound(e, max_seq) or max_seq - 1 < s:
+                    raise
+                logger.info("%s: seq == %d takes another branch; exporting seq < %d", name, max_seq, max_seq)
+                program = _export(wrapper, input_ids, position_ids, max(max_batch, b), max_seq - 1)
     except AutoDeployError:
         raise
     except Exception as e:
         where = _user_frame(e)
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        first_line = lines[0]
+        violations = [line.strip() for line in lines if line.strip().startswith("- ")]
+        if "Constraints violated" in first_line and violations:  # say which constraint, not only that one was
+            first_line = f"{first_line.split('!')[0]}: {violations[0].removeprefix('- ')}"
         raise ExportError(
             f"torch.export of {name} failed: {type(e).__name__}: {first_line}",
             where=where or name,

@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from ..errors import ModelLoadError, UnsupportedArchitectureError
+from .architecture import check_config, check_modules
 from .source import ModelSource, resolve_source
 from .weights import fill_from_state_dict, load_safetensors_into, meta_tensor_names
 
@@ -107,24 +108,39 @@ class ModelFactory:
     @property
     def max_position_embeddings(self) -> int | None:
         cfg = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
-        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "max_seq_len"):
             value = getattr(cfg, key, None)
             if isinstance(value, int) and value > 0:
                 return value
         return None
 
     def check_supported(self) -> None:
+        """Refuse, before anything is built or exported, what is not a decoder-only text transformer."""
         model_type = getattr(self.config, "model_type", None)
         if self.source.kind != "module" and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
             raise UnsupportedArchitectureError(
                 f"model_type {model_type!r} has no causal-LM class in transformers",
                 hint="autodeploy runs decoder-only text models (AutoModelForCausalLM)",
             )
+        check_config(self.config, self._model_class())
+
+    def _model_class(self) -> type | None:
+        if self.source.kind == "module":
+            return type(self.source.module)
+        try:
+            return AutoModelForCausalLM._model_mapping[type(self.config)]
+        except (KeyError, ValueError):
+            return None
 
     # ---- model --------------------------------------------------------------------------------------------
     def build_model(self) -> torch.nn.Module:
         """The model to export: real weights on ``self.device``, or meta parameters for a checkpoint folder."""
         self.check_supported()
+        model = self._build_model()
+        check_modules(model)
+        return model
+
+    def _build_model(self) -> torch.nn.Module:
         src = self.source
         if src.kind == "module":
             return src.module.to(device=self.device, dtype=self.dtype).eval()

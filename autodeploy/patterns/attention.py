@@ -7,16 +7,22 @@ transposes around the attention cancel against ours (``cleanup_noop_ops``). Grou
 - ``attention_sdpa``: ``scaled_dot_product_attention`` with a mask or ``is_causal=True``, explicit or default
   scale, with or without ``enable_gqa``;
 - ``attention_eager``: ``matmul(q, k^T)`` scaled by ``mul``/``div``/not at all, optional soft-cap
-  (``div -> tanh -> mul``), the mask added or applied by ``masked_fill``, softmax (in float32 and cast back, plain,
-  or in the input's dtype), ``matmul`` with ``v``;
+  (``div -> tanh -> mul``), the mask added or applied by ``masked_fill`` (or added before the scale: CodeGen),
+  softmax (in float32 and cast back, plain, or in the input's dtype), ``matmul`` with ``v``;
 - ``attention_sinks``: the eager form with a learned per-head logit joined to the softmax (gpt-oss);
-- ``attention_alibi``: BLOOM's ``baddbmm(alibi, q, k^T)`` on ``[B * N, S, D]`` views, then the eager tail.
+- ``attention_alibi``: BLOOM's ``baddbmm(alibi, q, k^T)`` on ``[B * N, S, D]`` views, then the eager tail; and the
+  eager form with an ALiBi bias added to the scaled scores before the mask (MPT), softmax also upcast with
+  ``.float()`` and cast back.
 
 Dropout is gone by then (``cleanup_noop_ops``). A mask must be shown to be causal (optionally with a sliding
-window) by ``attention_masks.classify_mask`` or the match is refused with the reason; an ALiBi bias must be
+window or chunks) by ``attention_masks.classify_mask`` or the match is refused with the reason; an ALiBi bias must be
 ``slope * key position``. ``repeat_kv`` (``unsqueeze -> expand -> reshape`` or ``repeat_interleave``) feeding
 ``k``/``v`` is folded afterwards by ``fold_repeat_kv``, which keeps the pattern count down and turns the matched
 attention into grouped-query attention.
+
+Routed attention (``export/route_attention.py``) reaches the graph as ``torch_attention`` already, carrying the
+model's own mask as its trailing ``mask`` argument; ``fold_attention_masks`` classifies that mask the same way and
+replaces it by ``sliding_window`` / ``chunk_size``.
 """
 
 from __future__ import annotations
@@ -74,10 +80,11 @@ def attention_bnsd(
     logit_cap: float | None = None,
     sinks: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:  # [B, Nq, S, Dv]
-    out = torch.ops.autodeploy.torch_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, sliding_window, logit_cap, sinks, alibi_slopes
-    )
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    extra = () if chunk_size is None else (chunk_size,)  # trailing optional arguments stay out when unset
+    out = torch.ops.autodeploy.torch_attention(q, k, v, scale, sliding_window, logit_cap, sinks, alibi_slopes, *extra)
     return out.transpose(1, 2)
 
 
@@ -111,18 +118,19 @@ def _mask_check(kind: MaskKind) -> Callable[[dict[str, Any]], Any]:
         if "fill" in kw and not kw["fill"] <= HIDDEN_BELOW:
             return Reject(f"masked_fill value {kw['fill']} does not hide a key")
         if "mask" not in kw:
-            return Accept(sliding_window=None)
+            return Accept(sliding_window=None, chunk_size=None)
         result = classify_mask(kw["mask"], kind)
         if not isinstance(result, CausalMask):
             return Reject(result)
+        local = {"sliding_window": result.sliding_window, "chunk_size": result.chunk_size}
         if "alibi" in kw:
             slopes = alibi_slopes(kw["alibi"], int(_val(kw["q"]).shape[1]))
             if isinstance(slopes, str):
                 return Reject(slopes)
             device = _val(kw["q"]).device
             device = torch.device("cpu") if device.type == "meta" else device  # moved with the weights later
-            return Accept(sliding_window=result.sliding_window, alibi_slopes=slopes.to(device))
-        return Accept(sliding_window=result.sliding_window)
+            return Accept(**local, alibi_slopes=slopes.to(device))
+        return Accept(**local)
 
     return check
 
@@ -157,8 +165,8 @@ def _register_sdpa() -> None:
                 return F.scaled_dot_product_attention(a["q"], a["k"], a["v"], attn_mask=a["mask"], **extra)
             return F.scaled_dot_product_attention(a["q"], a["k"], a["v"], is_causal=True, **extra)
 
-        def replace(q, k, v, scale=None, sliding_window=None, **_: Any) -> torch.Tensor:
-            return attention_bnsd(q, k, v, scale, sliding_window)
+        def replace(q, k, v, scale=None, sliding_window=None, chunk_size=None, **_: Any) -> torch.Tensor:
+            return attention_bnsd(q, k, v, scale, sliding_window, chunk_size=chunk_size)
 
         nkv = _NKV if gqa else _N
         inputs: list[Any] = [_t(_B, _N, _S, _D), _t(_B, nkv, _S, _D), _t(_B, nkv, _S, _D)]
@@ -171,7 +179,7 @@ def _register_sdpa() -> None:
 # ----------------------------------------------------------------------------------------------- eager
 
 ScaleForm = Literal["mul", "div", "none"]
-SoftmaxForm = Literal["float32", "plain", "same"]
+SoftmaxForm = Literal["float32", "plain", "same", "upcast"]
 
 
 @dataclass(frozen=True)
@@ -184,10 +192,12 @@ class EagerForm:
     softmax: SoftmaxForm
     sinks: bool = False
     subtract_max: bool = False
+    alibi: bool = False  # an ALiBi bias added to the scaled scores, before the mask
+    mask_first: bool = False  # the (additive) mask is added to the raw scores, the scale applied after
 
     @property
     def names(self) -> list[str]:
-        names = ["q", "k", "v", "mask"] + (["sinks"] if self.sinks else [])
+        names = ["q", "k", "v", "mask"] + (["sinks"] if self.sinks else []) + (["alibi"] if self.alibi else [])
         names += ["scale"] if self.scale != "none" else []
         names += ["cap"] if self.softcap else []
         return names + (["fill"] if self.mask == "fill" else [])
@@ -196,7 +206,7 @@ class EagerForm:
     def dtypes(self) -> tuple[torch.dtype, ...]:
         if self.softmax == "plain":
             return (torch.float32,)  # no dtype literal in the pattern
-        if self.softmax == "same":
+        if self.softmax in ("same", "upcast"):
             return (torch.bfloat16, torch.float16)  # in float32 it is the "float32" form
         return FLOAT_DTYPES
 
@@ -204,13 +214,19 @@ class EagerForm:
         a = dict(zip(self.names, args))
         q, k, v = a["q"], a["k"], a["v"]
         scores = torch.matmul(q, k.transpose(2, 3))  # [B, N, S, S]
+        if self.mask_first:
+            scores = scores + a["mask"]
         if self.scale == "mul":
             scores = scores * a["scale"]
         elif self.scale == "div":
             scores = scores / a["scale"]
         if self.softcap:
             scores = torch.tanh(scores / a["cap"]) * a["cap"]
-        if self.mask == "add":
+        if self.alibi:
+            scores = scores + a["alibi"]
+        if self.mask_first:
+            pass
+        elif self.mask == "add":
             scores = scores + a["mask"]
         else:
             scores = scores.masked_fill(a["mask"], a["fill"])
@@ -223,23 +239,30 @@ class EagerForm:
             probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         elif self.softmax == "same":
             probs = F.softmax(scores, dim=-1, dtype=scores.dtype)
+        elif self.softmax == "upcast":
+            probs = F.softmax(scores.float(), dim=-1).to(q.dtype)
         else:
             probs = F.softmax(scores, dim=-1)
         if self.sinks:
             probs = probs[..., :-1].to(v.dtype)
         return torch.matmul(probs, v)
 
-    def replace(self, q, k, v, scale=None, cap=None, sinks=None, sliding_window=None, **_: Any) -> torch.Tensor:
+    def replace(
+        self, q, k, v, scale=None, cap=None, sinks=None, sliding_window=None, chunk_size=None, alibi_slopes=None,
+        **_: Any,
+    ) -> torch.Tensor:
         if self.scale == "none":
             scale = 1.0
         elif self.scale == "div":
             scale = 1.0 / scale
-        return attention_bnsd(q, k, v, scale, sliding_window, cap if self.softcap else None, sinks)
+        cap = cap if self.softcap else None
+        return attention_bnsd(q, k, v, scale, sliding_window, cap, sinks, alibi_slopes, chunk_size)
 
     def register(self, group: str) -> None:
         inputs: list[Any] = [_t(_B, _N, _S, _D), _t(_B, _N, _S, _D), _t(_B, _N, _S, _D)]
         inputs.append(_t(_B, 1, _S, _S) if self.mask == "add" else torch.rand(_B, 1, _S, _S) > 0.5)
         inputs += [_t(_N)] if self.sinks else []
+        inputs += [_t(_N, 1, _S)] if self.alibi else []
         scalars = {"scale": _SCALE, "cap": _CAP, "fill": _FILL}
         scalars = {n: scalars[n] for n in self.names if n in scalars}
         inputs += list(scalars.values())
@@ -254,6 +277,10 @@ def _register_eager() -> None:
         EagerForm(scale, softcap, mask, softmax).register(EAGER_GROUP)
     for softmax, subtract_max in itertools.product(softmaxes, (True, False)):
         EagerForm("mul", False, "add", softmax, sinks=True, subtract_max=subtract_max).register(SINKS_GROUP)
+    for mask, softmax in itertools.product(("add", "fill"), (*softmaxes, "upcast")):
+        EagerForm("mul", False, mask, softmax, alibi=True).register(ALIBI_GROUP)
+    for scale, softmax in itertools.product(("mul", "div"), softmaxes):
+        EagerForm(scale, False, "add", softmax, mask_first=True).register(EAGER_GROUP)
 
 
 # ----------------------------------------------------------------------------------------------- ALiBi
@@ -270,8 +297,8 @@ def _alibi_search(q, k, v, alibi, mask, scale):
     return out.view(b, n, s, d)
 
 
-def _alibi_replace(q, k, v, scale, sliding_window=None, alibi_slopes=None, **_: Any) -> torch.Tensor:
-    return attention_bnsd(q, k, v, scale, sliding_window, alibi_slopes=alibi_slopes)
+def _alibi_replace(q, k, v, scale, sliding_window=None, alibi_slopes=None, chunk_size=None, **_: Any) -> torch.Tensor:
+    return attention_bnsd(q, k, v, scale, sliding_window, alibi_slopes=alibi_slopes, chunk_size=chunk_size)
 
 
 def _register_alibi() -> None:
@@ -338,3 +365,40 @@ def fold_repeat_kv(gm: GraphModule) -> int:
         node.args = tuple(new_args)
         folded += 1
     return folded
+
+
+# ----------------------------------------------------------------------------------------------- routed masks
+
+_MASK_ARG = 9  # torch_attention(q, k, v, scale, sliding_window, logit_cap, sinks, alibi_slopes, chunk_size, mask)
+#: ``node.meta`` key: why the mask of a routed attention node could not be folded
+MASK_REJECTED = "autodeploy_mask_rejected"
+
+
+def _tighter(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
+def fold_attention_masks(gm: GraphModule) -> tuple[int, dict[str, str]]:
+    """Fold the ``mask`` argument of ``torch_attention`` nodes into ``sliding_window`` / ``chunk_size``.
+
+    Returns how many were folded and, for the masks that are not causal (optionally windowed or chunked), why.
+    """
+    folded, rejected = 0, {}
+    for node in find_attention(gm):
+        if len(node.args) <= _MASK_ARG or not isinstance(node.args[_MASK_ARG], Node):
+            continue
+        result = classify_mask(node.args[_MASK_ARG], "sdpa")
+        if not isinstance(result, CausalMask):
+            rejected[node.name] = node.meta[MASK_REJECTED] = result
+            continue
+        args = list(node.args[:_MASK_ARG])
+        args[4] = _tighter(args[4], result.sliding_window)
+        args[8] = _tighter(args[8], result.chunk_size)
+        node.args = tuple(args if args[8] is not None else args[:8])
+        folded += 1
+    return folded, rejected
+
+
+def find_attention(gm: GraphModule) -> list[Node]:
+    target = torch.ops.autodeploy.torch_attention.default
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == target]

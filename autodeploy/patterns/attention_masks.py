@@ -5,9 +5,9 @@ A mask in an exported causal LM is computed from shapes, positions and constants
 buffer, BLOOM's ALiBi tensor. Rather than recognise each way of writing them, ``classify_mask`` copies the nodes
 the mask depends on into a small graph and runs it on CPU for a few probe lengths (``position_ids = arange`` from
 two offsets; the mask may read the shape of ``input_ids``, not its values), then compares which keys each query
-sees with causal attention, optionally limited to a sliding window. The probe lengths are 5 and 13, and ``c + 2``
-for every integer literal ``c`` in the subgraph (a window size is such a literal), so a window ``W`` is seen at a
-length beyond it. A probe length at which the subgraph fails to run is skipped: the model cannot run there either.
+sees with causal attention, optionally limited to a sliding window and/or to the query's chunk (chunked local
+attention). The probe lengths are 5 and 13, and ``c + 2`` for every integer literal ``c`` in the subgraph (a window
+or chunk size is such a literal), so a window ``W`` is seen at a length beyond it. A probe length at which the subgraph fails to run is skipped: the model cannot run there either.
 
 Keyed on what the graph computes, never on a model's name. Results are cached in ``node.meta`` for one pass
 (``forget_probes`` drops them). Only public torch APIs (``torch.fx``) are used here.
@@ -37,9 +37,10 @@ _SHAPE_ONLY = (torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, to
 
 @dataclass(frozen=True)
 class CausalMask:
-    """The mask is causal; ``sliding_window`` (if set) as ``torch_attention`` defines it."""
+    """The mask is causal; ``sliding_window`` and ``chunk_size`` (if set) as ``torch_attention`` defines them."""
 
     sliding_window: int | None = None
+    chunk_size: int | None = None
 
 
 class ProbeError(Exception):
@@ -191,20 +192,33 @@ def _visible(value: torch.Tensor, kind: MaskKind, seq: int) -> torch.Tensor:
     return visible
 
 
-def _window(visible: torch.Tensor) -> int | None:
-    """``None`` if ``visible`` is exactly causal, ``W`` if causal with a sliding window ``W``; else an error."""
-    seq = visible.shape[-1]
+def _expected(seq: int, window: int | None, chunk: int | None) -> torch.Tensor:
+    """``[S, S]`` bool: what a query sees under causal attention with this window and chunk size."""
     q = torch.arange(seq)[:, None]
     k = torch.arange(seq)[None, :]
-    causal = k <= q
+    visible = k <= q
+    if window is not None:
+        visible = visible & (q - k < window)
+    if chunk is not None:
+        visible = visible & (k // chunk == q // chunk)
+    return visible
+
+
+def _locality(visible: torch.Tensor) -> tuple[int | None, int | None]:
+    """``(window, chunk)`` of a causal ``visible`` ``[R, S, S]`` (each ``None`` when it does not bind); else an error."""
+    seq = visible.shape[-1]
+    causal = _expected(seq, None, None)
     if bool((visible & ~causal).any()):
         raise ProbeError("it lets queries see later positions (not causal)")
     if bool((visible == causal).all()):
-        return None
-    window = int(visible.sum(-1).max())
-    if window < 1 or not bool((visible == (causal & (q - k < window))).all()):
-        raise ProbeError("it is neither causal nor causal with a sliding window (padding, chunked or document mask?)")
-    return window
+        return None, None
+    # a chunk starts at the first query (after 0) that sees only itself
+    starts = [q for q in range(1, seq) if bool((visible[:, q, : q + 1].sum(-1) == 1).all())]
+    for window in (None, int(visible.sum(-1).max())):
+        for chunk in (None, *starts[:1]):
+            if bool((visible == _expected(seq, window, chunk)).all()):
+                return window, chunk
+    raise ProbeError("it is not causal, nor causal with a sliding window or chunks (a padding or document mask?)")
 
 
 def _classify(mask: Node, kind: MaskKind) -> CausalMask:
@@ -230,18 +244,23 @@ def _evaluate(gm: GraphModule, seq: int, meta_fill: float) -> torch.Tensor | Non
 
 
 def _classify_with(gm: GraphModule, kind: MaskKind, meta_fill: float) -> CausalMask:
-    windows: dict[int, int | None] = {}
+    seen: dict[int, torch.Tensor] = {}
+    found: dict[str, set[int]] = {"window": set(), "chunk": set()}
     for seq in _probe_lens(gm):
         value = _evaluate(gm, seq, meta_fill)
         if value is not None:
-            windows[seq] = _window(_visible(value, kind, seq))
-    found = {w for w in windows.values() if w is not None}
-    if len(found) > 1:
-        raise ProbeError(f"its window changes with the length ({sorted(found)})")
-    window = found.pop() if found else None
-    if window is not None and any((w is None) != (seq <= window) for seq, w in windows.items()):
-        raise ProbeError("its window changes with the length")
-    return CausalMask(window)
+            seen[seq] = visible = _visible(value, kind, seq)
+            window, chunk = _locality(visible)
+            found["window"] |= {window} if window else set()
+            found["chunk"] |= {chunk} if chunk else set()
+    for name, sizes in found.items():
+        if len(sizes) > 1:
+            raise ProbeError(f"its {name} changes with the length ({sorted(sizes)})")
+    window, chunk = min(found["window"], default=None), min(found["chunk"], default=None)
+    for seq, visible in seen.items():  # one window and chunk size explain every probe
+        if not bool((visible == _expected(seq, window, chunk)).all()):
+            raise ProbeError("its window or chunks change with the length")
+    return CausalMask(window, chunk)
 
 
 def classify_mask(mask: Node, kind: MaskKind) -> CausalMask | str:

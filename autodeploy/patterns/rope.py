@@ -7,7 +7,9 @@ matched separately: each becomes its own ``torch_rope``. Forms (``RopeForm``):
 
 - rotation: NeoX half-split ``cat(-x[..., h:], x[..., :h])`` (group ``rope_neox``), the same written on the
   ``chunk(2)`` halves with half-width ``cos``/``sin``, ``cat(x1 * cos - x2 * sin, x2 * cos + x1 * sin)``
-  (``neox_chunk``: gpt-oss; also ``rope_neox``), or GPT-J interleaved ``stack(-x[..., 1::2], x[..., ::2])
+  (``neox_chunk``: gpt-oss; also ``rope_neox``), the same on the even/odd channels ``x1, x2 = x[..., ::2],
+  x[..., 1::2]`` (``pairs_split``: DeepSeek's interleaved pairs written out half-split; also ``rope_neox``, on the
+  de-interleaved ``cat(x[..., ::2], x[..., 1::2])``), or GPT-J interleaved ``stack(-x[..., 1::2], x[..., ::2])
   .flatten(-2)`` (group ``rope_interleaved``);
 - extent: all ``D`` channels (``full``); the first ``R`` rotated and the rest joined back with ``cat``
   (``partial``: phi, stablelm, gpt_neox, gptj); and ``cat`` with an empty pass-through when ``R == D``, where the
@@ -42,7 +44,7 @@ NEOX_GROUP = "rope_neox"
 INTERLEAVED_GROUP = "rope_interleaved"
 ROPE_GROUPS = (NEOX_GROUP, INTERLEAVED_GROUP)
 
-Rotation = Literal["neox", "neox_chunk", "interleaved"]
+Rotation = Literal["neox", "neox_chunk", "pairs_split", "interleaved"]
 Extent = Literal["full", "partial", "partial_full"]
 Precision = Literal["same", "upcast", "rotate_upcast"]
 
@@ -76,6 +78,19 @@ def _head_axis(q: torch.Tensor, cos: torch.Tensor) -> int | None:
         return 1
     if _same(cos.shape[2], 1) and _same(cos.shape[1], q.shape[1]) and not _same(q.shape[1], 1):
         return 2
+    return None
+
+
+def _head_axis_of_unsqueeze(q: torch.Tensor, cos: torch.Tensor, nodes: tuple[Any, ...]) -> int | None:
+    """The axis both ``cos`` and ``sin`` were unsqueezed at, when their shapes alone leave it open (``S == 1``,
+    a decode step with Hugging Face's KV cache: both middle dims of ``cos`` are 1)."""
+    if not _same(cos.shape[0], q.shape[0]):
+        return None
+    for axis in (1, 2):
+        other = 3 - axis
+        fits = _same(cos.shape[axis], 1) and _same(cos.shape[other], q.shape[other])
+        if fits and all(_unsqueezed_source(node, axis) is not None for node in nodes):
+            return axis
     return None
 
 
@@ -115,9 +130,14 @@ class RopeForm:
     def _rotate(self, x: torch.Tensor, half: int) -> torch.Tensor:
         return rotate_neox(x, half) if self.rotation == "neox" else rotate_interleaved(x)
 
+    @property
+    def half_width(self) -> bool:
+        """``cos``/``sin`` hold one angle per channel pair (half the rotated width)."""
+        return self.rotation in ("neox_chunk", "pairs_split")
+
     def _core(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half: int) -> torch.Tensor:
-        if self.rotation == "neox_chunk":
-            x1, x2 = torch.chunk(x, 2, dim=-1)
+        if self.half_width:
+            x1, x2 = torch.chunk(x, 2, dim=-1) if self.rotation == "neox_chunk" else (x[..., 0::2], x[..., 1::2])
             return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
         if self.precision == "rotate_upcast":
             return x.float() * cos + self._rotate(x, half).float() * sin
@@ -145,8 +165,10 @@ class RopeForm:
     ) -> torch.Tensor:
         if squeeze:
             cos, sin = cos.squeeze(head_axis), sin.squeeze(head_axis)  # [B, S, R]
-        if self.rotation == "neox_chunk":
+        if self.half_width:
             cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+        if self.rotation == "pairs_split":  # the model's output is half-split: rotate the de-interleaved channels
+            q = torch.cat((q[..., 0::2], q[..., 1::2]), dim=-1)
         if self.precision != "same":
             cos, sin = cos.float(), sin.float()
         x = q if q.dtype == out_dtype else q.to(out_dtype)
@@ -171,6 +193,8 @@ class RopeForm:
                 return Reject(problem)
             axis = _head_axis(q, cos)
             if axis is None:
+                axis = _head_axis_of_unsqueeze(q, cos, (kw["cos"], kw["sin"]))
+            if axis is None:
                 return Reject("cos/sin are not [B, S, R] broadcast over the heads of q")
             out_dtype = q.dtype if self.precision != "same" else torch.promote_types(q.dtype, cos.dtype)
             sources = [_unsqueezed_source(kw[name], axis) for name in ("cos", "sin")]
@@ -181,7 +205,7 @@ class RopeForm:
         return check
 
     def _check_sizes(self, q: torch.Tensor, cos: torch.Tensor, kw: dict[str, Any]) -> str | None:
-        d, r = q.shape[-1], cos.shape[-1] * (2 if self.rotation == "neox_chunk" else 1)
+        d, r = q.shape[-1], cos.shape[-1] * (2 if self.half_width else 1)
         rot = kw.get("rot", d)
         if self.rotation == "neox" and not _same(2 * kw["half"], rot):
             return f"rotate_half splits at {kw['half']}, not half of the {rot} rotated channels"
@@ -196,7 +220,7 @@ class RopeForm:
     def register(self) -> None:
         d = {"full": 2 * _HALF, "partial": _ROT + _PASS, "partial_full": _ROT}[self.extent]
         r = 2 * _HALF if self.extent == "full" else _ROT
-        r = r // 2 if self.rotation == "neox_chunk" else r
+        r = r // 2 if self.half_width else r
         inputs = [
             torch.randn(_B, _N, _S, d),
             torch.randn(_B, 1, _S, r),
@@ -216,6 +240,51 @@ ROPE_FORMS = [
     for rotation in ("neox", "interleaved")
     for extent in ("full", "partial", "partial_full")
     for precision in ("same", "upcast", "rotate_upcast")
-] + [RopeForm("neox_chunk", "full", precision) for precision in ("same", "upcast")]
+] + [RopeForm(rotation, "full", precision) for rotation in ("neox_chunk", "pairs_split") for precision in ("same", "upcast")]
 for _form in ROPE_FORMS:
     _form.register()
+
+
+# ----------------------------------------------------------------------------------------------- complex form
+
+
+def _complex_search(q: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Llama 4: channel pairs as complex numbers times ``freqs = polar(1, angle)`` ``[B, S, 1, R / 2]``."""
+    pairs = torch.view_as_complex(q.float().reshape(*q.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * freqs).flatten(3).type_as(q)
+
+
+def _complex_replace(q: torch.Tensor, freqs: torch.Tensor, **_: Any) -> torch.Tensor:
+    parts = torch.view_as_real(freqs.squeeze(2))  # [B, S, R / 2, 2]
+    cos = parts[..., 0].repeat_interleave(2, dim=-1)  # [B, S, R]
+    sin = parts[..., 1].repeat_interleave(2, dim=-1)
+    return torch.ops.autodeploy.torch_rope(q, cos, sin, True)
+
+
+def _complex_check(dtype: torch.dtype) -> Callable[[dict[str, Any]], Accept | Reject]:
+    def check(kw: dict[str, Any]) -> Accept | Reject:
+        q, freqs = _val(kw["q"]), _val(kw["freqs"])
+        if not (isinstance(q, torch.Tensor) and isinstance(freqs, torch.Tensor) and q.dim() == 4 and freqs.dim() == 4):
+            return Reject("q and freqs are not both 4-D")
+        if q.dtype != dtype or not freqs.is_complex():
+            return Reject(f"q is {q.dtype} (pattern traced for {dtype}) or freqs is not complex")
+        if not (_same(freqs.shape[0], q.shape[0]) and _same(freqs.shape[1], q.shape[1]) and _same(freqs.shape[2], 1)):
+            return Reject("freqs are not [B, S, 1, R / 2] broadcast over the heads of q [B, S, N, D]")
+        if not _same(2 * freqs.shape[3], q.shape[3]):
+            return Reject("the complex rotation does not cover every channel")
+        return Accept()
+
+    return check
+
+
+def _register_complex() -> None:
+    inputs = [torch.randn(_B, _S, _N, 2 * _HALF), torch.randn(_B, _S, 1, _HALF, dtype=torch.complex64)]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        pattern = register_pattern(
+            INTERLEAVED_GROUP, _complex_search, _complex_replace, inputs, _complex_check(dtype), builtin=True
+        )
+        pattern.dtypes = (dtype,)
+        pattern.any_size = True
+
+
+_register_complex()

@@ -4,7 +4,8 @@ Matches: each ``autodeploy::torch_attention`` node. Emits: ``autodeploy::<backen
 batch metadata and two KV pools per layer as new graph inputs, in the order of ``CACHE_METADATA`` and then
 ``k_cache_<i>``, ``v_cache_<i>`` (DESIGN.md, "The graph contract after cache insertion"). Records a
 ``KVCacheSpec`` in ``ctx.cache`` so the model runner can size and allocate the pools.
-Limits: attention must already be canonical (a graph without ``torch_attention`` is an error).
+Limits: attention must already be canonical (a graph without ``torch_attention`` is an error), and its masks folded
+into ``sliding_window`` / ``chunk_size`` (an attention node still carrying a ``mask`` is an error).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..custom_ops.attention_backends import resolve_backend
-from ..errors import TransformError
+from ..errors import TransformError, UnsupportedArchitectureError
 from .base import SharedContext, Transform, TransformConfig, TransformInfo, TransformRegistry
 from .graph import find_nodes, node_val, placeholders
 
@@ -55,8 +56,12 @@ class KVCacheSpec:
         return total
 
 
+_MASK_ARG = 9  # torch_attention's trailing ``mask``: folded away by match_attention, never cached
+
+
 class InsertCachedAttentionConfig(TransformConfig):
     backend: Literal["auto", "torch", "triton", "flashinfer"] = "auto"
+    kv_cache_scale: float = 1.0  # float8 caches store k / scale, v / scale (config.py maps kv_cache.scale)
 
 
 @TransformRegistry.register("insert_cached_attention")
@@ -71,6 +76,15 @@ class InsertCachedAttention(Transform):
                 "no autodeploy::torch_attention in the graph, so there is nothing to attach a KV cache to",
                 where="insert_cached_attention",
                 hint="run `autodeploy inspect` to see whether export routed or match_attention matched the attention",
+            )
+        masked = [n for n in attention_nodes if len(n.args) > _MASK_ARG and n.args[_MASK_ARG] is not None]
+        if masked:
+            why = masked[0].meta.get("autodeploy_mask_rejected", "match_attention did not fold it")
+            raise UnsupportedArchitectureError(
+                f"{len(masked)} attention layers keep a mask that is not causal, windowed or chunked, which a paged "
+                f"KV cache cannot apply: {why}",
+                where=f"insert_cached_attention, node {masked[0].name}",
+                hint="`autodeploy inspect` shows match_attention's details['rejected'] for every layer",
             )
         backend = resolve_backend(self.config.backend, ctx.device)
         graph = gm.graph
@@ -91,10 +105,11 @@ class InsertCachedAttention(Transform):
                 v_cache = graph.placeholder(f"v_cache_{i}")
             last = v_cache
             extra = list(node.args[3:])
+            kwargs = dict(node.kwargs)
+            if self.config.kv_cache_scale != 1.0:
+                kwargs["kv_scale"] = float(self.config.kv_cache_scale)
             with graph.inserting_before(node):
-                cached = graph.call_function(
-                    backend.op, (q, k, v, k_cache, v_cache, *metadata, *extra), dict(node.kwargs)
-                )
+                cached = graph.call_function(backend.op, (q, k, v, k_cache, v_cache, *metadata, *extra), kwargs)
             cached.meta.update(node.meta)
             node.replace_all_uses_with(cached)
             graph.erase_node(node)

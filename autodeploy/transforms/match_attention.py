@@ -11,6 +11,11 @@ reason recorded in ``details["rejected"]``.
 Emits one ``torch_attention`` per matched layer (``bsnd``; scale, sliding_window, logit_cap, sinks, alibi_slopes
 filled in), then drops the no-ops it leaves (the model's ``[B, N, S, D]`` transposes cancel against ours).
 
+Attention routed at export is ``torch_attention`` already, with the model's own mask as its trailing ``mask``
+argument: that mask is classified the same way and folded into ``sliding_window`` / ``chunk_size``
+(``details["masks_folded"]``); one that is not causal (windowed, chunked) stays, with the reason in
+``details["rejected"]``, and ``insert_cached_attention`` then refuses the graph.
+
 Works on graphs exported on the meta device too (one-element constants not loaded yet are probed with two values).
 Limits: self-attention without a KV cache only (q, k, v of one length); masks that read weights, token ids or
 tensors not loaded yet, padding/chunked/document masks, biases other than ALiBi and windows longer than the
@@ -28,7 +33,7 @@ from torch.fx import GraphModule, Node
 
 from ..export.cleanup import remove_noop_ops
 from ..patterns import PatternSet, pattern_set
-from ..patterns.attention import ATTENTION_GROUPS, fold_repeat_kv
+from ..patterns.attention import ATTENTION_GROUPS, fold_attention_masks, fold_repeat_kv
 from ..patterns.attention_masks import forget_probes
 from .base import SharedContext, Transform, TransformInfo, TransformRegistry
 from .graph import find_nodes, node_val, run_shape_prop
@@ -89,8 +94,17 @@ class MatchAttention(Transform):
         return cls._patterns
 
     def _apply(self, gm: GraphModule, ctx: SharedContext) -> TransformInfo:
+        try:
+            masks_folded, masks_rejected = fold_attention_masks(gm)
+        finally:
+            forget_probes(gm)
+        if masks_folded:
+            gm.graph.eliminate_dead_code()
         if not find_nodes(gm, _ANCHORS):  # attention already routed at export: skip tracing the patterns
-            return TransformInfo(num_matches=0, details={"note": "no SDPA or softmax left in the graph"})
+            details: dict[str, Any] = {"note": "no SDPA or softmax left in the graph", "masks_folded": masks_folded}
+            if masks_rejected:
+                details["rejected"] = masks_rejected
+            return TransformInfo(num_matches=masks_folded, details=details)
         patterns = self.pattern_set()
         original = _canonical_dims(gm)
         try:
@@ -101,6 +115,9 @@ class MatchAttention(Transform):
         live = set(gm.graph.nodes)
         rejected = {n.name: f"{name}: {why}" for n, (name, why) in patterns.rejections.items() if n in live}
         details: dict[str, Any] = {"matches_by_pattern": dict(patterns.matches_by_pattern)}
+        if masks_folded:
+            details["masks_folded"] = masks_folded
+        rejected.update(masks_rejected)
         if num_matches:
             gm.graph.eliminate_dead_code()
             run_shape_prop(gm)
@@ -111,4 +128,4 @@ class MatchAttention(Transform):
         unmatched = _unmatched(gm)
         if unmatched:
             details["unmatched"] = unmatched
-        return TransformInfo(num_matches=num_matches, details=details)
+        return TransformInfo(num_matches=num_matches + masks_folded, details=details)

@@ -64,3 +64,17 @@ def tanh(x):
     """``tanh`` from one ``exp2`` (``tl.math`` has none that runs on every Triton 3.x); saturates to +-1."""
     e = tl.exp2(tl.minimum(x, 30.0) * 2.8853900817779268)  # exp(2x); tanh(30) is 1 in float32
     return 1.0 - 2.0 / (e + 1.0)
+
+
+@triton.jit
+def fp8_round(x):
+    """``x`` (float32) rounded to the nearest float8 e4m3fn value, saturating at +-448, still as float32.
+
+    Round-to-nearest-even on the e4m3 grid (3 mantissa bits, subnormal step 2^-9) by scaling with the exact
+    power-of-two step of ``x``'s binade and the 1.5 * 2^23 trick; equals ``torch``'s ``.to(float8_e4m3fn)``.
+    The interpreter's own float8 conversion mis-rounds at binade edges; values from here convert exactly.
+    """
+    x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+    exponent = tl.maximum(((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+    step = ((exponent + 124) << 23).to(tl.float32, bitcast=True)  # 2^(exponent - 3)
+    return ((x / step + 12582912.0) - 12582912.0) * step

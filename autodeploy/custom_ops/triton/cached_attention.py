@@ -23,6 +23,9 @@ One call runs up to three launches, all sized from tensor shapes and the host-si
    writes the output directly (no partials, no reduction launch). Partials are un-normalised fp32
    accumulators with their running max and sum; the reduction rescales them and adds the sinks.
 
+A chunk size (chunked local attention) bounds the keys from below like a window does: a row at position ``p``
+sees keys from ``max(p - window + 1, p - p % chunk)``, so the three key ranges and the decode split are the same.
+
 Logits: ``s = qk * scale`` (or ``cap * tanh(qk * scale / cap)``) ``+ slope * (k_pos - q_pos)``, computed in
 float32 and scaled by ``log2(e)`` for ``exp2``. P is cast to the value dtype for the second product (as every
 flash kernel does); float32 inputs use exact (``ieee``) products. Running maxima start at -1e30 (finite) so
@@ -38,7 +41,8 @@ import triton
 import triton.language as tl
 
 from .. import cached_attention as _reference  # noqa: F401  (registers the torch op family)
-from ._common import LOG2E, device_sms, mma, next_pow2, tanh, upcast_dots
+from ..cached_attention import FP8_CACHE_DTYPES
+from ._common import LOG2E, device_sms, fp8_round, mma, next_pow2, tanh, upcast_dots
 
 MAX_SPLITS = 64
 NEG_INIT: tl.constexpr = tl.constexpr(-1.0e30)  # running-max start: finite, so masked rows give 0, not NaN
@@ -75,9 +79,9 @@ def _kv_write_kernel(
     k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-    n_kv,
+    n_kv, inv_scale,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_H: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_H: tl.constexpr, PAGE: tl.constexpr, CACHE_FP8: tl.constexpr,
 ):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -95,6 +99,9 @@ def _kv_write_kernel(
         v = tl.load(v_ptr + t64 * stride_vt + heads[:, None] * stride_vh + offs_dv[None, :], mask=vmask)
         k_dst = kc_ptr + page * stride_kcb + off * stride_kcs + heads[:, None] * stride_kch + offs_d[None, :]
         v_dst = vc_ptr + page * stride_vcb + off * stride_vcs + heads[:, None] * stride_vch + offs_dv[None, :]
+        if CACHE_FP8:  # k / kv_scale, rounded and saturated like torch's float8 cast
+            k = fp8_round(k.to(tl.float32) * inv_scale)
+            v = fp8_round(v.to(tl.float32) * inv_scale)
         tl.store(k_dst, k.to(kc_ptr.dtype.element_ty), mask=kmask)
         tl.store(v_dst, v.to(vc_ptr.dtype.element_ty), mask=vmask)
 
@@ -113,19 +120,19 @@ def _logits(qk, q_pos, k_pos, slope, qk_scale, cap_scale, cap_inv, HAS_CAP: tl.c
 
 @triton.jit
 def _attend(
-    acc, m_i, l_i, q, q_pos, slope, lo, hi, k_end, window,
+    acc, m_i, l_i, q, q_pos, slope, lo, hi, k_end, window, chunk,
     kc_ptr, vc_ptr, pt_row_ptr, k_head_off, v_head_off,
     stride_kb, stride_ks, stride_vb, stride_vs,
     qk_scale, cap_scale, cap_inv,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr,
     HAS_CAP: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Online-softmax over the key tiles ``[lo, hi)`` of one sequence, read through its page-table row.
 
-    ``MASKED``: keys ``>= k_end`` are skipped, and (``CAUSAL``) keys after a row's position or (``HAS_WINDOW``)
-    out of its window get ``-inf``. Unmasked calls must only cover tiles every row sees in full.
+    ``MASKED``: keys ``>= k_end`` are skipped, and (``CAUSAL``) keys after a row's position, (``HAS_WINDOW``)
+    out of its window or (``HAS_CHUNK``) before its chunk get ``-inf``. Unmasked calls must only cover tiles every row sees in full.
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -156,6 +163,8 @@ def _attend(
                 visible = visible & (k_pos[None, :] <= q_pos[:, None])
             if HAS_WINDOW:
                 visible = visible & (q_pos[:, None] - k_pos[None, :] < window)
+            if HAS_CHUNK:
+                visible = visible & (k_pos[None, :] >= q_pos[:, None] // chunk * chunk)
             s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -173,6 +182,17 @@ def _attend(
 
 
 @triton.jit
+def _first_key(pos, window, chunk, HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr):
+    """The first key position a query at ``pos`` sees (window and chunk both bound it from below)."""
+    first = pos * 0
+    if HAS_WINDOW:
+        first = tl.maximum(first, pos - window + 1)
+    if HAS_CHUNK:
+        first = tl.maximum(first, pos // chunk * chunk)
+    return first
+
+
+@triton.jit
 def _finish(acc, m_i, l_i, sinks_ptr, head, row_ok, HAS_SINKS: tl.constexpr):
     """Normalise: add each head's sink logit to the denominator, divide."""
     if HAS_SINKS:
@@ -185,18 +205,19 @@ def _finish(acc, m_i, l_i, sinks_ptr, head, row_ok, HAS_SINKS: tl.constexpr):
     return acc / l_i[:, None]
 
 
-@triton.jit(do_not_specialize=["num_seqs", "window"])  # per-step values: no recompiles
+@triton.jit(do_not_specialize=["num_seqs", "window", "chunk"])  # per-step values: no recompiles
 def _prefill_kernel(
     q_ptr, kc_ptr, vc_ptr, o_ptr,
     seq_lens_ptr, cu_ptr, cache_lens_ptr, pt_ptr, sinks_ptr, alibi_ptr,
     num_seqs,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_pt,
-    qk_scale, cap_scale, cap_inv, window,
+    qk_scale, cap_scale, cap_inv, window, chunk,
     G: tl.constexpr, HEADS: tl.constexpr, NUM_HG: tl.constexpr, TOK: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SEQ: tl.constexpr, PAGE: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_CAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     kvh = tl.program_id(0) // NUM_HG
@@ -238,9 +259,9 @@ def _prefill_kernel(
         p_lo = n_cached + mt * TOK
         p_hi = n_cached + tl.minimum(mt * TOK + TOK, n_new) - 1
         full_hi = (p_lo + 1) // BLOCK_N * BLOCK_N  # tiles below are causally visible to every row
-        if HAS_WINDOW:
-            k_start = tl.maximum(p_lo - window + 1, 0) // BLOCK_N * BLOCK_N
-            full_lo = (tl.maximum(p_hi - window + 1, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+        if HAS_WINDOW or HAS_CHUNK:
+            k_start = _first_key(p_lo, window, chunk, HAS_WINDOW, HAS_CHUNK) // BLOCK_N * BLOCK_N
+            full_lo = (_first_key(p_hi, window, chunk, HAS_WINDOW, HAS_CHUNK) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
             mid_lo = tl.maximum(tl.minimum(full_lo, full_hi), k_start)
         else:
             k_start = 0
@@ -252,24 +273,24 @@ def _prefill_kernel(
         pt_row = pt_ptr + s.to(tl.int64) * stride_pt
         k_head_off = kvh.to(tl.int64) * stride_kh
         v_head_off = kvh.to(tl.int64) * stride_vh
-        if HAS_WINDOW:  # left edge of the window
+        if HAS_WINDOW or HAS_CHUNK:  # left edge of the window / chunk
             acc, m_i, l_i = _attend(
-                acc, m_i, l_i, q, q_pos, slope, k_start, mid_lo, total, window,
+                acc, m_i, l_i, q, q_pos, slope, k_start, mid_lo, total, window, chunk,
                 kc_ptr, vc_ptr, pt_row, k_head_off, v_head_off, stride_kb, stride_ks, stride_vb, stride_vs,
                 qk_scale, cap_scale, cap_inv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, PAGE,
-                True, True, HAS_WINDOW, HAS_CAP, HAS_ALIBI, UPCAST, IEEE,
+                True, True, HAS_WINDOW, HAS_CHUNK, HAS_CAP, HAS_ALIBI, UPCAST, IEEE,
             )
         acc, m_i, l_i = _attend(  # interior: no masks
-            acc, m_i, l_i, q, q_pos, slope, mid_lo, full_hi, total, window,
+            acc, m_i, l_i, q, q_pos, slope, mid_lo, full_hi, total, window, chunk,
             kc_ptr, vc_ptr, pt_row, k_head_off, v_head_off, stride_kb, stride_ks, stride_vb, stride_vs,
             qk_scale, cap_scale, cap_inv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, PAGE,
-            False, False, False, HAS_CAP, HAS_ALIBI, UPCAST, IEEE,
+            False, False, False, False, HAS_CAP, HAS_ALIBI, UPCAST, IEEE,
         )
         acc, m_i, l_i = _attend(  # causal diagonal
-            acc, m_i, l_i, q, q_pos, slope, full_hi, p_hi + 1, total, window,
+            acc, m_i, l_i, q, q_pos, slope, full_hi, p_hi + 1, total, window, chunk,
             kc_ptr, vc_ptr, pt_row, k_head_off, v_head_off, stride_kb, stride_ks, stride_vb, stride_vs,
             qk_scale, cap_scale, cap_inv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, PAGE,
-            True, True, HAS_WINDOW, HAS_CAP, HAS_ALIBI, UPCAST, IEEE,
+            True, True, HAS_WINDOW, HAS_CHUNK, HAS_CAP, HAS_ALIBI, UPCAST, IEEE,
         )
         out = _finish(acc, m_i, l_i, sinks_ptr, head, row_ok, HAS_SINKS)
         offs_dv = tl.arange(0, BLOCK_DV)
@@ -287,11 +308,12 @@ def _decode_kernel(
     first_seq, num_splits, n_q,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_pt,
-    qk_scale, cap_scale, cap_inv, window,
+    qk_scale, cap_scale, cap_inv, window, chunk,
     G: tl.constexpr, HEADS: tl.constexpr, NUM_HG: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_CAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_CAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
     SPLIT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -303,13 +325,10 @@ def _decode_kernel(
     ctx = tl.load(cache_lens_ptr + s) + n_new
     pos = ctx - 1
     tok = (tl.load(cu_ptr + s) + n_new - 1).to(tl.int64)
-    if HAS_WINDOW:
-        k_first = tl.maximum(pos - window + 1, 0)
-    else:
-        k_first = 0
-    chunk = ((ctx - k_first + num_splits - 1) // num_splits + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-    lo = k_first + split * chunk
-    hi = tl.minimum(lo + chunk, ctx)
+    k_first = _first_key(pos, window, chunk, HAS_WINDOW, HAS_CHUNK)
+    span = ((ctx - k_first + num_splits - 1) // num_splits + BLOCK_N - 1) // BLOCK_N * BLOCK_N  # keys per split
+    lo = k_first + split * span
+    hi = tl.minimum(lo + span, ctx)
 
     offs_h = tl.arange(0, BLOCK_H)
     g = hg * HEADS + offs_h
@@ -330,11 +349,11 @@ def _decode_kernel(
     m_i = tl.full((BLOCK_H,), NEG_INIT, dtype=tl.float32)
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
     acc, m_i, l_i = _attend(  # every key in [k_first, ctx) is visible: only the range end is masked
-        acc, m_i, l_i, q, q_pos, slope, lo, hi, hi, window,
+        acc, m_i, l_i, q, q_pos, slope, lo, hi, hi, window, chunk,
         kc_ptr, vc_ptr, pt_ptr + s.to(tl.int64) * stride_pt, kvh.to(tl.int64) * stride_kh,
         kvh.to(tl.int64) * stride_vh, stride_kb, stride_ks, stride_vb, stride_vs,
         qk_scale, cap_scale, cap_inv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, PAGE,
-        True, False, False, HAS_CAP, HAS_ALIBI, UPCAST, IEEE,
+        True, False, False, False, HAS_CAP, HAS_ALIBI, UPCAST, IEEE,
     )
     offs_dv = tl.arange(0, BLOCK_DV)
     if SPLIT:
@@ -400,9 +419,16 @@ def decode_splits(num_decode: int, programs_per_seq: int, max_ctx: int, block_n:
 
 
 def write_kv(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv_scale: float = 1.0,
 ) -> None:
-    """Scatter ``k``/``v`` ``[1, T, Nkv, D]`` into the paged pools at ``slot_mapping`` (negative: skipped)."""
+    """Scatter ``k``/``v`` ``[1, T, Nkv, D]`` into the paged pools at ``slot_mapping`` (negative: skipped).
+
+    Float8 pools receive ``k / kv_scale`` rounded to nearest and saturated (``cached_attention.to_cache``)."""
     num_tokens, n_kv, d = k.shape[1], k.shape[2], k.shape[3]
     dv = v.shape[3]
     if num_tokens == 0:
@@ -415,8 +441,8 @@ def write_kv(
         k.stride(1), k.stride(2), v.stride(1), v.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        n_kv, D=d, DV=dv, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_H=block_h, PAGE=k_cache.shape[1],
-        num_warps=4,
+        n_kv, 1.0 / kv_scale, D=d, DV=dv, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_H=block_h,
+        PAGE=k_cache.shape[1], CACHE_FP8=k_cache.dtype in FP8_CACHE_DTYPES, num_warps=4,
     )
 
 
@@ -442,7 +468,9 @@ def cached_attention_into(
     logit_cap: float | None = None,
     sinks: torch.Tensor | None = None,  # [Nq]
     alibi_slopes: torch.Tensor | None = None,  # [Nq]
+    chunk_size: int | None = None,
     *,
+    kv_scale: float = 1.0,
     config: AttentionConfig | None = None,
     num_splits: int | None = None,
 ) -> torch.Tensor:
@@ -467,19 +495,23 @@ def cached_attention_into(
         )
     num_prefill, num_prefill_tokens, num_decode = (int(x) for x in batch_info.tolist())
 
-    write_kv(k, v, k_cache, v_cache, slot_mapping)
+    write_kv(k, v, k_cache, v_cache, slot_mapping, kv_scale)
+    # float8 pools hold k / kv_scale and v / kv_scale: the K factor joins the logit scale, the V factor the output
+    kv_scale = float(kv_scale) if k_cache.dtype in FP8_CACHE_DTYPES else 1.0
 
     scale = d**-0.5 if scale is None else float(scale)
     has_cap = logit_cap is not None and logit_cap > 0
     has_window = sliding_window is not None and sliding_window > 0
+    has_chunk = chunk_size is not None and chunk_size > 0
     scalars = dict(
-        qk_scale=scale * LOG2E,
+        qk_scale=scale * kv_scale * LOG2E,
         cap_scale=float(logit_cap) * LOG2E if has_cap else 0.0,
-        cap_inv=scale / float(logit_cap) if has_cap else 0.0,
+        cap_inv=scale * kv_scale / float(logit_cap) if has_cap else 0.0,
         window=int(sliding_window) if has_window else 0,
+        chunk=int(chunk_size) if has_chunk else 1,
     )
     flags = dict(
-        HAS_WINDOW=has_window, HAS_CAP=has_cap, HAS_ALIBI=alibi_slopes is not None, HAS_SINKS=sinks is not None,
+        HAS_WINDOW=has_window, HAS_CHUNK=has_chunk, HAS_CAP=has_cap, HAS_ALIBI=alibi_slopes is not None, HAS_SINKS=sinks is not None,
         UPCAST=upcast_dots(q.dtype), IEEE=q.dtype == torch.float32,
     )
     dummy = q  # stands in for absent optional pointers (never read: their flag is off)
@@ -531,6 +563,8 @@ def cached_attention_into(
                 out.stride(1), out.stride(2), DV=dv, BLOCK_DV=block_dv, BLOCK_S=next_pow2(splits),
                 HAS_SINKS=sinks is not None, num_warps=4,
             )
+    if kv_scale != 1.0:
+        out.mul_(kv_scale)
     return out
 
 
@@ -552,17 +586,20 @@ def triton_cached_attention(
     logit_cap: float | None = None,
     sinks: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    *,
+    kv_scale: float = 1.0,
 ) -> torch.Tensor:
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     return cached_attention_into(
         out, q, k, v, k_cache, v_cache, seq_lens, cu_seqlens, cache_lens, page_table, slot_mapping, batch_info,
-        scale, sliding_window, logit_cap, sinks, alibi_slopes,
+        scale, sliding_window, logit_cap, sinks, alibi_slopes, chunk_size, kv_scale=kv_scale,
     )
 
 
 @triton_cached_attention.register_fake
 def _triton_cached_attention_fake(
     q, k, v, k_cache, v_cache, seq_lens, cu_seqlens, cache_lens, page_table, slot_mapping, batch_info,
-    scale=None, sliding_window=None, logit_cap=None, sinks=None, alibi_slopes=None,
+    scale=None, sliding_window=None, logit_cap=None, sinks=None, alibi_slopes=None, chunk_size=None, *, kv_scale=1.0,
 ):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
