@@ -20,6 +20,7 @@ from .errors import ConfigError
 
 DEFAULT_CONFIG = "default.yaml"
 SHARDING_TRANSFORMS = ("detect_sharding", "shard_attention", "shard_mlp", "shard_moe", "shard_vocab")
+QUANTIZE_TRANSFORMS = ("quantize_fp8_linear", "quantize_int8_linear", "quantize_int4_linear")
 
 
 class KVCacheConfig(BaseModel):
@@ -133,6 +134,10 @@ def build_config(
         cached.setdefault("backend", config.attn_backend)
         if config.kv_cache.dtype == "fp8":
             cached.setdefault("kv_cache_scale", config.kv_cache.scale)
+    for name in QUANTIZE_TRANSFORMS:  # each acts when the flag names its format (or the checkpoint is quantized)
+        quantize = config.transforms.get(name)
+        if quantize is not None:
+            quantize.setdefault("quantize", config.quantize)
     for name in SHARDING_TRANSFORMS:  # on only for tensor parallelism, unless a key says otherwise
         sharding = config.transforms.get(name)
         if sharding is not None:

@@ -10,7 +10,11 @@ from . import match_rmsnorm  # noqa: F401
 from . import match_glu  # noqa: F401
 from . import match_moe  # noqa: F401
 from . import match_custom_patterns  # noqa: F401
+from . import quantize_fp8_linear  # noqa: F401
+from . import quantize_int8_linear  # noqa: F401
+from . import quantize_int4_linear  # noqa: F401
 from . import fuse_parallel_linears  # noqa: F401
+from . import fuse_quant_linears  # noqa: F401
 from . import fuse_glu  # noqa: F401
 from . import fuse_add_rmsnorm  # noqa: F401
 from . import fuse_rope  # noqa: F401
