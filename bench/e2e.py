@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile-steps", action="store_true", help="per-step GPU vs wall time of the offline run")
+    parser.add_argument("--profile-ttft", action="store_true", help="GPU vs wall time of the TTFT prefill steps")
     parser.add_argument("--trace-from", type=int, default=None, help="torch.profiler over 6 offline steps from here")
     parser.add_argument("--only", default=None, help="comma list of: decode,ttft,offline (default all)")
     args = parser.parse_args()
@@ -105,6 +106,12 @@ def main() -> None:
     results["backend"] = engine.runner.spec.backend
     print(f"optimize: {results['optimize_s']:.1f}s backend={results['backend']}", flush=True)
     vocab = engine.vocab_size
+    if args.profile_steps:  # what the step runs: op counts of the cached graph
+        from collections import Counter
+
+        gm = getattr(engine.runner.gm, "_orig_mod", engine.runner.gm)
+        ops = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        print("graph ops:", json.dumps(dict(ops.most_common())), flush=True)
     run_engine_bench(engine, synthetic_requests(8, 128, 16, vocab, seed=1), 0, name="warm-up")
     results["cuda_graph_tokens_match_eager"] = cuda_graph_tokens_match(engine, vocab)
 
@@ -116,8 +123,13 @@ def main() -> None:
         if torch.cuda.is_available():
             results["batch1_graph_replay_ms"] = decode_replay_ms(engine)
     if "ttft" in only:
+        profiler = StepProfiler(engine) if args.profile_steps or args.profile_ttft else None
         r = run_engine_bench(engine, synthetic_requests(5, 1024, 1, vocab, seed=3), 1, name="ttft 1024")
         results["ttft_1024_p50_ms"] = r.ttft_p50_ms
+        if profiler is not None:
+            profiler.detach()
+            results["ttft_steps"] = profiler.summary()
+            print("ttft steps:", json.dumps(results["ttft_steps"]))
     if "offline" not in only:
         print(json.dumps(results, indent=2))
         return

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch.fx import GraphModule
 
+from ..custom_ops.attention_backends import make_step_planner
+from ..custom_ops.step_layout import StepLayout
 from ..transforms.gather_logits import LOGITS_INDICES
 from ..transforms.insert_cached_attention import KVCacheSpec
 from .cuda_graphs import CUDAGraphRunner
@@ -125,6 +127,7 @@ class ModelRunner:
             self.cache_inputs[f"k_cache_{i}"] = kv_caches[2 * i]
             self.cache_inputs[f"v_cache_{i}"] = kv_caches[2 * i + 1]
         self.cuda_graphs: CUDAGraphRunner | None = None
+        self.attention_planner = make_step_planner(gm, spec, kv_caches, device, block_size, self.max_pages)
 
     # ---- input packing ------------------------------------------------------------------------------------
     def _pack(
@@ -175,6 +178,8 @@ class ModelRunner:
             self.i64.host_view("fill_sources", len(rows)).numpy()[:] = fill.source_rows
         self.i64.upload()
         self.i32.upload()
+        if self.attention_planner is not None:  # backends that plan on the host before the graph runs
+            self.attention_planner.plan(StepLayout(lens, starts, cu, pages, num_prefill, pad_to))
         inputs = self.graph_inputs(num_tokens, padded_seqs, len(sample_rows))
         if fill is not None:  # tokens sampled by the previous step, still on the device
             n = len(fill.source_rows)

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch.fx import GraphModule, Node
 
-from ..custom_ops.attention_backends import resolve_backend
+from ..custom_ops.attention_backends import AttentionLayerNeeds, resolve_backend
 from ..errors import TransformError, UnsupportedArchitectureError
 from .base import SharedContext, Transform, TransformConfig, TransformInfo, TransformRegistry
 from .graph import find_nodes, node_val, placeholders
@@ -38,6 +38,7 @@ class LayerCacheSpec:
     head_dim: int
     v_head_dim: int
     dtype: torch.dtype
+    num_q_heads: int = 0
 
 
 @dataclass
@@ -57,6 +58,25 @@ class KVCacheSpec:
 
 
 _MASK_ARG = 9  # torch_attention's trailing ``mask``: folded away by match_attention, never cached
+
+
+_ATTENTION_PARAMS = ("q", "k", "v", "scale", "sliding_window", "logit_cap", "sinks", "alibi_slopes", "chunk_size")
+
+
+def _layer_needs(node: Node) -> AttentionLayerNeeds:
+    args = dict(zip(_ATTENTION_PARAMS, node.args)) | dict(node.kwargs)
+    q, k, v = (node_val(args[name]) for name in ("q", "k", "v"))
+    chunk = args.get("chunk_size")
+    return AttentionLayerNeeds(
+        num_q_heads=q.shape[2],
+        num_kv_heads=k.shape[2],
+        head_dim=k.shape[3],
+        v_head_dim=v.shape[3],
+        dtype=q.dtype,
+        sinks=args.get("sinks") is not None,
+        alibi=args.get("alibi_slopes") is not None,
+        chunked=chunk is not None and chunk > 0,
+    )
 
 
 class InsertCachedAttentionConfig(TransformConfig):
@@ -86,7 +106,7 @@ class InsertCachedAttention(Transform):
                 where=f"insert_cached_attention, node {masked[0].name}",
                 hint="`autodeploy inspect` shows match_attention's details['rejected'] for every layer",
             )
-        backend = resolve_backend(self.config.backend, ctx.device)
+        backend = resolve_backend(self.config.backend, ctx.device, [_layer_needs(n) for n in attention_nodes])
         graph = gm.graph
         last = placeholders(gm)[-1]
         metadata: list[Node] = []
@@ -98,7 +118,9 @@ class InsertCachedAttention(Transform):
         for i, node in enumerate(attention_nodes):
             q, k, v = node.args[:3]
             k_val, v_val = node_val(k), node_val(v)
-            spec.layers.append(LayerCacheSpec(k_val.shape[2], k_val.shape[3], v_val.shape[3], k_val.dtype))
+            spec.layers.append(
+                LayerCacheSpec(k_val.shape[2], k_val.shape[3], v_val.shape[3], k_val.dtype, node_val(q).shape[2])
+            )
             with graph.inserting_after(last):
                 k_cache = graph.placeholder(f"k_cache_{i}")
             with graph.inserting_after(k_cache):
