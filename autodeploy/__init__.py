@@ -5,7 +5,8 @@
     out = llm.generate(["The capital of France is"], autodeploy.SamplingParams(temperature=0, max_tokens=16))
 
 Importing the package itself is light (no torch): the engine, the transforms and the ``autodeploy::`` custom
-ops load on first use of ``LLM``, ``optimize``, ``register_pattern`` or ``register_transform``.
+ops load on first use of ``LLM``, ``optimize``, ``register_pattern`` or ``register_transform``, and the
+``torch.compile`` backend (``backend="autodeploy"``, see ``compile_backend/``) on first use by Dynamo.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .errors import (
     UnsupportedArchitectureError,
     VerificationError,
 )
+from .compile_backend.registration import install as _install_compile_backend
 from .executor.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -33,6 +35,8 @@ if TYPE_CHECKING:
 _LAZY = {"LLM": "api", "optimize": "api", "register_pattern": "extensions", "register_transform": "extensions"}
 
 __version__ = "0.1.0"
+
+_install_compile_backend()  # torch.compile(..., backend="autodeploy"), without importing torch here
 
 
 def __getattr__(name: str) -> Any:
