@@ -28,7 +28,7 @@ from autodeploy.custom_ops.quant_linear import (
     unpack_int4,
 )
 from autodeploy.custom_ops.triton.cached_attention import cached_attention_into
-from autodeploy.custom_ops.triton.quant_linear import W_INT4, GemmConfig, fp8_quantize_rows, wq_gemm
+from autodeploy.custom_ops.triton.quant_linear import W_INT4, GemmConfig, fp8_quantize_rows, scaled_mm_linear, wq_gemm
 from autodeploy.errors import ConfigError
 from autodeploy.models import ModelFactory
 from autodeploy.models.tiny import tiny_model
@@ -107,6 +107,18 @@ def test_fp8_linear_matches_reference(dtype, m, k, n):
     expected = ops.torch_quant_fp8_linear(x, weight, scale, bias)
     torch.testing.assert_close(ops.triton_quant_fp8_linear(x, weight, scale, bias).float(), expected.float(),
                                atol=TOL[dtype][0], rtol=TOL[dtype][1])
+
+
+@pytest.mark.parametrize("m", [1, 5, 16, 33])  # below 16 rows the activations are zero-padded, then sliced
+def test_scaled_mm_fp8_linear_matches_reference(m):
+    """The ``torch._scaled_mm`` path of the fp8 linear (CUDA's at every M; CPU has the same op)."""
+    x = torch.randn(m, 96, dtype=torch.bfloat16) * 2
+    weight, scale = quantize_fp8_weight(torch.randn(48, 96) * 0.05)
+    bias = torch.randn(48, dtype=torch.bfloat16)
+    expected = ops.torch_quant_fp8_linear(x, weight, scale, bias)
+    out = scaled_mm_linear(x, weight, scale, bias)
+    assert out.shape == (m, 48) and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.float(), atol=TOL[torch.bfloat16][0], rtol=TOL[torch.bfloat16][1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
