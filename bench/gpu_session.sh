@@ -24,7 +24,7 @@ for step in "$@"; do
     gpu-tests) timeout 300 python3 -m pytest -q -m gpu tests/ 2>&1 | tail -15 ;;
     moe)       timeout 420 python3 bench/moe.py --out "$OUT/moe.json" 2>&1 | tee "$OUT/moe.log" | grep '^{' | tail -20 ;;
     compile-backend) timeout 290 python3 bench/compile_backend.py --out "$OUT/compile_backend.json" 2>&1 | tee "$OUT/compile_backend.log" | grep '^{' ;;
-    tp)        NCCL_NVLS_ENABLE=0 timeout 420 python3 bench/tp.py --out "$OUT/tp.json" 2>&1 | tee "$OUT/tp.log" | grep '^{' ;;
+    tp)        NCCL_NVLS_ENABLE=0 timeout 560 python3 bench/tp.py --initializer-range 0.2 --out "$OUT/tp.json" 2>&1 | tee "$OUT/tp.log" | grep '^{' ;;
     *) echo "unknown step $step" ;;
   esac
 done
