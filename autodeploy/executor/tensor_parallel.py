@@ -180,8 +180,12 @@ def _spawn(model: Any, tokenizer: Any, config: AutoDeployConfig, progress: Calla
         if closed:
             return
         closed = True
-        group.shutdown(timeout_s=30.0 if healthy else 5.0)
-        destroy_distributed()
+        if healthy:  # the workers leave their groups on STOP: leave ours at the same time (NCCL's teardown waits
+            destroy_distributed()  # for the peers, so joining the workers first would deadlock until the timeout)
+            group.shutdown(timeout_s=30.0)
+        else:
+            group.shutdown(timeout_s=5.0)
+            destroy_distributed()
 
     info = DistInfo(0, world, 0)
     try:
