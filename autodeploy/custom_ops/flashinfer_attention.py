@@ -73,7 +73,7 @@ def unsupported_reason(
 
 def _write_kv(k, v, k_cache, v_cache, slot_mapping, kv_scale: float) -> None:
     if k.is_cuda:
-        from .triton.cached_attention import write_kv
+        from .triton.kv_write import write_kv
 
         write_kv(k, v, k_cache, v_cache, slot_mapping, kv_scale)
     else:  # CPU tests drive the planner with a stand-in for the flashinfer package
