@@ -102,10 +102,7 @@ def flashinfer_cached_attention(
     *,
     kv_scale: float = 1.0,
 ) -> torch.Tensor:
-    reason = unsupported_reason(q.shape[-1], v.shape[-1], q.dtype, sinks, alibi_slopes, chunk_size)
-    if reason is not None:
-        raise ValueError(f"flashinfer_cached_attention: {reason} is not supported; use attn_backend=triton")
-    if _active_planner is None:
+    if _active_planner is None:  # what layers need was checked when the backend was chosen (unsupported_reason)
         raise RuntimeError("flashinfer_cached_attention: no step was planned (the model runner plans each step)")
     _write_kv(k, v, k_cache, v_cache, slot_mapping, kv_scale)
     wrapper = _active_planner.wrapper(variant_key(scale, sliding_window, logit_cap, kv_scale))
