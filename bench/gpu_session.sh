@@ -21,10 +21,13 @@ for step in "$@"; do
     e2e-nohf)  timeout 300 python3 bench/e2e.py --skip-hf --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" | grep -v Warn | tail -40 ;;
     flashinfer) bash bench/flashinfer_setup.sh 2>&1 | tail -5 ;;
     e2e-flashinfer) timeout 420 python3 bench/e2e.py --skip-hf --attn-backend flashinfer --json "$OUT/e2e_flashinfer.json" 2>&1 | tee "$OUT/e2e_flashinfer.log" | grep -v Warn | tail -40 ;;
-    gpu-tests) timeout 300 python3 -m pytest -q -m gpu tests/ 2>&1 | tail -15 ;;
+    gpu-tests) timeout 540 python3 -m pytest -q -m gpu tests/ 2>&1 | tail -15 ;;  # FlashInfer JIT: ~60 s a variant
+    quant)     timeout 420 python3 bench/quant.py --out "$OUT/quant.json" 2>&1 | tee "$OUT/quant.log" | grep '^{' | tail -30 ;;
     moe)       timeout 420 python3 bench/moe.py --out "$OUT/moe.json" 2>&1 | tee "$OUT/moe.log" | grep '^{' | tail -20 ;;
     compile-backend) timeout 290 python3 bench/compile_backend.py --out "$OUT/compile_backend.json" 2>&1 | tee "$OUT/compile_backend.log" | grep '^{' ;;
     tp)        NCCL_NVLS_ENABLE=0 timeout 560 python3 bench/tp.py --initializer-range 0.2 --out "$OUT/tp.json" 2>&1 | tee "$OUT/tp.log" | grep '^{' ;;
     *) echo "unknown step $step" ;;
   esac
+  # a step stopped by its time limit leaves its JIT builds running; they would slow every later measurement
+  pkill -9 -f '(ninja|nvcc|cicc|ptxas)' 2>/dev/null || true
 done
