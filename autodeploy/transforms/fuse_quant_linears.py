@@ -18,20 +18,36 @@ from collections import defaultdict
 import torch
 from torch.fx import GraphModule, Node
 
-from ..custom_ops import triton as _triton_ops  # noqa: F401  (registers the triton_* ops named in _LAYOUTS)
 from .base import SharedContext, Transform, TransformInfo, TransformRegistry
 from .graph import drop_unused_attributes, find_nodes, get_attr_value
 
 aten = torch.ops.aten
 ops = torch.ops.autodeploy
 
-#: fused op -> (dim of each tensor argument along which N runs, or None for non-tensor args), after ``x``
-_LAYOUTS: dict = {}
-for _backend in ("torch", "triton"):
-    for _fmt in ("fp8", "int8"):
-        _LAYOUTS[getattr(ops, f"{_backend}_quant_{_fmt}_linear").default] = (0, 0, 0)  # weight, weight_scale, bias
-    _LAYOUTS[getattr(ops, f"{_backend}_quant_int4_linear").default] = (0, 1, 1, 0, None)  # q, scales, zeros, bias, g
-_BIAS_INDEX = {op: 3 if len(dims) == 3 else 4 for op, dims in _LAYOUTS.items()}  # position in the full arg list
+#: op name -> (dim of each tensor argument along which N runs, or None for non-tensor args), after ``x``
+_LAYOUT_BY_FORMAT = {"fp8": (0, 0, 0), "int8": (0, 0, 0), "int4": (0, 1, 1, 0, None)}  # int4: q, scales, zeros, bias, g
+
+
+def _layouts() -> dict:
+    """Fusable op -> its layout, for the quantized-linear ops registered in this process (the Triton ones exist
+    only where Triton does, and a graph can only hold registered ops)."""
+    layouts = {}
+    for backend in ("torch", "triton"):
+        for fmt, dims in _LAYOUT_BY_FORMAT.items():
+            packet = getattr(ops, f"{backend}_quant_{fmt}_linear", None)
+            if packet is not None:
+                layouts[packet.default] = dims
+    return layouts
+
+
+def _dims(target) -> tuple:
+    """The layout of one quantized-linear op (``autodeploy::<backend>_quant_<format>_linear``)."""
+    return _LAYOUT_BY_FORMAT[target._schema.name.rsplit("_quant_", 1)[1].removesuffix("_linear")]
+
+
+def _bias_index(dims: tuple) -> int:
+    """The bias's position in the full argument list."""
+    return 3 if len(dims) == 3 else 4
 
 
 def _args(node: Node) -> list:
@@ -53,10 +69,10 @@ def _fusable(gm: GraphModule, node: Node) -> bool:
 def _layout_key(gm: GraphModule, node: Node) -> tuple:
     """Nodes fuse only when every tensor argument has the same presence, dtype and shape off the N dim."""
     key: list = [node.target]
-    for i, (arg, dim) in enumerate(zip(_args(node)[1:], _LAYOUTS[node.target]), start=1):
+    for i, (arg, dim) in enumerate(zip(_args(node)[1:], _dims(node.target)), start=1):
         if dim is None:
             key.append(arg)  # int4 group size
-        elif i == _BIAS_INDEX[node.target]:
+        elif i == _bias_index(_dims(node.target)):
             continue  # a missing bias is filled with zeros
         elif arg is None:
             key.append(None)
@@ -78,10 +94,10 @@ def _register(gm: GraphModule, prefix: str, tensor: torch.Tensor) -> str:
 def _fuse_group(gm: GraphModule, group: list[Node]) -> list[int]:
     graph = gm.graph
     target = group[0].target
-    dims = _LAYOUTS[target]
+    dims = _dims(target)
     args_of = [_args(n) for n in group]
     sizes = [get_attr_value(gm, a[1]).shape[0] for a in args_of]
-    bias_at = _BIAS_INDEX[target]
+    bias_at = _bias_index(dims)
     with graph.inserting_before(group[0]):  # the group is in graph order
         fused_args: list = [group[0].args[0]]
         for i, dim in enumerate(dims, start=1):
@@ -116,7 +132,7 @@ def _fuse_group(gm: GraphModule, group: list[Node]) -> list[int]:
 class FuseQuantLinears(Transform):
     def _apply(self, gm: GraphModule, ctx: SharedContext) -> TransformInfo:
         groups: dict[tuple, list[Node]] = defaultdict(list)
-        for node in find_nodes(gm, list(_LAYOUTS)):
+        for node in find_nodes(gm, list(_layouts())):
             if _fusable(gm, node):
                 groups[(node.args[0], _layout_key(gm, node))].append(node)
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
