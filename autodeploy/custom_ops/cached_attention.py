@@ -125,8 +125,9 @@ def torch_cached_attention(
 
 
 @torch_cached_attention.register_fake
-def _torch_cached_attention_fake(
+def cached_attention_fake(
     q, k, v, k_cache, v_cache, seq_lens, cu_seqlens, cache_lens, page_table, slot_mapping, batch_info,
     scale=None, sliding_window=None, logit_cap=None, sinks=None, alibi_slopes=None, chunk_size=None, *, kv_scale=1.0,
 ):
+    """The fake kernel of every ``<backend>_cached_attention`` (same signature, same output)."""
     return q.new_empty((*q.shape[:-1], v.shape[-1]))

@@ -93,6 +93,7 @@ def torch_moe(
 
 
 @torch_moe.register_fake
-def _torch_moe_fake(x, topk_ids, topk_weights, w_up, w_down, b_up=None, b_down=None, activation="silu",
-                    gated=True, interleaved=False, limit=None, alpha=None):
+def moe_fake(x, topk_ids, topk_weights, w_up, w_down, b_up=None, b_down=None, activation="silu",
+             gated=True, interleaved=False, limit=None, alpha=None):
+    """The fake kernel of every ``<backend>_moe`` (same signature, same output)."""
     return torch.empty_like(x)

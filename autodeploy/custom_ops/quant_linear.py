@@ -190,15 +190,15 @@ def _linear_fake(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @torch_quant_fp8_linear.register_fake
-def _fp8_fake(x, weight, weight_scale, bias=None):
+def fp8_linear_fake(x, weight, weight_scale, bias=None):
     return _linear_fake(x, weight.shape[0])
 
 
 @torch_quant_int8_linear.register_fake
-def _int8_fake(x, weight, weight_scale, bias=None):
+def int8_linear_fake(x, weight, weight_scale, bias=None):
     return _linear_fake(x, weight.shape[0])
 
 
 @torch_quant_int4_linear.register_fake
-def _int4_fake(x, qweight, scales, zeros=None, bias=None, group_size=128):
+def int4_linear_fake(x, qweight, scales, zeros=None, bias=None, group_size=128):
     return _linear_fake(x, qweight.shape[0])

@@ -17,7 +17,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .base import SharedContext, Transform, TransformInfo, TransformRegistry
-from .graph import drop_unused_attributes, find_nodes, get_attr_value
+from .graph import add_parameter, drop_unused_attributes, find_nodes, get_attr_value
 
 aten = torch.ops.aten
 
@@ -37,15 +37,6 @@ def _fusable(gm: GraphModule, linear: Node) -> bool:
     return not get_attr_value(gm, weight).is_meta
 
 
-def _register(gm: GraphModule, prefix: str, tensor: torch.Tensor) -> str:
-    i = 0
-    while hasattr(gm, f"{prefix}_{i}"):
-        i += 1
-    name = f"{prefix}_{i}"
-    gm.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
-    return name
-
-
 def _fuse_group(gm: GraphModule, linears: list[Node]) -> None:
     graph = gm.graph
     weights = [get_attr_value(gm, n.args[1]) for n in linears]
@@ -60,8 +51,8 @@ def _fuse_group(gm: GraphModule, linears: list[Node]) -> None:
         )
     x = linears[0].args[0]
     with graph.inserting_before(linears[0]):  # the group is in graph order
-        weight_node = graph.get_attr(_register(gm, "fused_linear_weight", fused_weight))
-        bias_node = graph.get_attr(_register(gm, "fused_linear_bias", fused_bias)) if fused_bias is not None else None
+        weight_node = graph.get_attr(add_parameter(gm, "fused_linear_weight", fused_weight))
+        bias_node = graph.get_attr(add_parameter(gm, "fused_linear_bias", fused_bias)) if fused_bias is not None else None
         fused = graph.call_function(aten.linear.default, (x, weight_node, bias_node))
         split = graph.call_function(aten.split_with_sizes.default, (fused, sizes, -1))
         pieces = [graph.call_function(operator.getitem, (split, i)) for i in range(len(linears))]

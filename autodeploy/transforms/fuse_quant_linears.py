@@ -19,7 +19,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .base import SharedContext, Transform, TransformInfo, TransformRegistry
-from .graph import drop_unused_attributes, find_nodes, get_attr_value
+from .graph import add_parameter, drop_unused_attributes, find_nodes, get_attr_value
 
 aten = torch.ops.aten
 ops = torch.ops.autodeploy
@@ -82,15 +82,6 @@ def _layout_key(gm: GraphModule, node: Node) -> tuple:
     return tuple(key)
 
 
-def _register(gm: GraphModule, prefix: str, tensor: torch.Tensor) -> str:
-    i = 0
-    while hasattr(gm, f"{prefix}_{i}"):
-        i += 1
-    name = f"{prefix}_{i}"
-    gm.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
-    return name
-
-
 def _fuse_group(gm: GraphModule, group: list[Node]) -> list[int]:
     graph = gm.graph
     target = group[0].target
@@ -116,7 +107,7 @@ def _fuse_group(gm: GraphModule, group: list[Node]) -> list[int]:
             else:
                 parts = [t.detach() for t in present]
             fused = torch.cat(parts, dim=dim)
-            fused_args.append(graph.get_attr(_register(gm, f"fused_quant_linear_arg{i}", fused)))
+            fused_args.append(graph.get_attr(add_parameter(gm, f"fused_quant_linear_arg{i}", fused)))
         fused_node = graph.call_function(target, tuple(fused_args))
         split = graph.call_function(aten.split_with_sizes.default, (fused_node, sizes, -1))
         pieces = [graph.call_function(operator.getitem, (split, i)) for i in range(len(group))]

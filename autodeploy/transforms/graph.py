@@ -105,6 +105,16 @@ def set_graph_device(gm: GraphModule, device: torch.device) -> int:
     return changed
 
 
+def add_parameter(gm: GraphModule, prefix: str, tensor: torch.Tensor) -> str:
+    """Register ``tensor`` on ``gm`` as a frozen parameter under the first free ``<prefix>_<i>``; returns the name."""
+    i = 0
+    while hasattr(gm, f"{prefix}_{i}"):
+        i += 1
+    name = f"{prefix}_{i}"
+    gm.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
+    return name
+
+
 def drop_unused_attributes(gm: GraphModule) -> int:
     """Delete parameters and buffers no ``get_attr`` node refers to any more (frees replaced weights)."""
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}

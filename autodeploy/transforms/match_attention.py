@@ -26,17 +26,17 @@ What was left unmatched is listed in ``details["unmatched"]``.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
 
 from ..export.cleanup import remove_noop_ops
-from ..patterns import PatternSet, pattern_set
 from ..patterns.attention import ATTENTION_GROUPS, fold_attention_masks, fold_repeat_kv
 from ..patterns.attention_masks import forget_probes
-from .base import SharedContext, Transform, TransformInfo, TransformRegistry
+from .base import SharedContext, TransformInfo, TransformRegistry
 from .graph import find_nodes, node_val, run_shape_prop
+from .pattern_transform import PatternTransform
 
 aten = torch.ops.aten
 _MATMULS = (aten.matmul.default, aten.bmm.default)
@@ -83,15 +83,8 @@ def _unmatched(gm: GraphModule) -> list[str]:
 
 
 @TransformRegistry.register("match_attention")
-class MatchAttention(Transform):
-    _patterns: ClassVar[PatternSet | None] = None  # traced once per process
-
-    @classmethod
-    def pattern_set(cls) -> PatternSet:
-        if cls._patterns is None:
-            cls._patterns = pattern_set(*ATTENTION_GROUPS)
-            cls._patterns.match_meta = True
-        return cls._patterns
+class MatchAttention(PatternTransform):
+    pattern_groups = ATTENTION_GROUPS
 
     def _apply(self, gm: GraphModule, ctx: SharedContext) -> TransformInfo:
         try:

@@ -17,36 +17,18 @@ listed in ``details["unmatched"]``.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
 import torch
 from torch.fx import GraphModule
 
-from ..patterns import PatternSet, pattern_set
 from ..patterns.rmsnorm import RMSNORM_GROUPS
-from .base import SharedContext, Transform, TransformInfo, TransformRegistry
+from .base import TransformRegistry
 from .graph import find_nodes
+from .pattern_transform import PatternTransform
 
 
 @TransformRegistry.register("match_rmsnorm")
-class MatchRMSNorm(Transform):
-    _patterns: ClassVar[PatternSet | None] = None  # traced once per process
+class MatchRMSNorm(PatternTransform):
+    pattern_groups = RMSNORM_GROUPS
 
-    @classmethod
-    def pattern_set(cls) -> PatternSet:
-        if cls._patterns is None:
-            cls._patterns = pattern_set(*RMSNORM_GROUPS)
-            cls._patterns.match_meta = True
-        return cls._patterns
-
-    def _apply(self, gm: GraphModule, ctx: SharedContext) -> TransformInfo:
-        patterns = self.pattern_set()
-        num_matches = patterns.apply(gm)
-        details: dict[str, Any] = {"matches_by_pattern": dict(patterns.matches_by_pattern)}
-        rejected = patterns.live_rejections(gm)
-        if rejected:
-            details["rejected"] = rejected
-        unmatched = [n.name for n in find_nodes(gm, torch.ops.aten.rsqrt.default)]
-        if unmatched:
-            details["unmatched"] = unmatched
-        return TransformInfo(num_matches=num_matches, details=details)
+    def unmatched(self, gm: GraphModule) -> list[str]:
+        return [n.name for n in find_nodes(gm, torch.ops.aten.rsqrt.default)]

@@ -17,16 +17,16 @@ embedding returns them) and broadcast over the heads; other rotations (complex-n
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch.fx import GraphModule
 
 from ..export.cleanup import remove_noop_ops
-from ..patterns import PatternSet, pattern_set
 from ..patterns.rope import ROPE_GROUPS
-from .base import SharedContext, Transform, TransformInfo, TransformRegistry
+from .base import TransformRegistry
 from .graph import find_nodes, is_op, run_shape_prop
+from .pattern_transform import PatternTransform
 
 aten = torch.ops.aten
 
@@ -41,28 +41,13 @@ def _unmatched(gm: GraphModule) -> list[str]:
 
 
 @TransformRegistry.register("match_rope")
-class MatchRope(Transform):
-    _patterns: ClassVar[PatternSet | None] = None  # traced once per process
+class MatchRope(PatternTransform):
+    pattern_groups = ROPE_GROUPS
 
-    @classmethod
-    def pattern_set(cls) -> PatternSet:
-        if cls._patterns is None:
-            cls._patterns = pattern_set(*ROPE_GROUPS)
-            cls._patterns.match_meta = True
-        return cls._patterns
+    def after_matches(self, gm: GraphModule) -> dict[str, Any]:
+        gm.graph.eliminate_dead_code()
+        run_shape_prop(gm)
+        return {"noops_removed": remove_noop_ops(gm)}
 
-    def _apply(self, gm: GraphModule, ctx: SharedContext) -> TransformInfo:
-        patterns = self.pattern_set()
-        num_matches = patterns.apply(gm)
-        details: dict[str, Any] = {"matches_by_pattern": dict(patterns.matches_by_pattern)}
-        if num_matches:
-            gm.graph.eliminate_dead_code()
-            run_shape_prop(gm)
-            details["noops_removed"] = remove_noop_ops(gm)
-        rejected = patterns.live_rejections(gm)
-        if rejected:
-            details["rejected"] = rejected
-        unmatched = _unmatched(gm)
-        if unmatched:
-            details["unmatched"] = unmatched
-        return TransformInfo(num_matches=num_matches, details=details)
+    def unmatched(self, gm: GraphModule) -> list[str]:
+        return _unmatched(gm)

@@ -538,9 +538,4 @@ def triton_cached_attention(
     )
 
 
-@triton_cached_attention.register_fake
-def _triton_cached_attention_fake(
-    q, k, v, k_cache, v_cache, seq_lens, cu_seqlens, cache_lens, page_table, slot_mapping, batch_info,
-    scale=None, sliding_window=None, logit_cap=None, sinks=None, alibi_slopes=None, chunk_size=None, *, kv_scale=1.0,
-):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+triton_cached_attention.register_fake(_reference.cached_attention_fake)

@@ -335,20 +335,6 @@ def triton_quant_int4_linear(
     return y.view(*x.shape[:-1], qweight.shape[0])
 
 
-def _linear_fake(x: torch.Tensor, n: int) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], n))
-
-
-@triton_quant_fp8_linear.register_fake
-def _fp8_fake(x, weight, weight_scale, bias=None):
-    return _linear_fake(x, weight.shape[0])
-
-
-@triton_quant_int8_linear.register_fake
-def _int8_fake(x, weight, weight_scale, bias=None):
-    return _linear_fake(x, weight.shape[0])
-
-
-@triton_quant_int4_linear.register_fake
-def _int4_fake(x, qweight, scales, zeros=None, bias=None, group_size=128):
-    return _linear_fake(x, qweight.shape[0])
+triton_quant_fp8_linear.register_fake(_reference.fp8_linear_fake)
+triton_quant_int8_linear.register_fake(_reference.int8_linear_fake)
+triton_quant_int4_linear.register_fake(_reference.int4_linear_fake)
