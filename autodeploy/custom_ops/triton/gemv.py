@@ -1,0 +1,211 @@
+"""Weight-streaming GEMV for decode-sized batches (M <= ``GEMV_MAX_TOKENS``): every weight format in one kernel.
+
+At a few tokens a linear layer is a read of its weight and nothing else, so the kernel is built to stream the
+weight at the copy bandwidth: one program owns ``BLOCK_N`` output channels, walks K in ``BLOCK_K`` steps loading a
+``[BLOCK_N, BLOCK_K]`` weight tile (contiguous along K), and multiplies it on the CUDA cores against the
+``[BLOCK_M, BLOCK_K]`` activations (from L2), accumulating ``[BLOCK_M, BLOCK_N, BLOCK_K]`` in float32 and
+reducing over K once at the end. No tensor cores: at M <= 4 they would idle on padding, and the conversion of
+the weight to float32 is the only per-element work besides the multiply-add.
+
+Formats (``W_FMT``): 16-bit weights; fp8 and int8 (per-channel scale applied after the reduction); int4 planar
+(``quant_linear.py``: nibble ``j`` of word ``w`` in chunk ``c`` is ``k = 128c + 16j + w``), where each nibble plane
+is one ``[BLOCK_N, BLOCK_K / 8]`` tile of codes multiplied against the matching strided activations, and a
+group's scale and zero point are applied to the group's partial sum: ``s * (sum q x - z * sum x)``.
+
+fp8 keeps the op's numerics (``torch_quant_fp8_linear``): each program computes the per-token scale
+``max|x| / 448`` from the whole row first, then rounds each activation tile to fp8 (exact in float32) before the
+product; the per-token and per-channel scales multiply the sum.
+
+``SPLIT_K`` programs may share a row tile's K range when the row tiles alone cannot fill the GPU; they write
+float32 partials and the last to arrive (a per-tile counter it resets) adds them in split order: deterministic,
+one launch, CUDA-graph safe (the counters are those of ``quant_linear.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..quant_linear import FP8_MAX, FP8_SCALE_MIN, INT4_CHUNK, int4_group
+from ._common import INTERPRET, device_sms, fp8_round, next_pow2
+
+W_DENSE, W_FP8, W_INT8, W_INT4 = 3, 0, 1, 2  # the 8/4-bit codes are those of quant_linear.py
+GEMV_MAX_TOKENS = 4
+_FP8_MAX: tl.constexpr = tl.constexpr(FP8_MAX)
+_FP8_SCALE_MIN: tl.constexpr = tl.constexpr(FP8_SCALE_MIN)
+_MAGIC: tl.constexpr = tl.constexpr(0x4B000000)  # float bits of 2^23: OR-ing a code < 2^23 in gives 2^23 + code
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    warps: int = 4
+    stages: int = 3
+
+
+def gemv_config(m: int, n: int, k: int, fmt: int, device: torch.device) -> GemvConfig:
+    """Tiles from the shape (tuned on an H100 with ``bench/gemv.py``); the interpreter gets small legal tiles."""
+    if device.type != "cuda":
+        return GemvConfig(8, INT4_CHUNK if fmt == W_INT4 else 64, 2 if k > 128 else 1, 1, 1)
+    block_m = next_pow2(m)
+    bk = 512 if fmt != W_DENSE else 256
+    if fmt == W_INT4:
+        bk = 1024
+    bn = max(1, 8 // block_m) * (2 if fmt == W_INT4 else 1)
+    bn = max(bn, 2)
+    tiles = triton.cdiv(n, bn)
+    target = 4 * device_sms(device)
+    split = max(1, min(triton.cdiv(target, tiles), triton.cdiv(k, bk) // 4, 8))
+    return GemvConfig(bn, bk, split, 4, 3)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, lock_ptr,
+    M, N, K, stride_xm, stride_ym, stride_wn, stride_sg, steps_per_split,
+    W_FMT: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    HW_FP8: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # [BM, 1]
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BN, 1]
+
+    x_scale = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
+    if W_FMT == 0:  # per-token fp8 scale over the whole row
+        amax = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            xt = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)
+            amax = tl.maximum(amax, tl.abs(xt.to(tl.float32)))
+        x_scale = tl.maximum(tl.max(amax, 1) / _FP8_MAX, _FP8_SCALE_MIN)
+
+    k_lo = pid_k * steps_per_split * BLOCK_K
+    k_hi = tl.minimum(k_lo + steps_per_split * BLOCK_K, K)
+    if W_FMT == 2:
+        WORDS: tl.constexpr = BLOCK_K // 8
+        PLANES: tl.constexpr = GROUP // 16 if GROUP < 128 else 8  # nibble planes per scale group
+        word = tl.arange(0, WORDS)
+        col_base = 128 * (word // 16) + word % 16  # k of nibble 0 of each word, within the step
+        acc = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            w_ok = (k0 + 128 * (word // 16)) < K
+            words = tl.load(w_rows + (k0 // 8 + word)[None, :], mask=n_ok[:, None] & w_ok[None, :], other=0)
+            part = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
+            x_sum = tl.zeros((BLOCK_M, WORDS), dtype=tl.float32)
+            for j in tl.static_range(8):
+                kk = k0 + col_base + 16 * j
+                xj = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & (kk[None, :] < K), other=0.0).to(tl.float32)
+                codes = (((words >> (4 * j)) & 0xF) | _MAGIC).to(tl.float32, bitcast=True) - 8388608.0
+                part += codes[None, :, :] * xj[:, None, :]
+                x_sum += xj
+                if (j + 1) % PLANES == 0:  # end of a scale group for every word column
+                    g = (k0 + 128 * (word // 16) + 16 * (j + 1 - PLANES)) // GROUP
+                    s_off = g[None, :] * stride_sg + offs_n[:, None]
+                    s_ok = n_ok[:, None] & w_ok[None, :]
+                    s = tl.load(s_ptr + s_off, mask=s_ok, other=0.0).to(tl.float32)
+                    if HAS_ZEROS:
+                        z = tl.load(z_ptr + s_off, mask=s_ok, other=0.0).to(tl.float32)
+                    else:
+                        z = tl.full((BLOCK_N, WORDS), 8.0, dtype=tl.float32)
+                    acc += s[None, :, :] * (part - z[None, :, :] * x_sum[:, None, :])
+                    part = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
+                    x_sum = tl.zeros((BLOCK_M, WORDS), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = kk < K
+            w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            xt = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            if W_FMT == 0:
+                xt = xt / x_scale[:, None]
+                if HW_FP8:
+                    xt = xt.to(tl.float8e4nv).to(tl.float32)  # round-to-nearest, saturating (|x| <= 448 here)
+                else:
+                    xt = fp8_round(xt)
+            acc += w[None, :, :] * xt[:, None, :]
+    total = tl.sum(acc, 2)  # [BM, BN]
+
+    if SPLIT_K > 1:  # partials [SPLIT_K, tiles, BM, BN]; the last program of the tile adds them in split order
+        num_tiles = tl.num_programs(0)
+        cell = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tile_size = BLOCK_M * BLOCK_N
+        tl.store(part_ptr + (pid_k * num_tiles + tile).to(tl.int64) * tile_size + cell, total)
+        tl.debug_barrier()  # every thread's partial is written before the counter is released
+        arrived = tl.atomic_add(lock_ptr + tile, 1)
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for sk in range(SPLIT_K):
+                total += tl.load(part_ptr + (sk * num_tiles + tile).to(tl.int64) * tile_size + cell,
+                                 cache_modifier=".cg")
+            _gemv_epilogue(total, x_scale, s_ptr, b_ptr, y_ptr, offs_m, offs_n, m_ok, n_ok, stride_ym, W_FMT, HAS_BIAS)
+            tl.atomic_xchg(lock_ptr + tile, 0)
+    else:
+        _gemv_epilogue(total, x_scale, s_ptr, b_ptr, y_ptr, offs_m, offs_n, m_ok, n_ok, stride_ym, W_FMT, HAS_BIAS)
+
+
+@triton.jit
+def _gemv_epilogue(total, x_scale, s_ptr, b_ptr, y_ptr, offs_m, offs_n, m_ok, n_ok, stride_ym,
+                   W_FMT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    if W_FMT == 0 or W_FMT == 1:
+        total = total * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if W_FMT == 0:
+        total = total * x_scale[:, None]
+    if HAS_BIAS:
+        total = total + tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def gemv(
+    x: torch.Tensor,  # [M, K], unit last stride, M <= GEMV_MAX_TOKENS
+    fmt: int,
+    weight: torch.Tensor,  # 16-bit / fp8 / int8 [N, K], or int4 planar [N, Kp/8] int32
+    scales: torch.Tensor | None = None,  # [N] f32, or int4 [Gn, N]
+    zeros: torch.Tensor | None = None,  # int4 [Gn, N]
+    bias: torch.Tensor | None = None,  # [N]
+    group_size: int = 0,
+    config: GemvConfig | None = None,
+) -> torch.Tensor:
+    from .quant_linear import NUM_LOCKS, _locks  # the split-K counters are shared with the GEMM
+
+    m, k = x.shape
+    n = weight.shape[0]
+    if m > GEMV_MAX_TOKENS:
+        raise ValueError(f"gemv serves at most {GEMV_MAX_TOKENS} tokens, got {m}")
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    cfg = config or gemv_config(m, n, k, fmt, x.device)
+    if fmt == W_INT4 and cfg.block_k % INT4_CHUNK:
+        raise ValueError(f"int4 gemv needs block_k to be a multiple of {INT4_CHUNK}")
+    steps = triton.cdiv(k, cfg.block_k)
+    per_split = triton.cdiv(steps, max(1, cfg.split_k))
+    split = triton.cdiv(steps, per_split)
+    tiles = triton.cdiv(n, cfg.block_n)
+    if split > 1 and tiles > NUM_LOCKS:
+        per_split, split = steps, 1
+    block_m = next_pow2(m)
+    part = torch.empty(split * tiles * block_m * cfg.block_n, dtype=torch.float32, device=x.device) if split > 1 else y
+    locks = _locks(x.device) if split > 1 else y
+    group = int4_group(group_size, k) if fmt == W_INT4 else 1
+    s = scales if scales is not None else y
+    _gemv_kernel[(tiles, split)](
+        x, weight, s, zeros if zeros is not None else s, bias if bias is not None else s, y, part, locks,
+        m, n, k, x.stride(0), y.stride(0), weight.stride(0), scales.stride(0) if fmt == W_INT4 else 0, per_split,
+        W_FMT=fmt, GROUP=group, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, HW_FP8=not INTERPRET,
+        num_warps=1 if INTERPRET else cfg.warps, num_stages=cfg.stages,
+    )
+    return y

@@ -1,0 +1,235 @@
+"""Tile sweep of the decode GEMV (``custom_ops/triton/gemv.py``) and the int4/int8 prefill paths, on one GPU.
+
+    PYTHONPATH=$PWD python3 bench/gemv.py --out $OUT/gemv.json     # ~4 min on an H100
+    options: --fmts dense,fp8,int4  --tokens 1,2,4  --workers 14 (parallel Triton compiles)
+
+For Llama-3.1-8B's four linears per layer (fused qkv, o, fused gate/up, down), each format and M, every tile
+config of the grid is timed; the weights rotate over ``COPIES`` copies inside one CUDA graph so L2 holds none
+of them. One JSON line per result: the best config per shape with its GB/s of weight read, the baselines
+(cuBLAS ``F.linear`` on bf16 weights, ``torch._scaled_mm`` for fp8, the tensor-core Triton GEMM for int4/int8) and,
+for int4/int8 from 16 tokens up, ``dequantize + cuBLAS`` against the GEMM. The heuristics in
+``gemv_config`` / ``quant_linear.py`` are read off these lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from autodeploy.custom_ops.quant_linear import (  # noqa: E402
+    quantize_fp8_weight, quantize_int4_weight, quantize_int8_weight,
+)
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}  # (N, K)
+COPIES = 4
+COPY_BPS = 3.0e12
+GROUP = 128
+PREFILL_TOKENS = [16, 64, 256, 2048]
+
+
+def grid(fmt: str, m: int) -> list[tuple]:
+    """(block_n, block_k, split_k, warps, stages) candidates."""
+    bks = [512, 1024, 2048] if fmt == "int4" else [256, 512, 1024]
+    if m == 1:
+        return [(bn, bk, sk, w, s) for bn, bk, sk, (w, s) in
+                itertools.product([2, 4, 8, 16], bks, [1, 2, 4], [(4, 3), (8, 3), (4, 1)])]
+    return [(bn, bk, sk, 4, 3) for bn, bk, sk in itertools.product([2, 4, 8], bks[:2] if fmt == "int4" else bks, [1, 2])]
+
+
+def make_weights(fmt: str, n: int, k: int, copies: int) -> list[tuple]:
+    out = []
+    for _ in range(copies):
+        w = (torch.randn(n, k, device="cuda") * k**-0.5).to(torch.bfloat16)
+        if fmt == "dense":
+            out.append((w,))
+        elif fmt == "fp8":
+            out.append(quantize_fp8_weight(w))
+        elif fmt == "int8":
+            out.append(quantize_int8_weight(w))
+        else:
+            out.append(quantize_int4_weight(w, GROUP))
+        del w
+    return out
+
+
+def gemv_call(fmt: str, x, weights: tuple, cfg: tuple | None):
+    from autodeploy.custom_ops.triton.gemv import W_DENSE, W_FP8, W_INT4, W_INT8, GemvConfig, gemv
+
+    config = GemvConfig(*cfg) if cfg else None
+    code = {"dense": W_DENSE, "fp8": W_FP8, "int8": W_INT8, "int4": W_INT4}[fmt]
+    if fmt == "int4":
+        return gemv(x, code, weights[0], weights[1], weights[2], None, GROUP, config=config)
+    if fmt == "dense":
+        return gemv(x, code, weights[0], config=config)
+    return gemv(x, code, weights[0], weights[1], config=config)
+
+
+def compile_worker(tasks: list[tuple]) -> int:
+    """Compile (into Triton's disk cache) every (fmt, m, cfg) on every shape; returns the failures."""
+    import autodeploy.custom_ops.triton  # noqa: F401
+
+    failures = 0
+    weights = {}
+    for fmt, m, cfg in tasks:
+        for name, (n, k) in SHAPES.items():
+            if (fmt, name) not in weights:
+                weights[fmt, name] = make_weights(fmt, n, k, 1)[0]
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            try:
+                gemv_call(fmt, x, weights[fmt, name], cfg)
+            except Exception:
+                failures += 1
+    torch.cuda.synchronize()
+    return failures
+
+
+def graph_us(fn, copies: int) -> float:
+    """Median time of one call, from CUDA-graph replays of ``fn`` (which runs ``copies`` calls)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(15):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / copies)
+    del graph
+    return statistics.median(times)
+
+
+def nbytes(args: tuple) -> int:
+    return sum(t.numel() * t.element_size() for t in args if t is not None)
+
+
+def rel_err(out, ref) -> float:
+    if not torch.isfinite(out).all():
+        return math.inf
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def reference(fmt: str, x, args: tuple):
+    ops = torch.ops.autodeploy
+    if fmt == "dense":
+        return x.float() @ args[0].float().t()
+    if fmt == "fp8":
+        return ops.torch_quant_fp8_linear(x.float(), *args, None)
+    if fmt == "int8":
+        return ops.torch_quant_int8_linear(x.float(), *args, None)
+    return ops.torch_quant_int4_linear(x.float(), *args, None, GROUP)
+
+
+def baseline(fmt: str, x, args: tuple):
+    from autodeploy.custom_ops.triton.quant_linear import W_INT4, W_INT8, scaled_mm_linear, wq_gemm
+
+    if fmt == "dense":
+        return F.linear(x, args[0])
+    if fmt == "fp8":
+        return scaled_mm_linear(x, *args)
+    if fmt == "int8":
+        return wq_gemm(x, W_INT8, args[0], args[1])
+    return wq_gemm(x, W_INT4, *args, None, GROUP)
+
+
+def dequant_mm(fmt: str, x, args: tuple):
+    from autodeploy.custom_ops.triton.int4_dequant import int4_dequantize
+
+    if fmt == "int8":
+        return F.linear(x, args[0].to(x.dtype)) * args[1].to(x.dtype)
+    return F.linear(x, int4_dequantize(*args, GROUP, x.shape[1], x.dtype))
+
+
+def emit(doc: dict, path: str | None, **record) -> None:
+    print(json.dumps({k: v for k, v in record.items() if k not in ("all", "top5")}, default=str), flush=True)
+    doc["results"].append(record)
+    if path:
+        with open(path, "w") as f:
+            json.dump(doc, f, indent=1, default=str)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--fmts", default="dense,fp8,int4,int8")
+    parser.add_argument("--tokens", default="1,2,4")
+    parser.add_argument("--workers", type=int, default=14)
+    args = parser.parse_args()
+    import autodeploy.custom_ops.triton  # noqa: F401
+
+    fmts, tokens = args.fmts.split(","), [int(t) for t in args.tokens.split(",")]
+    doc = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "results": []}
+    t0 = time.time()
+    sweep = {(f, m): grid(f, m) if f != "int8" else [] for f in fmts for m in tokens}
+    tasks = [(f, m, cfg) for (f, m), cfgs in sweep.items() for cfg in cfgs]
+    chunks = [tasks[i :: args.workers] for i in range(args.workers)]
+    with mp.get_context("spawn").Pool(args.workers) as pool:
+        failures = sum(pool.map(compile_worker, chunks))
+    emit(doc, args.out, phase="compile", configs=len(tasks), failures=failures, s=round(time.time() - t0, 1))
+
+    torch.manual_seed(0)
+    for fmt in fmts:
+        for name, (n, k) in SHAPES.items():
+            ws = make_weights(fmt, n, k, COPIES)
+            size = nbytes(ws[0])
+            for m in tokens:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                ref = reference(fmt, x, ws[0])
+                row = {"phase": "gemv", "fmt": fmt, "M": m, "shape": name, "MB": round(size / 1e6, 1)}
+                base = graph_us(lambda: [baseline(fmt, x, w) for w in ws], COPIES)
+                row["baseline_us"], row["baseline_GB_s"] = round(base, 2), round(size / base / 1e3)
+                results = []
+                cands = sweep.get((fmt, m)) or ([None] if fmt == "int8" else [])
+                for cfg in cands:
+                    try:
+                        us = graph_us(lambda: [gemv_call(fmt, x, w, cfg) for w in ws], COPIES)
+                    except Exception as e:  # an illegal config (registers, shared memory) is skipped
+                        row.setdefault("errors", []).append(f"{cfg}: {type(e).__name__}")
+                        continue
+                    results.append((us, cfg))
+                results.sort(key=lambda r: r[0])
+                if results:
+                    best_us, best_cfg = results[0]
+                    row.update(best_us=round(best_us, 2), best_GB_s=round(size / best_us / 1e3), best_cfg=best_cfg,
+                               roof_us=round(size / COPY_BPS * 1e6, 2),
+                               top5=[(round(u, 2), c) for u, c in results[:5]],
+                               rel_err=rel_err(gemv_call(fmt, x, ws[0], best_cfg), ref),
+                               default_us=round(graph_us(lambda: [gemv_call(fmt, x, w, None) for w in ws], COPIES), 2))
+                    row["all"] = [(round(u, 2), c) for u, c in results]
+                emit(doc, args.out, **row)
+            if fmt in ("int4", "int8"):
+                for m in PREFILL_TOKENS:
+                    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                    ref = reference(fmt, x, ws[0])
+                    row = {"phase": "prefill", "fmt": fmt, "M": m, "shape": name}
+                    row["gemm_us"] = round(graph_us(lambda: [baseline(fmt, x, w) for w in ws], COPIES), 2)
+                    row["dequant_mm_us"] = round(graph_us(lambda: [dequant_mm(fmt, x, w) for w in ws], COPIES), 2)
+                    row["dequant_mm_rel_err"] = rel_err(dequant_mm(fmt, x, ws[0]), ref)
+                    emit(doc, args.out, **row)
+            del ws
+            torch.cuda.empty_cache()
+    emit(doc, args.out, phase="done", s=round(time.time() - t0, 1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""The decode GEMV and the int4 dequantize kernel (Triton interpreter on CPU) against the torch references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import autodeploy.custom_ops.triton  # noqa: F401  (registers the triton ops; the interpreter runs them on CPU)
+from autodeploy.custom_ops.quant_linear import (
+    dequantize_int4,
+    quantize_fp8_weight,
+    quantize_int4_weight,
+    quantize_int8_weight,
+)
+from autodeploy.custom_ops.triton.gemv import W_DENSE, W_FP8, W_INT4, W_INT8, GemvConfig, gemv
+from autodeploy.custom_ops.triton.int4_dequant import int4_dequantize
+
+ops = torch.ops.autodeploy
+SHAPES = [(1, 200, 83), (3, 576, 40), (4, 300, 17)]  # (tokens, in, out): odd sizes, K not a multiple of 128
+CONFIGS = [None, GemvConfig(4, 128, 3, 1, 1)]  # the CPU default, and a split-K one with several row tiles
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_gemv_8_and_16_bit_weights(m, k, n, config):
+    x = torch.randn(m, k) * 2
+    w = torch.randn(n, k) * 0.05
+    bias = torch.randn(n)
+    torch.testing.assert_close(gemv(x, W_DENSE, w, bias=bias, config=config), x @ w.t() + bias, atol=2e-5, rtol=2e-5)
+    q, s = quantize_fp8_weight(w, per_channel=m != 3)
+    torch.testing.assert_close(gemv(x, W_FP8, q, s, bias=bias, config=config),
+                               ops.torch_quant_fp8_linear(x, q, s, bias), atol=2e-5, rtol=2e-5)
+    q, s = quantize_int8_weight(w)
+    torch.testing.assert_close(gemv(x, W_INT8, q, s, config=config), ops.torch_quant_int8_linear(x, q, s),
+                               atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("group,symmetric", [(128, False), (16, False), (32, True), (64, False), (-1, True), (256, False)])
+@pytest.mark.parametrize("config", CONFIGS)
+def test_gemv_int4(group, symmetric, config):
+    for m, k, n in SHAPES:
+        x = torch.randn(m, k)
+        q, s, z = quantize_int4_weight(torch.randn(n, k) * 0.05, group, symmetric)
+        bias = torch.randn(n) if symmetric else None
+        torch.testing.assert_close(gemv(x, W_INT4, q, s, z, bias, group, config=config),
+                                   ops.torch_quant_int4_linear(x, q, s, z, bias, group), atol=2e-5, rtol=2e-5)
+
+
+def test_gemv_bfloat16_activations():
+    x = torch.randn(2, 256, dtype=torch.bfloat16)
+    q, s = quantize_fp8_weight(torch.randn(48, 256) * 0.05)
+    out = gemv(x, W_FP8, q, s)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ops.torch_quant_fp8_linear(x, q, s).float(), atol=2e-2, rtol=2e-2)
+
+
+def test_gemv_refuses_too_many_tokens():
+    with pytest.raises(ValueError, match="at most"):
+        gemv(torch.randn(5, 16), W_DENSE, torch.randn(8, 16))
+
+
+@pytest.mark.parametrize("group,symmetric", [(128, False), (32, True), (-1, False), (256, True)])
+def test_int4_dequantize_equals_reference(group, symmetric):
+    for k, n in [(200, 83), (576, 40)]:
+        q, s, z = quantize_int4_weight(torch.randn(n, k), group, symmetric)
+        ref = dequantize_int4(q, s, z, group, k)
+        assert torch.equal(int4_dequantize(q, s, z, group, k, torch.float32), ref)
+        # bfloat16: one rounding of the float32 value (the interpreter may round the last bit differently)
+        torch.testing.assert_close(int4_dequantize(q, s, z, group, k, torch.bfloat16), ref.bfloat16(),
+                                   atol=0, rtol=2**-7)
