@@ -1,13 +1,13 @@
 """Tile sweep of the decode GEMV (``custom_ops/triton/gemv.py``) and the int4/int8 prefill paths, on one GPU.
 
     PYTHONPATH=$PWD python3 bench/gemv.py --out $OUT/gemv.json     # ~4 min on an H100
-    options: --fmts dense,fp8,int4  --tokens 1,2,4  --workers 14 (parallel Triton compiles)
+    options: --fmts fp8,int4,dense,int8  --tokens 1,2,4  --workers 14 (parallel Triton compiles)
 
 For Llama-3.1-8B's four linears per layer (fused qkv, o, fused gate/up, down), each format and M, every tile
 config of the grid is timed; the weights rotate over ``COPIES`` copies inside one CUDA graph so L2 holds none
 of them. One JSON line per result: the best config per shape with its GB/s of weight read, the baselines
 (cuBLAS ``F.linear`` on bf16 weights, ``torch._scaled_mm`` for fp8, the tensor-core Triton GEMM for int4/int8) and,
-for int4/int8 from 16 tokens up, ``dequantize + cuBLAS`` against the GEMM. The heuristics in
+for int4 from 16 tokens up, ``dequantize + cuBLAS`` against the GEMM. The heuristics in
 ``gemv_config`` / ``quant_linear.py`` are read off these lines.
 """
 
@@ -40,12 +40,15 @@ PREFILL_TOKENS = [16, 64, 256, 2048]
 
 
 def grid(fmt: str, m: int) -> list[tuple]:
-    """(block_n, block_k, split_k, warps, stages) candidates."""
-    bks = [512, 1024, 2048] if fmt == "int4" else [256, 512, 1024]
-    if m == 1:
+    """(block_n, block_k, split_k, warps, stages) candidates, around the bests of the first H100 sweep."""
+    schedules = [(4, 3), (8, 3), (4, 1), (8, 1), (4, 2)]
+    if fmt == "int4":
         return [(bn, bk, sk, w, s) for bn, bk, sk, (w, s) in
-                itertools.product([2, 4, 8, 16], bks, [1, 2, 4], [(4, 3), (8, 3), (4, 1)])]
-    return [(bn, bk, sk, 4, 3) for bn, bk, sk in itertools.product([2, 4, 8], bks[:2] if fmt == "int4" else bks, [1, 2])]
+                itertools.product([4, 8, 16, 32] if m == 1 else [4, 8, 16], [1024, 2048], [1, 2], schedules)]
+    if fmt in ("fp8", "int8"):
+        return [(bn, bk, sk, w, s) for bn, bk, sk, (w, s) in
+                itertools.product([8, 16, 32, 64] if m == 1 else [4, 8, 16], [256, 512, 1024], [1, 2], schedules)]
+    return [(bn, bk, sk, w, s) for bn, bk, sk, (w, s) in itertools.product([1, 2, 4], [512, 1024, 2048], [1], schedules)]
 
 
 def make_weights(fmt: str, n: int, k: int, copies: int) -> list[tuple]:
@@ -153,11 +156,9 @@ def baseline(fmt: str, x, args: tuple):
 
 
 def dequant_mm(fmt: str, x, args: tuple):
-    from autodeploy.custom_ops.triton.int4_dequant import int4_dequantize
+    from autodeploy.custom_ops.triton.dequant_linear import int4_dequant_linear
 
-    if fmt == "int8":
-        return F.linear(x, args[0].to(x.dtype)) * args[1].to(x.dtype)
-    return F.linear(x, int4_dequantize(*args, GROUP, x.shape[1], x.dtype))
+    return int4_dequant_linear(x, *args, None, GROUP)
 
 
 def emit(doc: dict, path: str | None, **record) -> None:
@@ -171,8 +172,8 @@ def emit(doc: dict, path: str | None, **record) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
-    parser.add_argument("--fmts", default="dense,fp8,int4,int8")
-    parser.add_argument("--tokens", default="1,2,4")
+    parser.add_argument("--fmts", default="fp8,int4,dense")
+    parser.add_argument("--tokens", default="1,2")
     parser.add_argument("--workers", type=int, default=14)
     args = parser.parse_args()
     import autodeploy.custom_ops.triton  # noqa: F401
@@ -180,7 +181,7 @@ def main() -> None:
     fmts, tokens = args.fmts.split(","), [int(t) for t in args.tokens.split(",")]
     doc = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "results": []}
     t0 = time.time()
-    sweep = {(f, m): grid(f, m) if f != "int8" else [] for f in fmts for m in tokens}
+    sweep = {(f, m): grid(f, m) for f in fmts for m in tokens}
     tasks = [(f, m, cfg) for (f, m), cfgs in sweep.items() for cfg in cfgs]
     chunks = [tasks[i :: args.workers] for i in range(args.workers)]
     with mp.get_context("spawn").Pool(args.workers) as pool:
@@ -199,8 +200,7 @@ def main() -> None:
                 base = graph_us(lambda: [baseline(fmt, x, w) for w in ws], COPIES)
                 row["baseline_us"], row["baseline_GB_s"] = round(base, 2), round(size / base / 1e3)
                 results = []
-                cands = sweep.get((fmt, m)) or ([None] if fmt == "int8" else [])
-                for cfg in cands:
+                for cfg in sweep[fmt, m]:
                     try:
                         us = graph_us(lambda: [gemv_call(fmt, x, w, cfg) for w in ws], COPIES)
                     except Exception as e:  # an illegal config (registers, shared memory) is skipped
@@ -217,7 +217,7 @@ def main() -> None:
                                default_us=round(graph_us(lambda: [gemv_call(fmt, x, w, None) for w in ws], COPIES), 2))
                     row["all"] = [(round(u, 2), c) for u, c in results]
                 emit(doc, args.out, **row)
-            if fmt in ("int4", "int8"):
+            if fmt == "int4":
                 for m in PREFILL_TOKENS:
                     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                     ref = reference(fmt, x, ws[0])

@@ -8,8 +8,8 @@ One JSON line is printed per measurement (``{"phase": ..., ...}``); ``--out`` ge
 
 **kernels**: the four linears of one layer (fused qkv, o, fused gate/up, down) for ``ROTATE`` layers with their
 own weights, run inside one CUDA graph (so L2 holds no weights over), per format: bf16 ``F.linear``, fp8
-(Triton weight-streaming kernel up to 8 tokens, per-token fp8 activations + ``torch._scaled_mm`` above), int4
-group-128 (Triton W4A16). ``us_per_layer``, weight ``GB/s`` and ``rel_err`` against the torch reference.
+(the decode GEMV up to ``GEMV_MAX_TOKENS``, per-token fp8 activations + ``torch._scaled_mm`` above), int4
+group-128 (the GEMV, the Triton W4A16 GEMM, dequantize + cuBLAS from ``DEQUANT_MIN_TOKENS``; ``path``). ``us_per_layer``, weight ``GB/s`` and ``rel_err`` against the torch reference.
 
 **fp8 / int4 engines**: ``optimize(config.json, quantize=...)`` with random weights: batch-1 decode tok/s (ISL 128,
 ``--decode-osl``), the batch-1 decode CUDA-graph replay time, CUDA-graph greedy tokens == eager ones, and for fp8
@@ -42,7 +42,7 @@ from autodeploy import optimize  # noqa: E402
 from autodeploy.bench.engine_bench import run_engine_bench  # noqa: E402
 from autodeploy.bench.workload import synthetic_requests  # noqa: E402
 from autodeploy.custom_ops.quant_linear import quantize_fp8_weight, quantize_int4_weight  # noqa: E402
-from autodeploy.custom_ops.triton.quant_linear import use_scaled_mm  # noqa: E402
+from autodeploy.custom_ops.triton.quant_linear import GEMV_MAX_TOKENS, use_dequant, use_scaled_mm  # noqa: E402
 from e2e import cuda_graph_tokens_match, decode_replay_ms  # noqa: E402
 
 ops = torch.ops.autodeploy
@@ -52,7 +52,7 @@ H, I, NQ, NKV, D = (64, 96, 4, 2, 16) if SMOKE else (4096, 14336, 32, 8, 128)
 LAYER_SHAPES = {  # name: (N, K)
     "qkv": ((NQ + 2 * NKV) * D, H), "o": (H, NQ * D), "gate_up": (2 * I, H), "down": (H, I),
 }
-TOKENS = [1, 19] if SMOKE else [1, 8, 16, 64, 256, 2048]
+TOKENS = [1, 19] if SMOKE else [1, 4, 8, 16, 64, 256, 2048]
 ROTATE = 2 if SMOKE else 4
 COPY_BPS = 3.0e12  # H100 copy bandwidth (measured)
 REL_TOL = 2e-2
@@ -141,8 +141,13 @@ def bench_kernels(res: Results) -> None:
                         for name, args in layers[0].items()]
                 row["rel_err"] = max(errs)
                 row["ok"] = row["rel_err"] < REL_TOL
-            if fmt == "fp8":
-                row["path"] = "scaled_mm" if use_scaled_mm(xs["o"].reshape(m, -1), layers[0]["o"][0]) else "triton"
+            x_o = xs["o"].reshape(m, -1)
+            if fmt != "bf16" and m <= GEMV_MAX_TOKENS:
+                row["path"] = "gemv"
+            elif fmt == "fp8":
+                row["path"] = "scaled_mm" if use_scaled_mm(x_o, layers[0]["o"][0]) else "triton"
+            elif fmt == "int4":
+                row["path"] = "dequant+cublas" if use_dequant(x_o) else "triton"
 
             def run_all() -> None:
                 for layer in layers:

@@ -13,7 +13,7 @@ from autodeploy.custom_ops.quant_linear import (
     quantize_int8_weight,
 )
 from autodeploy.custom_ops.triton.gemv import W_DENSE, W_FP8, W_INT4, W_INT8, GemvConfig, gemv
-from autodeploy.custom_ops.triton.int4_dequant import int4_dequantize
+from autodeploy.custom_ops.triton.dequant_linear import int4_dequant_linear, int4_dequantize
 
 ops = torch.ops.autodeploy
 SHAPES = [(1, 200, 83), (3, 576, 40), (4, 300, 17)]  # (tokens, in, out): odd sizes, K not a multiple of 128
@@ -68,3 +68,13 @@ def test_int4_dequantize_equals_reference(group, symmetric):
         # bfloat16: one rounding of the float32 value (the interpreter may round the last bit differently)
         torch.testing.assert_close(int4_dequantize(q, s, z, group, k, torch.bfloat16), ref.bfloat16(),
                                    atol=0, rtol=2**-7)
+
+
+def test_dequantized_int4_linear_matches_reference():
+    """The int4 prefill path (CUDA picks it from ``DEQUANT_MIN_TOKENS`` tokens up) on CPU, float32."""
+    x = torch.randn(70, 200)
+    w = torch.randn(40, 200) * 0.05
+    bias = torch.randn(40)
+    q, s, z = quantize_int4_weight(w, 64, False)
+    torch.testing.assert_close(int4_dequant_linear(x, q, s, z, bias, 64), ops.torch_quant_int4_linear(x, q, s, z, bias, 64),
+                               atol=2e-5, rtol=2e-5)

@@ -33,7 +33,7 @@ from ..quant_linear import FP8_MAX, FP8_SCALE_MIN, INT4_CHUNK, int4_group
 from ._common import INTERPRET, device_sms, fp8_round, next_pow2
 
 W_DENSE, W_FP8, W_INT8, W_INT4 = 3, 0, 1, 2  # the 8/4-bit codes are those of quant_linear.py
-GEMV_MAX_TOKENS = 4
+GEMV_MAX_TOKENS = 4  # what the kernel takes; quant_linear.py sends it fewer where it is the fastest path
 _FP8_MAX: tl.constexpr = tl.constexpr(FP8_MAX)
 _FP8_SCALE_MIN: tl.constexpr = tl.constexpr(FP8_SCALE_MIN)
 _MAGIC: tl.constexpr = tl.constexpr(0x4B000000)  # float bits of 2^23: OR-ing a code < 2^23 in gives 2^23 + code
@@ -49,19 +49,16 @@ class GemvConfig:
 
 
 def gemv_config(m: int, n: int, k: int, fmt: int, device: torch.device) -> GemvConfig:
-    """Tiles from the shape (tuned on an H100 with ``bench/gemv.py``); the interpreter gets small legal tiles."""
+    """Tiles from the shape, read off ``bench/gemv.py`` on an H100 (Llama-3.1-8B's linears at M = 1, 2);
+    the interpreter gets small legal tiles."""
     if device.type != "cuda":
         return GemvConfig(8, INT4_CHUNK if fmt == W_INT4 else 64, 2 if k > 128 else 1, 1, 1)
-    block_m = next_pow2(m)
-    bk = 512 if fmt != W_DENSE else 256
+    split = 2 if k >= 8192 and m == 1 else 1  # long rows (down_proj): two programs share a row tile
     if fmt == W_INT4:
-        bk = 1024
-    bn = max(1, 8 // block_m) * (2 if fmt == W_INT4 else 1)
-    bn = max(bn, 2)
-    tiles = triton.cdiv(n, bn)
-    target = 4 * device_sms(device)
-    split = max(1, min(triton.cdiv(target, tiles), triton.cdiv(k, bk) // 4, 8))
-    return GemvConfig(bn, bk, split, 4, 3)
+        return GemvConfig(8, 1024, split, 4, 3)
+    if fmt == W_DENSE:
+        return GemvConfig(2, 1024, 1, 4, 1) if m == 1 else GemvConfig(4, 512, 1, 4, 3)
+    return GemvConfig(16 if m == 1 else 8, 512, split, 4, 3)  # fp8 / int8
 
 
 @triton.jit

@@ -18,12 +18,16 @@ weight stream: each weight byte is read once, activations come from L2.
   range, write float32 partials, and the last to finish (an atomic counter per tile, reset by that program)
   sums them in split order — deterministic, one launch, CUDA-graph safe.
 
-``triton_quant_fp8_linear`` on CUDA (16-aligned K and N, 16-bit activations) quantizes activations with
-``_fp8_rows_kernel`` and calls ``torch._scaled_mm`` with row-wise scales (Hopper fp8 tensor cores) at every M,
-padding fewer than ``SCALED_MM_MIN_ROWS`` rows with zeros: measured on an H100 (docs/PERFORMANCE.md) it reads
-the weights at 1.7 TB/s from 16 rows, where this kernel's fp8 path read them at 0.8 TB/s at 1-8 rows. The
-kernel serves fp8 elsewhere (CPU interpreter, unaligned shapes, ``max_triton_tokens``). int8 and int4 use the
-kernel at every M (larger tiles, no split).
+Which path runs, by the number of tokens M (the thresholds are read off ``bench/gemv.py`` on an H100):
+
+- fp8: ``M <= FP8_GEMV_MAX_TOKENS`` the weight-streaming GEMV of ``gemv.py``; above, on CUDA (16-aligned K and
+  N, 16-bit activations), per-token fp8 activations from ``_fp8_rows_kernel`` and ``torch._scaled_mm`` with
+  row-wise scales (Hopper fp8 tensor cores), fewer than ``SCALED_MM_MIN_ROWS`` rows zero-padded; elsewhere (CPU
+  interpreter, unaligned shapes) this file's kernel.
+- int4: ``M <= INT4_GEMV_MAX_TOKENS`` the GEMV; from ``DEQUANT_MIN_TOKENS`` up, on CUDA, ``dequant_linear.py`` (a
+  dense copy of the weight, cuBLAS); between the two, this file's kernel.
+- int8: this file's kernel at every M (it streams int8 at 1.3-1.9 TB/s from M = 1; neither the GEMV nor
+  dequantize + cuBLAS beat it in the sweep).
 """
 
 from __future__ import annotations
@@ -37,9 +41,13 @@ import triton.language as tl
 from .. import quant_linear as _reference  # noqa: F401  (registers the torch op family)
 from ..quant_linear import FP8_DTYPE, FP8_MAX, FP8_SCALE_MIN, INT4_CHUNK, INT4_SLICE, int4_group
 from ._common import INTERPRET, device_sms, fp8_round, mma, next_pow2, tl_dtype, upcast_dots
+from .dequant_linear import int4_dequant_linear
+from .gemv import gemv
 
 W_FP8, W_INT8, W_INT4 = 0, 1, 2
-FP8_TRITON_MAX_TOKENS = 0  # above this the fp8 linear uses torch._scaled_mm on CUDA
+FP8_GEMV_MAX_TOKENS = 1  # fp8 up to here: the GEMV (H100, M=1: 117 vs 144 us a layer); above, _scaled_mm
+INT4_GEMV_MAX_TOKENS = 2  # int4 up to here: the GEMV (M=1: 112 vs 174 us a layer, M=2: 169 vs 174)
+DEQUANT_MIN_TOKENS = 17  # int4 from here up (CUDA): dequantize + cuBLAS (M=64: 425 vs 655 us; M=16: 425 vs 180)
 SCALED_MM_MIN_ROWS = 16  # fewer rows are zero-padded to this for torch._scaled_mm
 MAX_SPLIT_K = 16
 NUM_LOCKS = 4096  # split-K counters per device (tiles of one launch)
@@ -269,25 +277,35 @@ def fp8_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return xq, scale
 
 
-def use_scaled_mm(x: torch.Tensor, weight: torch.Tensor, max_triton_tokens: int = FP8_TRITON_MAX_TOKENS) -> bool:
-    m, k = x.shape
-    return (
-        x.is_cuda
-        and m > max_triton_tokens
-        and x.dtype in (torch.bfloat16, torch.float16)
-        and k % 16 == 0
-        and weight.shape[0] % 16 == 0
-    )
+def use_scaled_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    k = x.shape[1]
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and k % 16 == 0 and weight.shape[0] % 16 == 0
 
 
 def fp8_linear(
-    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
-    max_triton_tokens: int = FP8_TRITON_MAX_TOKENS,
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``[M, K] -> [M, N]``: the Triton kernel for few tokens, fp8 quantization + ``torch._scaled_mm`` otherwise."""
-    if not use_scaled_mm(x, weight, max_triton_tokens):
-        return wq_gemm(x, W_FP8, weight, weight_scale, None, bias, act_fp8=True)
-    return scaled_mm_linear(x, weight, weight_scale, bias)
+    """``[M, K] -> [M, N]``: the GEMV for few tokens, else fp8 quantization + ``torch._scaled_mm`` (or the kernel)."""
+    if x.shape[0] <= FP8_GEMV_MAX_TOKENS:
+        return gemv(x, W_FP8, weight, weight_scale, None, bias)
+    if use_scaled_mm(x, weight):
+        return scaled_mm_linear(x, weight, weight_scale, bias)
+    return wq_gemm(x, W_FP8, weight, weight_scale, None, bias, act_fp8=True)
+
+
+def use_dequant(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.shape[0] >= DEQUANT_MIN_TOKENS and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def int4_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+    bias: torch.Tensor | None, group_size: int,
+) -> torch.Tensor:
+    if x.shape[0] <= INT4_GEMV_MAX_TOKENS:
+        return gemv(x, W_INT4, qweight, scales, zeros, bias, group_size)
+    if use_dequant(x):
+        return int4_dequant_linear(x, qweight, scales, zeros, bias, group_size)
+    return wq_gemm(x, W_INT4, qweight, scales, zeros, bias, group_size)
 
 
 def scaled_mm_linear(
@@ -331,7 +349,7 @@ def triton_quant_int4_linear(
     bias: torch.Tensor | None = None,
     group_size: int = 128,
 ) -> torch.Tensor:
-    y = wq_gemm(_rows(x), W_INT4, qweight, scales, zeros, bias, group_size)
+    y = int4_linear(_rows(x), qweight, scales, zeros, bias, group_size)
     return y.view(*x.shape[:-1], qweight.shape[0])
 
 

@@ -1,14 +1,17 @@
-"""int4 planar weights back to a dense ``[N, K]`` matrix, for the prefill-sized path ``dequantize + cuBLAS``.
+"""int4 linears for prefill-sized batches: dequantize the weight to 16 bits, then one cuBLAS GEMM.
 
-From some tens of tokens up, a linear layer is compute-bound, and the tensor cores run a dense 16-bit GEMM far
-faster than a kernel that unpacks nibbles inside its main loop. Writing the dense weight once per call costs
-about one more read and write of it (``bench/gemv.py`` measures where that pays off). Values equal
-``dequantize_int4`` rounded to the output dtype: ``(q - zero) * scale`` in float32, zero 8 when symmetric.
+From some tens of tokens up a linear layer is compute-bound, and the tensor cores run a dense 16-bit GEMM far
+faster than a kernel that unpacks codes inside its main loop. Writing the dense weight once per call costs about
+one more read and write of it (``bench/gemv.py`` measures where that pays off).
+
+``int4_dequantize`` writes ``(q - zero) * scale`` (float32, rounded once to the output dtype; zero 8 when
+symmetric) from the planar layout in one launch.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -62,3 +65,12 @@ def int4_dequantize(
         num_warps=1 if INTERPRET else 4,
     )
     return w
+
+
+def int4_dequant_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+    bias: torch.Tensor | None, group_size: int,
+) -> torch.Tensor:
+    """``[M, K] -> [M, N]`` of ``torch_quant_int4_linear`` through a dense copy of the weight."""
+    return F.linear(x, int4_dequantize(qweight, scales, zeros, group_size, x.shape[1], x.dtype), bias)
+
