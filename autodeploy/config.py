@@ -70,6 +70,7 @@ class AutoDeployConfig(BaseModel):
     async_scheduling: bool = True
     quantize: Literal[None, "fp8", "int8_weight_only", "int4_weight_only"] = None
     tensor_parallel_size: int = Field(1, ge=1)
+    all_reduce: Literal["auto", "nccl"] = "auto"  # auto: symmetric memory for decode-sized CUDA messages
     seed: int = 0
     export: ExportConfig = Field(default_factory=ExportConfig)
     transforms: dict[str, dict[str, Any]] = Field(default_factory=dict)

@@ -7,6 +7,8 @@ For each tensor-parallel size: build the engine (random weights from the same se
 rank's GPU; each rank keeps only its shard), greedy tokens of a few prompts (with the top-2 logprobs, so a
 divergence can be told apart from a near-tie between two tokens), then batch-1 decode tokens/s (CUDA graphs,
 ITL p50 over whole requests). Then: are TP=2's greedy tokens TP=1's, and the decode speed-up (target >= 1.6x).
+TP=N runs once per ``--all-reduce`` setting (default ``auto,nccl``: symmetric memory for small messages, then
+NCCL only), so one invocation shows what the symmetric-memory all-reduce buys.
 Prints one JSON line per measurement and rewrites ``--out`` after each, so a run cut short keeps what it measured.
 NVLink multicast (NVLS) stays off: ``NCCL_NVLS_ENABLE=0`` is set here unless the caller set it.
 """
@@ -28,6 +30,7 @@ import torch  # noqa: E402
 from autodeploy import SamplingParams, optimize  # noqa: E402
 from autodeploy.bench.engine_bench import run_engine_bench  # noqa: E402
 from autodeploy.bench.workload import synthetic_requests  # noqa: E402
+from autodeploy.distributed.symm_all_reduce import symm_all_reduce_bytes  # noqa: E402
 
 GPU_MODEL = "examples/configs/llama-3.1-8b/config.json"
 TARGET_SPEEDUP = 1.6
@@ -123,7 +126,8 @@ def config_with(model: str, overrides: dict) -> str:
 
 
 def run_tp(
-    model: str, tp: int, args: argparse.Namespace, cuda: bool, results: Results, baseline: dict | None = None
+    model: str, tp: int, args: argparse.Namespace, cuda: bool, results: Results, baseline: dict | None = None,
+    all_reduce: str = "auto",
 ) -> dict:
     """Build, measure and shut down one engine. With ``baseline`` (TP=1's result) the comparison rows are written
     before the shutdown, so a rank that is slow to stop cannot lose them."""
@@ -133,10 +137,11 @@ def run_tp(
     if overrides:
         model = config_with(model, overrides)
     start = time.perf_counter()
-    engine = optimize(model, tensor_parallel_size=tp, **settings)
+    engine = optimize(model, tensor_parallel_size=tp, all_reduce=all_reduce, **settings)
     build_s = time.perf_counter() - start
-    results.add({"measure": "build", "tp": tp, "seconds": round(build_s, 1),
-                 "kv_cache_blocks": engine.scheduler.config.num_blocks})
+    results.add({"measure": "build", "tp": tp, "all_reduce": all_reduce, "seconds": round(build_s, 1),
+                 "kv_cache_blocks": engine.scheduler.config.num_blocks,
+                 "symm_all_reduce_bytes": symm_all_reduce_bytes()})
     try:
         vocab = engine.vocab_size
         prompts = [list(torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(7 + i)).tolist())
@@ -147,12 +152,12 @@ def run_tp(
         run_engine_bench(engine, synthetic_requests(2, 64, 8, vocab, seed=1), 1, name=f"warm-up tp={tp}")
         requests = synthetic_requests(args.decode_requests, 128, args.decode_tokens, vocab, seed=2)
         report = run_engine_bench(engine, requests, 1, name=f"batch-1 decode tp={tp}")
-        decode = {"measure": "decode_batch1", "tp": tp, "tok_s": round(1e3 / report.itl_p50_ms, 1),
+        decode = {"measure": "decode_batch1", "tp": tp, "all_reduce": all_reduce, "tok_s": round(1e3 / report.itl_p50_ms, 1),
                   "itl_p50_ms": round(report.itl_p50_ms, 3), "itl_p99_ms": round(report.itl_p99_ms, 3)}
         results.add(decode)
         measured = {"greedy": greedy, "tok_s": decode["tok_s"]}
         if baseline is not None:
-            add_comparison(results, args.tp, baseline, measured)
+            add_comparison(results, args.tp, baseline, measured, all_reduce)
         return measured
     finally:
         stop_start = time.perf_counter()
@@ -178,6 +183,8 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs (to isolate a capture problem)")
     parser.add_argument("--initializer-range", type=float, default=None,
                         help="std of the random weights (the config's 0.02 gives exact top-2 ties in bf16; try 0.2)")
+    parser.add_argument("--all-reduce", default="auto,nccl",
+                        help="all_reduce settings to run TP=N with, in order (auto: symmetric memory for small messages)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available() and not args.smoke
     if not args.smoke and not cuda:
@@ -195,14 +202,16 @@ def main() -> None:
                                  "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")})
     start = time.perf_counter()
     base = run_tp(model, 1, args, cuda, results)
-    run_tp(model, args.tp, args, cuda, results, baseline=base)
+    for all_reduce in args.all_reduce.split(","):
+        run_tp(model, args.tp, args, cuda, results, baseline=base, all_reduce=all_reduce)
     results.add({"measure": "done", "total_s": round(time.perf_counter() - start, 1)})
 
 
-def add_comparison(results: Results, tp: int, base: dict, sharded: dict) -> None:
-    results.add({"measure": "greedy_equal", "tp": tp, **compare_greedy(base["greedy"], sharded["greedy"])})
+def add_comparison(results: Results, tp: int, base: dict, sharded: dict, all_reduce: str) -> None:
+    results.add({"measure": "greedy_equal", "tp": tp, "all_reduce": all_reduce,
+                 **compare_greedy(base["greedy"], sharded["greedy"])})
     speedup = sharded["tok_s"] / base["tok_s"]
-    results.add({"measure": "decode_speedup", "tp": tp, "speedup": round(speedup, 3),
+    results.add({"measure": "decode_speedup", "tp": tp, "all_reduce": all_reduce, "speedup": round(speedup, 3),
                  "target": TARGET_SPEEDUP, "meets_target": speedup >= TARGET_SPEEDUP})
 
 

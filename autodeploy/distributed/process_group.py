@@ -88,8 +88,13 @@ def init_distributed(
     device: torch.device,
     init_method: str = "env://",
     timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+    all_reduce: str = "nccl",
 ) -> None:
-    """Join the model group (NCCL on CUDA, gloo otherwise) and create the gloo control group."""
+    """Join the model group (NCCL on CUDA, gloo otherwise) and create the gloo control group.
+
+    ``all_reduce="auto"`` also sets up the symmetric-memory all-reduce for small CUDA messages
+    (``symm_all_reduce.py``; every rank or none).
+    """
     global _control_group
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -110,6 +115,10 @@ def init_distributed(
         probe = torch.ones(1, device=device)
         dist.all_reduce(probe)
         torch.cuda.synchronize(device)
+        if all_reduce == "auto" and info.world_size > 1:
+            from .symm_all_reduce import setup_symm_all_reduce
+
+            setup_symm_all_reduce(device)
     logger.info("rank %d/%d joined (%s on %s)", info.rank, info.world_size, dist.get_backend(), device)
 
 
@@ -120,6 +129,9 @@ def control_group() -> Any:
 def destroy_distributed() -> None:
     """Leave every group this process joined (no-op when none)."""
     global _control_group
+    from .symm_all_reduce import teardown_symm_all_reduce
+
+    teardown_symm_all_reduce()
     _control_group = None
     if is_initialized():
         try:

@@ -124,7 +124,7 @@ def _spawned_worker(ctx: WorkerContext, payload: tuple[Any, AutoDeployConfig, di
     device = rank_device(config.device, info.local_rank)
     if device.type == "cpu":  # ranks share the host's cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.world_size))
-    init_distributed(info, device, ctx.init_method)
+    init_distributed(info, device, ctx.init_method, all_reduce=config.all_reduce)
     try:
         run_worker(model, config, info, device, ctx.channel)
     finally:
@@ -191,7 +191,7 @@ def _spawn(model: Any, tokenizer: Any, config: AutoDeployConfig, progress: Calla
     try:
         built, error = _try_build(model, tokenizer, config, info, device, progress)  # while the workers start
         group.wait_alive()
-        init_distributed(info, device, group.init_method)
+        init_distributed(info, device, group.init_method, all_reduce=config.all_reduce)
         return _leader_engine(built, error, config, info, group.channel, group.failure, on_close, progress)
     except BaseException:
         on_close(False)
@@ -207,7 +207,7 @@ def _join_torchrun(model: Any, tokenizer: Any, config: AutoDeployConfig, progres
             hint="start as many processes as tensor_parallel_size (torchrun --nproc-per-node x --nnodes)",
         )
     device = rank_device(config.device, info.local_rank)
-    init_distributed(info, device, "env://")
+    init_distributed(info, device, "env://", all_reduce=config.all_reduce)
     channel = GlooChannel(control_group(), info.rank)
     if info.rank != 0:
         try:
