@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD python3 bench/compile_backend.py --out $OUT/compile_backend.json   # one H100, ~3-4 min
     python bench/compile_backend.py --smoke --out /tmp/compile_backend.json              # CPU, tiny Llama
-    options: --configs eager,autodeploy,inductor,autodeploy_fx  --batches 1,16  --layers N  --mode MODE
+    options: --configs eager,autodeploy,inductor,autodeploy_fx  --batches 1,16  --layers N  --mode MODE  --profile
 
 The model is built from ``examples/configs/llama-3.1-8b/config.json`` with random bf16 weights directly on the GPU
 (``--layers`` cuts the depth for a quick look). Every run is ``generate`` with Hugging Face's **static** KV cache
@@ -137,7 +137,9 @@ def autodeploy_summary(new_reports: list) -> dict[str, Any]:
     }
 
 
-def measure(model, name: str, batch: int, mode: str | None, eager_tokens: dict[int, torch.Tensor]) -> dict[str, Any]:
+def measure(
+    model, name: str, batch: int, mode: str | None, eager_tokens: dict[int, torch.Tensor], profile: bool = False
+) -> dict[str, Any]:
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(batch)
     ids = torch.randint(100, vocab - 100, (batch, PROMPT), generator=gen).to(next(model.parameters()).device)
@@ -172,7 +174,29 @@ def measure(model, name: str, batch: int, mode: str | None, eager_tokens: dict[i
         row["first_divergence"] = divergence
     if name.startswith("autodeploy"):
         row.update(autodeploy_summary(reports()[reports_before:]))
+    if profile:
+        row.update(top_kernels(model, ids, config))
     return row
+
+
+def top_kernels(model, ids: torch.Tensor, config, count: int = 12) -> dict[str, Any]:
+    """One more ``generate`` under ``torch.profiler``: the GPU kernels that took the most time in it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activity = ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU  # CPU: the smoke
+    with profile(activities=[activity]) as prof:
+        generate(model, ids, config)
+    rows = []
+    for event in prof.key_averages():
+        if activity == ProfilerActivity.CPU:
+            us = event.self_cpu_time_total
+        else:
+            us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+        if us > 0:
+            rows.append((us, event.key, event.count))
+    rows.sort(reverse=True)
+    return {"gpu_ms_total": round(sum(r[0] for r in rows) / 1e3, 2),
+            "top_kernels": [(name[:90], round(us / 1e3, 2), n) for us, name, n in rows[:count]]}
 
 
 def reset(model: torch.nn.Module) -> None:
@@ -196,6 +220,7 @@ def main() -> None:
     parser.add_argument("--mode", default="reduce-overhead", help="torch.compile mode of inductor/autodeploy")
     parser.add_argument("--budget-s", type=float, default=225.0, help="skip measurements that would start later")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--profile", action="store_true", help="add each run's top GPU kernels (torch.profiler)")
     args = parser.parse_args()
     configs = [c for c in args.configs.split(",") if c]
     unknown = set(configs) - set(CONFIGS)
@@ -231,7 +256,7 @@ def main() -> None:
                 results.emit({"config": name, "batch": batch, "skipped": f"past --budget-s {args.budget_s}"})
                 continue
             try:
-                results.emit(measure(model, name, batch, mode, eager_tokens))
+                results.emit(measure(model, name, batch, mode, eager_tokens, args.profile))
             except Exception as e:  # one failing configuration must not lose the others' numbers
                 results.emit({"config": name, "batch": batch, "error": f"{type(e).__name__}: {e}"[:2000]})
                 traceback.print_exc()

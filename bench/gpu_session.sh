@@ -26,6 +26,8 @@ for step in "$@"; do
     quant)     timeout 420 python3 bench/quant.py --out "$OUT/quant.json" 2>&1 | tee "$OUT/quant.log" | grep '^{' | tail -30 ;;
     moe)       timeout 420 python3 bench/moe.py --out "$OUT/moe.json" 2>&1 | tee "$OUT/moe.log" | grep '^{' | tail -20 ;;
     compile-backend) timeout 290 python3 bench/compile_backend.py --out "$OUT/compile_backend.json" 2>&1 | tee "$OUT/compile_backend.log" | grep '^{' ;;
+    compile-profile) timeout 240 python3 bench/compile_backend.py --configs inductor,autodeploy --batches 16 --profile --out "$OUT/compile_profile.json" 2>&1 | tee "$OUT/compile_profile.log" | grep '^{' ;;
+    tp-tests)  NCCL_NVLS_ENABLE=0 timeout 240 python3 -m pytest -q -m gpu tests/test_symm_all_reduce.py 2>&1 | tail -15 ;;
     tp)        NCCL_NVLS_ENABLE=0 timeout 560 python3 bench/tp.py --initializer-range 0.2 --out "$OUT/tp.json" 2>&1 | tee "$OUT/tp.log" | grep '^{' ;;
     *) echo "unknown step $step" ;;
   esac
