@@ -12,12 +12,14 @@ else
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+clocks() { nvidia-smi --query-gpu=index,clocks.sm,clocks.max.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active --format=csv,noheader | tr '\n' ' '; echo; }
 for step in "$@"; do
-  echo "=== $step ==="
+  echo "=== $step === $(clocks)"
   case "$step" in
     kernels)   timeout 240 python3 bench/kernels.py --quick 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
     kernels-full) timeout 400 python3 bench/kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -60 ;;
     e2e)       timeout 420 python3 bench/e2e.py --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" | grep -v Warn | tail -40 ;;
+    e2e-latency) timeout 240 python3 bench/e2e.py --skip-hf --only decode,ttft --profile-ttft --json "$OUT/e2e_latency.json" 2>&1 | tee "$OUT/e2e_latency.log" | grep -v Warn | tail -30 ;;
     e2e-nohf)  timeout 300 python3 bench/e2e.py --skip-hf --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" | grep -v Warn | tail -40 ;;
     flashinfer) bash bench/flashinfer_setup.sh 2>&1 | tail -5 ;;
     e2e-flashinfer) timeout 420 python3 bench/e2e.py --skip-hf --attn-backend flashinfer --json "$OUT/e2e_flashinfer.json" 2>&1 | tee "$OUT/e2e_flashinfer.log" | grep -v Warn | tail -40 ;;
@@ -34,3 +36,4 @@ for step in "$@"; do
   # a step stopped by its time limit leaves its JIT builds running; they would slow every later measurement
   pkill -9 -f '(ninja|nvcc|cicc|ptxas)' 2>/dev/null || true
 done
+echo "=== end === $(clocks)"

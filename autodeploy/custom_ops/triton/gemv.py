@@ -57,8 +57,10 @@ def gemv_config(m: int, n: int, k: int, fmt: int, device: torch.device) -> GemvC
     if fmt == W_INT4:
         return GemvConfig(8, 1024, split, 4, 3)
     if fmt == W_DENSE:
-        return GemvConfig(2, 1024, 1, 4, 1) if m == 1 else GemvConfig(4, 512, 1, 4, 3)
-    return GemvConfig(16 if m == 1 else 8, 512, split, 4, 3)  # fp8 / int8
+        return GemvConfig(2, 2048, 1, 8 if k >= 8192 else 4, 1) if m == 1 else GemvConfig(4, 512, 1, 4, 3)
+    if m == 1:  # fp8 / int8
+        return GemvConfig(16, 1024 if n <= 4096 else 512, 1, 4, 3)
+    return GemvConfig(16, 512, 1, 4, 2)
 
 
 @triton.jit
