@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,8 +127,25 @@ def control_group() -> Any:
     return _control_group if _control_group is not None else dist.group.WORLD
 
 
-def destroy_distributed() -> None:
-    """Leave every group this process joined (no-op when none)."""
+def destroy_distributed(timeout_s: float | None = None) -> bool:
+    """Leave every group this process joined (no-op when none); ``True`` once done.
+
+    With ``timeout_s`` the teardown runs in a daemon thread and this returns ``False`` if it has not finished by
+    then (NCCL's teardown waits for every peer's; a caller that must not hang then stops the peers itself).
+    """
+    if timeout_s is None:
+        _destroy()
+        return True
+    thread = threading.Thread(target=_destroy, name="autodeploy-destroy-distributed", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        logger.warning("leaving the process groups did not finish within %.0fs; going on without it", timeout_s)
+        return False
+    return True
+
+
+def _destroy() -> None:
     global _control_group
     from .symm_all_reduce import teardown_symm_all_reduce
 

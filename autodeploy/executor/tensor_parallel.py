@@ -51,6 +51,7 @@ logger = logging.getLogger("autodeploy.executor")
 
 #: how long an idle worker polls for the next step before it sleeps (GPU hosts; 0 on CPU)
 SPIN_S = 0.05
+DESTROY_TIMEOUT_S = 20.0  # rank 0's share of the group teardown at shutdown; the workers are stopped after it
 
 
 def engine_max_seq_len(config: AutoDeployConfig, factory: ModelFactory) -> int:
@@ -181,8 +182,9 @@ def _spawn(model: Any, tokenizer: Any, config: AutoDeployConfig, progress: Calla
             return
         closed = True
         if healthy:  # the workers leave their groups on STOP: leave ours at the same time (NCCL's teardown waits
-            destroy_distributed()  # for the peers, so joining the workers first would deadlock until the timeout)
-            group.shutdown(timeout_s=30.0)
+            # for the peers, so joining the workers first would deadlock); bounded, as a peer may never get there
+            left = destroy_distributed(timeout_s=DESTROY_TIMEOUT_S)
+            group.shutdown(timeout_s=30.0 if left else 5.0)
         else:
             group.shutdown(timeout_s=5.0)
             destroy_distributed()
