@@ -20,6 +20,7 @@ import gc
 import json
 import os
 import sys
+import subprocess
 import tempfile
 import time
 
@@ -34,7 +35,8 @@ from autodeploy.distributed.symm_all_reduce import symm_all_reduce_bytes  # noqa
 
 GPU_MODEL = "examples/configs/llama-3.1-8b/config.json"
 TARGET_SPEEDUP = 1.6
-NEAR_TIE = 0.05  # TP=1's top-2 logprob gap under which a TP=2 divergence is rounding order, not a sharding bug
+NEAR_TIE = 0.05
+CHILD_SHUTDOWN_S = 30.0  # after its measurements, how long a child run may take to shut down  # TP=1's top-2 logprob gap under which a TP=2 divergence is rounding order, not a sharding bug
 
 
 class Results:
@@ -63,7 +65,7 @@ def smoke_model_path() -> str:
 
 def engine_settings(args: argparse.Namespace, cuda: bool) -> dict:
     settings = {
-        "dtype": "bfloat16" if cuda else "float32",
+        "dtype": args.dtype or ("bfloat16" if cuda else "float32"),
         "random_weights": True,
         "seed": 0,
         "max_batch_size": 4,
@@ -156,6 +158,8 @@ def run_tp(
                   "itl_p50_ms": round(report.itl_p50_ms, 3), "itl_p99_ms": round(report.itl_p99_ms, 3)}
         results.add(decode)
         measured = {"greedy": greedy, "tok_s": decode["tok_s"]}
+        if args.child:  # for the parent, before the shutdown that may hang
+            results.add({"measure": "measured", "tp": tp, "all_reduce": all_reduce, **measured})
         if baseline is not None:
             add_comparison(results, args.tp, baseline, measured, all_reduce)
         return measured
@@ -183,6 +187,11 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs (to isolate a capture problem)")
     parser.add_argument("--initializer-range", type=float, default=None,
                         help="std of the random weights (the config's 0.02 gives exact top-2 ties in bf16; try 0.2)")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # "tp:all_reduce": one run (internal)
+    parser.add_argument("--isolate", action="store_true", help="each run in a child process (always on CUDA)")
+    parser.add_argument("--child-timeout", type=float, default=240.0, help="seconds for one run in its child process")
+    parser.add_argument("--dtype", default=None, help="model dtype (default bfloat16 on CUDA; float32 makes the "
+                        "greedy comparison decidable: no bf16 near-ties)")
     parser.add_argument("--all-reduce", default="auto,nccl",
                         help="all_reduce settings to run TP=N with, in order (auto: symmetric memory for small messages)")
     args = parser.parse_args()
@@ -201,10 +210,72 @@ def main() -> None:
                                  "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE"),
                                  "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")})
     start = time.perf_counter()
-    base = run_tp(model, 1, args, cuda, results)
+    if args.child:
+        tp, all_reduce = args.child.split(":")
+        run_tp(model, int(tp), args, cuda, results, all_reduce=all_reduce)
+        return
+    isolate = cuda or args.isolate
+    if isolate:
+        def run(tp, all_reduce, base):
+            return run_isolated_with(results, tp, all_reduce, args.child_timeout)
+    else:
+        def run(tp, all_reduce, base):
+            return run_tp(model, tp, args, cuda, results, base, all_reduce)
+    base = run(1, "auto", None)
     for all_reduce in args.all_reduce.split(","):
-        run_tp(model, args.tp, args, cuda, results, baseline=base, all_reduce=all_reduce)
+        sharded = run(args.tp, all_reduce, base)
+        if isolate and base and sharded:
+            add_comparison(results, args.tp, base, sharded, all_reduce)
     results.add({"measure": "done", "total_s": round(time.perf_counter() - start, 1)})
+
+
+def child_command(config: str, out: str) -> list[str]:
+    """This script's command line for one (tp, all_reduce) run in a child process."""
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg in ("--out", "--all-reduce"):
+            skip = True
+        elif not arg.startswith(("--out=", "--all-reduce=")):
+            argv.append(arg)
+    return [sys.executable, os.path.abspath(__file__), *argv, "--out", out, "--child", config]
+
+
+def run_isolated_with(results: Results, tp: int, all_reduce: str, timeout_s: float) -> dict | None:
+    """One run in a child process, so a rank that hangs at shutdown cannot stall the others: once the child has
+    written its measurements it gets ``CHILD_SHUTDOWN_S`` to exit, then it is killed (and that is reported)."""
+    fd, path = tempfile.mkstemp(prefix="autodeploy-tp-", suffix=".json")
+    os.close(fd)
+    proc = subprocess.Popen(child_command(f"{tp}:{all_reduce}", path))
+    deadline, measured = time.monotonic() + timeout_s, None
+    while proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(1.0)
+        if measured is None:
+            measured = read_measured(path)
+            if measured is not None:
+                deadline = min(deadline, time.monotonic() + CHILD_SHUTDOWN_S)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+        results.add({"measure": "child_killed", "tp": tp, "all_reduce": all_reduce,
+                     "after_measuring": measured is not None})
+    for row in read_rows(path)[1:]:
+        if row.get("measure") != "measured":
+            results.add(row)
+    return measured if measured is not None else read_measured(path)
+
+
+def read_rows(path: str) -> list[dict]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return []
+
+
+def read_measured(path: str) -> dict | None:
+    return next((row for row in read_rows(path) if row.get("measure") == "measured"), None)
 
 
 def add_comparison(results: Results, tp: int, base: dict, sharded: dict, all_reduce: str) -> None:
