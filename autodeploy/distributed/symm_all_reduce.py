@@ -15,6 +15,7 @@ ranks agree over the control group; any failure on any rank leaves every rank on
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -62,8 +63,10 @@ def setup_symm_all_reduce(device: torch.device, max_bytes: int = DEFAULT_MAX_BYT
     try:
         import torch.distributed._symmetric_memory as symm_mem
 
-        if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed before torch 2.9, a no-op after
-            symm_mem.enable_symm_mem_for_group(group)
+        if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed by older torch; deprecated (a no-op) since
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                symm_mem.enable_symm_mem_for_group(group)
         buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
     except Exception as e:
         error = e
