@@ -78,3 +78,27 @@ def fp8_round(x):
     exponent = tl.maximum(((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
     step = ((exponent + 124) << 23).to(tl.float32, bitcast=True)  # 2^(exponent - 3)
     return ((x / step + 12582912.0) - 12582912.0) * step
+
+
+@triton.jit
+def split_k_sum(acc, part_ptr, lock_ptr, tile, pid_k, SPLIT_K: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Split-K without atomics on the data: ``(last, total)``.
+
+    Every program writes its float32 ``[ROWS, COLS]`` partial to ``part_ptr`` (``[SPLIT_K, tiles, ROWS, COLS]``)
+    and counts itself in ``lock_ptr[tile]``; for the last to arrive ``last`` is true and ``total`` is the sum of
+    the partials in split order (deterministic), and the counter is back at zero for the next launch (so a
+    CUDA graph can replay it). The other programs get ``last`` false and must not write the tile.
+    """
+    num_tiles = tl.num_programs(0)
+    cell = tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
+    tile_size = ROWS * COLS
+    tl.store(part_ptr + (pid_k * num_tiles + tile).to(tl.int64) * tile_size + cell, acc)
+    tl.debug_barrier()  # every thread's partial is written before the counter is released
+    arrived = tl.atomic_add(lock_ptr + tile, 1)
+    last = arrived == SPLIT_K - 1
+    total = tl.zeros((ROWS, COLS), dtype=tl.float32)
+    if last:
+        for s in range(SPLIT_K):
+            total += tl.load(part_ptr + (s * num_tiles + tile).to(tl.int64) * tile_size + cell, cache_modifier=".cg")
+        tl.atomic_xchg(lock_ptr + tile, 0)
+    return last, total

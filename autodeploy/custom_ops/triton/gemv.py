@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ..quant_linear import FP8_MAX, FP8_SCALE_MIN, INT4_CHUNK, int4_group
-from ._common import INTERPRET, device_sms, fp8_round, next_pow2
+from ._common import INTERPRET, device_sms, fp8_round, next_pow2, split_k_sum
 
 W_DENSE, W_FP8, W_INT8, W_INT4 = 3, 0, 1, 2  # the 8/4-bit codes are those of quant_linear.py
 GEMV_MAX_TOKENS = 4  # what the kernel takes; quant_linear.py sends it fewer where it is the fastest path
@@ -136,20 +136,10 @@ def _gemv_kernel(
             acc += w[None, :, :] * xt[:, None, :]
     total = tl.sum(acc, 2)  # [BM, BN]
 
-    if SPLIT_K > 1:  # partials [SPLIT_K, tiles, BM, BN]; the last program of the tile adds them in split order
-        num_tiles = tl.num_programs(0)
-        cell = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        tile_size = BLOCK_M * BLOCK_N
-        tl.store(part_ptr + (pid_k * num_tiles + tile).to(tl.int64) * tile_size + cell, total)
-        tl.debug_barrier()  # every thread's partial is written before the counter is released
-        arrived = tl.atomic_add(lock_ptr + tile, 1)
-        if arrived == SPLIT_K - 1:
-            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for sk in range(SPLIT_K):
-                total += tl.load(part_ptr + (sk * num_tiles + tile).to(tl.int64) * tile_size + cell,
-                                 cache_modifier=".cg")
+    if SPLIT_K > 1:
+        last, total = split_k_sum(total, part_ptr, lock_ptr, tile, pid_k, SPLIT_K, BLOCK_M, BLOCK_N)
+        if last:
             _gemv_epilogue(total, x_scale, s_ptr, b_ptr, y_ptr, offs_m, offs_n, m_ok, n_ok, stride_ym, W_FMT, HAS_BIAS)
-            tl.atomic_xchg(lock_ptr + tile, 0)
     else:
         _gemv_epilogue(total, x_scale, s_ptr, b_ptr, y_ptr, offs_m, offs_n, m_ok, n_ok, stride_ym, W_FMT, HAS_BIAS)
 

@@ -40,7 +40,7 @@ import triton.language as tl
 
 from .. import quant_linear as _reference  # noqa: F401  (registers the torch op family)
 from ..quant_linear import FP8_DTYPE, FP8_MAX, FP8_SCALE_MIN, INT4_CHUNK, INT4_SLICE, int4_group
-from ._common import INTERPRET, device_sms, fp8_round, mma, next_pow2, tl_dtype, upcast_dots
+from ._common import INTERPRET, device_sms, fp8_round, mma, next_pow2, split_k_sum, tl_dtype, upcast_dots
 from .dequant_linear import int4_dequant_linear
 from .gemv import gemv
 
@@ -172,20 +172,10 @@ def _wq_gemm_kernel(
     if SPLIT_K == 1:
         _epilogue(acc, x_scale, s_ptr, b_ptr, y_ptr, offs_m, offs_n, m_ok, n_ok, stride_ym, W_FMT, ACT_FP8, HAS_BIAS)
     else:
-        # partials [SPLIT_K, tiles, BLOCK_N, BLOCK_M]; the last program of the tile reduces them in split order
-        num_tiles = tl.num_programs(0)
-        cell = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
-        tile_size = BLOCK_N * BLOCK_M
-        tl.store(part_ptr + (pid_k * num_tiles + tile).to(tl.int64) * tile_size + cell, acc)
-        tl.debug_barrier()  # every thread's partial is written before the counter is released
-        arrived = tl.atomic_add(lock_ptr + tile, 1)
-        if arrived == SPLIT_K - 1:
-            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            for s in range(SPLIT_K):
-                total += tl.load(part_ptr + (s * num_tiles + tile).to(tl.int64) * tile_size + cell, cache_modifier=".cg")
+        last, total = split_k_sum(acc, part_ptr, lock_ptr, tile, pid_k, SPLIT_K, BLOCK_N, BLOCK_M)
+        if last:
             _epilogue(total, x_scale, s_ptr, b_ptr, y_ptr, offs_m, offs_n, m_ok, n_ok, stride_ym,
                       W_FMT, ACT_FP8, HAS_BIAS)
-            tl.atomic_xchg(lock_ptr + tile, 0)
 
 
 @triton.jit
