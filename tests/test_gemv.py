@@ -12,7 +12,7 @@ from autodeploy.custom_ops.quant_linear import (
     quantize_int4_weight,
     quantize_int8_weight,
 )
-from autodeploy.custom_ops.triton.gemv import W_DENSE, W_FP8, W_INT4, W_INT8, GemvConfig, gemv
+from autodeploy.custom_ops.triton.gemv import W_DENSE, W_FP8, W_INT4, W_INT8, GemvConfig, gemv, gemv_config
 from autodeploy.custom_ops.triton.dequant_linear import int4_dequant_linear, int4_dequantize
 
 ops = torch.ops.autodeploy
@@ -44,6 +44,24 @@ def test_gemv_int4(group, symmetric, config):
         bias = torch.randn(n) if symmetric else None
         torch.testing.assert_close(gemv(x, W_INT4, q, s, z, bias, group, config=config),
                                    ops.torch_quant_int4_linear(x, q, s, z, bias, group), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("fmt", [W_DENSE, W_FP8, W_INT4])
+@pytest.mark.parametrize("m,k,n", [(1, 4096, 24), (2, 576, 40), (1, 8320, 16)])
+def test_gemv_gpu_tiles(fmt, m, k, n):
+    """The tiles ``gemv_config`` picks on CUDA (GPU-sized steps, split-K for long rows), run by the interpreter."""
+    config = gemv_config(m, n, k, fmt, torch.device("cuda"))
+    x = torch.randn(m, k)
+    w = torch.randn(n, k) * 0.05
+    if fmt == W_DENSE:
+        out, ref = gemv(x, fmt, w, config=config), x @ w.t()
+    elif fmt == W_FP8:
+        q, s = quantize_fp8_weight(w)
+        out, ref = gemv(x, fmt, q, s, config=config), ops.torch_quant_fp8_linear(x, q, s)
+    else:
+        q, s, z = quantize_int4_weight(w, 128)
+        out, ref = gemv(x, fmt, q, s, z, None, 128, config=config), ops.torch_quant_int4_linear(x, q, s, z, None, 128)
+    torch.testing.assert_close(out, ref, atol=5e-5, rtol=5e-5)
 
 
 def test_gemv_bfloat16_activations():

@@ -54,13 +54,16 @@ def gemv_config(m: int, n: int, k: int, fmt: int, device: torch.device) -> GemvC
     if device.type != "cuda":
         return GemvConfig(8, INT4_CHUNK if fmt == W_INT4 else 64, 2 if k > 128 else 1, 1, 1)
     split = 2 if k >= 8192 and m == 1 else 1  # long rows (down_proj): two programs share a row tile
+    k_cap = max(INT4_CHUNK, next_pow2(k))  # short rows (small models) take no wider step than they need
     if fmt == W_INT4:
-        return GemvConfig(8, 1024, split, 4, 3)
+        return GemvConfig(8, min(1024, k_cap), split, 4, 3)
     if fmt == W_DENSE:
-        return GemvConfig(2, 2048, 1, 8 if k >= 8192 else 4, 1) if m == 1 else GemvConfig(4, 512, 1, 4, 3)
+        if m == 1:
+            return GemvConfig(2, min(2048, k_cap), 1, 8 if k >= 8192 else 4, 1)
+        return GemvConfig(4, min(512, k_cap), 1, 4, 3)
     if m == 1:  # fp8 / int8
-        return GemvConfig(16, 1024 if n <= 4096 else 512, 1, 4, 3)
-    return GemvConfig(16, 512, 1, 4, 2)
+        return GemvConfig(16, min(1024 if n <= 4096 else 512, k_cap), 1, 4, 3)
+    return GemvConfig(16, min(512, k_cap), 1, 4, 2)
 
 
 @triton.jit
