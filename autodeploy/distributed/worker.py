@@ -175,6 +175,9 @@ class RunnerProxy:
                 except Exception as e:  # the workers are gone already; the launcher cleans up
                     logger.warning("could not send stop to the workers: %s", e)
                     healthy = False
+            release = getattr(self.runner, "release_cuda_graphs", None)
+            if healthy and release is not None:
+                release()
             if self.on_close is not None:
                 self.on_close(healthy)
 

@@ -231,3 +231,10 @@ class ModelRunner:
             return self._pack([], 0, pad_to=bucket)
 
         self.cuda_graphs.capture(inputs_for)
+
+    def release_cuda_graphs(self) -> None:
+        """Drop the captured graphs once the GPU is idle: tensor-parallel ranks do it before leaving their process
+        groups, since the graphs hold the communicators' kernels (decode replays fall back to eager after it)."""
+        if self.cuda_graphs is not None:
+            torch.cuda.synchronize(self.device)
+            self.cuda_graphs = None

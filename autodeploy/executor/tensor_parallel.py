@@ -115,6 +115,7 @@ def run_worker(model: Any, config: AutoDeployConfig, info: DistInfo, device: tor
     runner, _ = build_runner(gm, ctx, config, engine_max_seq_len(config, factory))
     logger.info("rank %d ready", info.rank)
     serve_steps(runner, channel)
+    runner.release_cuda_graphs()  # before the process groups are left (as rank 0 does in RunnerProxy.close)
 
 
 def _spawned_worker(ctx: WorkerContext, payload: tuple[Any, AutoDeployConfig, dict[str, type]]) -> None:
