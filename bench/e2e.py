@@ -71,6 +71,20 @@ def decode_replay_ms(engine) -> float:
     return start.elapsed_time(end) / 50
 
 
+def gpu_state() -> dict:
+    """SM clock, power and the active clock-throttle reasons of GPU 0 (``nvidia-smi``), to tell a slow GPU from
+    slow code when a compute-bound figure moves between runs."""
+    import subprocess
+
+    fields = "clocks.sm,clocks.max.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active"
+    try:
+        out = subprocess.run(["nvidia-smi", "-i", "0", f"--query-gpu={fields}", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as e:
+        return {"error": repr(e)}
+    return dict(zip(fields.split(","), (v.strip() for v in out.split(","))))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="examples/configs/llama-3.1-8b/config.json")
@@ -123,9 +137,11 @@ def main() -> None:
         if torch.cuda.is_available():
             results["batch1_graph_replay_ms"] = decode_replay_ms(engine)
     if "ttft" in only:
+        results["gpu_before_ttft"] = gpu_state() if torch.cuda.is_available() else None
         profiler = StepProfiler(engine) if args.profile_steps or args.profile_ttft else None
         r = run_engine_bench(engine, synthetic_requests(5, 1024, 1, vocab, seed=3), 1, name="ttft 1024")
         results["ttft_1024_p50_ms"] = r.ttft_p50_ms
+        results["gpu_after_ttft"] = gpu_state() if torch.cuda.is_available() else None
         if profiler is not None:
             profiler.detach()
             results["ttft_steps"] = profiler.summary()
