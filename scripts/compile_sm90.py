@@ -1,0 +1,80 @@
+"""Compile the decode-linear Triton kernels for an H100 (sm_90) on a machine without a GPU.
+
+    python scripts/compile_sm90.py        # prints one line per kernel variant; exit status 1 if any fails
+
+The Triton interpreter checks what a kernel computes, not whether the GPU compiler accepts it: a construct the
+interpreter runs can still fail to lower to PTX. This compiles each variant that ``gemv.py``,
+``quant_linear.py`` and ``dequant_linear.py`` launch on CUDA (formats, split-K, the tiles of ``gemv_config``) for
+``sm_90`` with Triton's own ``ptxas``, so such a failure shows up on CPU. Must run without
+``TRITON_INTERPRET`` (the kernels are then ``JITFunction``s).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("run without TRITON_INTERPRET=1")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from autodeploy.custom_ops.triton.dequant_linear import _int4_dequant_kernel  # noqa: E402
+from autodeploy.custom_ops.triton.gemv import W_DENSE, W_FP8, W_INT4, W_INT8, _gemv_kernel  # noqa: E402
+from autodeploy.custom_ops.triton.quant_linear import _wq_gemm_kernel  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+LINEAR_ARGS = ["x_ptr", "w_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "part_ptr", "lock_ptr",
+               "M", "N", "K", "stride_xm", "stride_ym", "stride_wn", "stride_sg"]
+WEIGHT = {W_DENSE: "*bf16", W_FP8: "*fp8e4nv", W_INT8: "*i8", W_INT4: "*i32"}
+
+
+def linear_signature(fmt: int, last_int: str, consts: dict) -> dict:
+    scale = "*fp16" if fmt == W_INT4 else "*fp32"
+    types = ["*bf16", WEIGHT[fmt], scale, scale, "*bf16", "*bf16", "*fp32", "*i32"] + ["i32"] * 7
+    return {**dict(zip(LINEAR_ARGS, types)), last_int: "i32", **{k: "constexpr" for k in consts}}
+
+
+def variants():
+    """(name, kernel, signature, constexprs, options) of every variant checked."""
+    for fmt, bm, bn, bk, split, warps, stages in [
+        (W_DENSE, 1, 2, 2048, 1, 4, 1), (W_DENSE, 1, 2, 2048, 1, 8, 1), (W_DENSE, 2, 4, 512, 1, 4, 3),
+        (W_FP8, 1, 16, 1024, 1, 4, 3), (W_FP8, 2, 16, 512, 1, 4, 2), (W_INT8, 1, 16, 512, 1, 4, 3),
+        (W_INT4, 1, 8, 1024, 2, 4, 3), (W_INT4, 2, 8, 1024, 1, 4, 3),
+    ]:
+        consts = dict(W_FMT=fmt, GROUP=128 if fmt == W_INT4 else 1, HAS_ZEROS=fmt == W_INT4, HAS_BIAS=True,
+                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, HW_FP8=True)
+        yield (f"gemv fmt={fmt} M<={bm} {bn}x{bk} split={split} warps={warps}", _gemv_kernel,
+               linear_signature(fmt, "steps_per_split", consts), consts, dict(num_warps=warps, num_stages=stages))
+    for fmt, act_fp8, bm, bn, bk, split, warps, stages in [
+        (W_INT4, False, 16, 64, 128, 4, 4, 4), (W_INT8, False, 16, 64, 256, 4, 4, 3), (W_FP8, True, 64, 64, 128, 1, 4, 4),
+    ]:
+        consts = dict(W_FMT=fmt, ACT_FP8=act_fp8, GROUP=128 if fmt == W_INT4 else 1, PLANES=8 if fmt == W_INT4 else 1,
+                      HAS_ZEROS=fmt == W_INT4, HAS_BIAS=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
+                      DOT=tl.bfloat16, IEEE=False)
+        yield (f"wq_gemm fmt={fmt} {bm}x{bn}x{bk} split={split}", _wq_gemm_kernel,
+               linear_signature(fmt, "chunks_per_split", consts), consts, dict(num_warps=warps, num_stages=stages))
+    consts = dict(GROUP=128, HAS_ZEROS=True, BLOCK_N=16, CHUNKS=2)
+    signature = {"q_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "w_ptr": "*bf16", "N": "i32", "K": "i32",
+                 "stride_qn": "i32", "stride_sg": "i32", "stride_wn": "i32", **{k: "constexpr" for k in consts}}
+    yield "int4_dequant 16x2", _int4_dequant_kernel, signature, consts, dict(num_warps=4)
+
+
+def main() -> int:
+    failed = 0
+    for name, kernel, signature, consts, options in variants():
+        try:
+            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=consts), target=TARGET,
+                                      options=options)
+            print(f"ok      {name}: {len(compiled.asm['ptx'])} chars of PTX")
+        except Exception as e:  # every variant is tried, each failure printed
+            failed += 1
+            print(f"FAILED  {name}: {type(e).__name__}: {str(e)[:600]}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
