@@ -1,11 +1,11 @@
-"""Compile the decode-linear Triton kernels for an H100 (sm_90) on a machine without a GPU.
+"""Compile this project's newest Triton kernels for an H100 (sm_90) on a machine without a GPU.
 
     python scripts/compile_sm90.py        # prints one line per kernel variant; exit status 1 if any fails
 
 The Triton interpreter checks what a kernel computes, not whether the GPU compiler accepts it: a construct the
 interpreter runs can still fail to lower to PTX. This compiles each variant that ``gemv.py``,
-``quant_linear.py`` and ``dequant_linear.py`` launch on CUDA (formats, split-K, the tiles of ``gemv_config``) for
-``sm_90`` with Triton's own ``ptxas``, so such a failure shows up on CPU. Must run without
+``quant_linear.py``, ``dequant_linear.py`` and ``moe_router.py`` launch on CUDA (formats, split-K, the tiles of
+``gemv_config``, router sizes) for ``sm_90`` with Triton's own ``ptxas``, so such a failure shows up on CPU. Must run without
 ``TRITON_INTERPRET`` (the kernels are then ``JITFunction``s).
 """
 
@@ -24,6 +24,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from autodeploy.custom_ops.triton.dequant_linear import _int4_dequant_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.gemv import W_DENSE, W_FP8, W_INT4, W_INT8, _gemv_kernel  # noqa: E402
+from autodeploy.custom_ops.triton.moe_router import _moe_router_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.quant_linear import _wq_gemm_kernel  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -61,6 +62,11 @@ def variants():
     signature = {"q_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "w_ptr": "*bf16", "N": "i32", "K": "i32",
                  "stride_qn": "i32", "stride_sg": "i32", "stride_wn": "i32", **{k: "constexpr" for k in consts}}
     yield "int4_dequant 16x2", _int4_dequant_kernel, signature, consts, dict(num_warps=4)
+    for experts, top_k, rows in [(128, 8, 16), (8, 2, 16), (256, 8, 8)]:
+        consts = dict(TOP_K=top_k, NORMALIZE=True, ROWS=rows, BLOCK_E=experts, BLOCK_K=top_k)
+        signature = {"logits_ptr": "*bf16", "w_ptr": "*fp32", "ids_ptr": "*i64", "T": "i32", "E": "i32",
+                     "stride_t": "i32", **{k: "constexpr" for k in consts}}
+        yield f"moe_router E={experts} k={top_k}", _moe_router_kernel, signature, consts, dict(num_warps=4)
 
 
 def main() -> int:

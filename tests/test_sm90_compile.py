@@ -1,4 +1,4 @@
-"""The decode-linear kernels compile for sm_90 (H100) on this GPU-less machine: ``scripts/compile_sm90.py``."""
+"""The newest Triton kernels (decode linears, MoE router) compile for sm_90 (H100) on this GPU-less machine: ``scripts/compile_sm90.py``."""
 
 from __future__ import annotations
 
@@ -18,4 +18,4 @@ def test_kernels_compile_for_sm90():
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     run = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0 and "FAILED" not in run.stdout, run.stdout + run.stderr[-3000:]
-    assert run.stdout.count("ok ") >= 12, run.stdout
+    assert run.stdout.count("ok ") >= 15, run.stdout

@@ -3,8 +3,9 @@
 Matches: every ``autodeploy::torch_moe`` (what export routing or ``match_moe`` made of the experts). Emits its
 backend twin with the same arguments: ``triton_moe`` (sorted/aligned routing, two grouped GEMMs with the
 activation, biases and routing weight fused, a deterministic top-k sum; ``custom_ops/triton/moe.py``) when the
-backend is ``triton`` or ``auto`` on CUDA; on ``torch`` (``auto`` on CPU) the reference stays. The router and
-shared experts (a dense MLP beside the experts, as in Qwen2-MoE) stay as the model wrote them.
+backend is ``triton`` or ``auto`` on CUDA; on ``torch`` (``auto`` on CPU) the reference stays. The router
+(``fuse_moe_router`` fuses a softmax top-k one) and shared experts (a dense MLP beside the experts, as in
+Qwen2-MoE) stay as the model wrote them.
 After ``shard_moe`` (sharding runs before fusion) the op's arguments are this rank's share and the swap is the
 same: expert mode leaves ``E / N`` local experts and shifted ids, the other ranks' experts falling outside
 ``[0, E / N)``, which the kernel skips like the reference; tensor mode leaves every expert's slice of the

@@ -19,6 +19,7 @@ from . import fuse_glu  # noqa: F401
 from . import fuse_add_rmsnorm  # noqa: F401
 from . import fuse_rope  # noqa: F401
 from . import fuse_moe  # noqa: F401
+from . import fuse_moe_router  # noqa: F401
 from . import gemv_linears  # noqa: F401
 from . import detect_sharding  # noqa: F401
 from . import shard_attention  # noqa: F401

@@ -9,7 +9,7 @@ On CPU the kernels run only under the interpreter (``TRITON_INTERPRET=1`` set be
 
 from __future__ import annotations
 
-from . import cached_attention, glu, linear, moe, quant_linear, rmsnorm, rope  # noqa: F401
+from . import cached_attention, glu, linear, moe, moe_router, quant_linear, rmsnorm, rope  # noqa: F401
 
 #: reference op name -> Triton op name (both under ``torch.ops.autodeploy``)
 TRITON_OPS: dict[str, str] = {
@@ -19,6 +19,7 @@ TRITON_OPS: dict[str, str] = {
     "torch_rope": "triton_rope",
     "torch_glu_packed": "triton_glu_packed",
     "torch_moe": "triton_moe",
+    "torch_moe_router": "triton_moe_router",
     "torch_quant_fp8_linear": "triton_quant_fp8_linear",
     "torch_quant_int8_linear": "triton_quant_int8_linear",
     "torch_quant_int4_linear": "triton_quant_int4_linear",

@@ -1,0 +1,70 @@
+"""``autodeploy::triton_moe_router`` (contract: ``custom_ops/moe_router.py``): softmax, top-k and the
+renormalisation of a row of router logits in one program, instead of three to five launches.
+
+A program takes ``ROWS`` tokens, holds each row's ``E`` logits in registers (``BLOCK_E = next_pow2(E)``), forms the
+float32 softmax, then picks ``top_k`` times the largest remaining probability (the lowest expert id among exact
+ties) and masks it out. Weights are written largest first, as ``torch.topk`` orders them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import moe_router as _reference
+from ._common import INTERPRET, next_pow2
+
+
+@triton.jit
+def _moe_router_kernel(
+    logits_ptr, w_ptr, ids_ptr, T, E, stride_t, TOP_K: tl.constexpr, NORMALIZE: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_E)
+    row_ok = rows < T
+    ok = row_ok[:, None] & (cols < E)[None, :]
+    x = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * stride_t + cols[None, :], mask=ok, other=-1.0e30)  # finite: a padded row stays NaN-free
+    x = x.to(tl.float32)
+    e = tl.exp(x - tl.max(x, 1)[:, None])
+    p = e / tl.sum(e, 1)[:, None]
+    p = tl.where(ok, p, -1.0)
+    slots = tl.arange(0, BLOCK_K)
+    weights = tl.zeros((ROWS, BLOCK_K), dtype=tl.float32)
+    ids = tl.zeros((ROWS, BLOCK_K), dtype=tl.int64)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(p, 1)
+        pick = tl.min(tl.where(p == best[:, None], cols[None, :], BLOCK_E), 1)
+        weights = tl.where(slots[None, :] == j, best[:, None], weights)
+        ids = tl.where(slots[None, :] == j, pick.to(tl.int64)[:, None], ids)
+        p = tl.where(cols[None, :] == pick[:, None], -1.0, p)
+    if NORMALIZE:
+        weights = weights / tl.sum(weights, 1)[:, None]
+    out = rows.to(tl.int64)[:, None] * TOP_K + slots[None, :]
+    out_ok = row_ok[:, None] & (slots < TOP_K)[None, :]
+    tl.store(w_ptr + out, weights, mask=out_ok)
+    tl.store(ids_ptr + out, ids, mask=out_ok)
+
+
+@torch.library.custom_op("autodeploy::triton_moe_router", mutates_args=())
+def triton_moe_router(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    e = logits.shape[-1]
+    rows = logits.reshape(-1, e)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    t = rows.shape[0]
+    weights = torch.empty((t, top_k), dtype=torch.float32, device=logits.device)
+    ids = torch.empty((t, top_k), dtype=torch.int64, device=logits.device)
+    if t:
+        block_e = next_pow2(e)
+        per_program = min(next_pow2(t), 16, max(1, 2048 // block_e))  # decode: one row, no idle rows
+        _moe_router_kernel[(triton.cdiv(t, per_program),)](
+            rows, weights, ids, t, e, rows.stride(0), TOP_K=top_k, NORMALIZE=normalize,
+            ROWS=per_program, BLOCK_E=block_e, BLOCK_K=next_pow2(top_k), num_warps=1 if INTERPRET else 4,
+        )
+    shape = (*logits.shape[:-1], top_k)
+    return weights.view(shape), ids.view(shape)
+
+
+triton_moe_router.register_fake(_reference.moe_router_fake)
