@@ -64,7 +64,8 @@ def _renormalised(values: Node | None) -> Node | None:
     if total is None or div is None or div.args != (values, total) or len(total.users) != 1:
         return None
     dims, keepdim = total.args[1], total.args[2] if len(total.args) > 2 else total.kwargs.get("keepdim", False)
-    return div if keepdim and list(dims) in ([-1], [node_val(values).dim() - 1]) else None
+    last = [-1, getattr(node_val(values), "ndim", 0) - 1]
+    return div if keepdim and len(dims) == 1 and dims[0] in last else None
 
 
 @TransformRegistry.register("fuse_moe_router")
