@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
@@ -46,29 +45,11 @@ from transformers import CompileConfig  # noqa: E402
 
 import autodeploy  # noqa: E402,F401  (registers backend="autodeploy")
 from autodeploy.compile_backend import reports  # noqa: E402
+from results import JsonResults  # noqa: E402  (bench/, the script's folder)
 
 CONFIGS = ("eager", "autodeploy", "inductor", "autodeploy_fx")  # run in this order (--budget-s cuts the tail)
 MODEL = "examples/configs/llama-3.1-8b/config.json"
 PROMPT, NEW_TOKENS, REPEATS = 32, 64, 2
-
-
-class Results:
-    """Every measurement as one printed JSON line; all of them rewritten to ``path`` after each."""
-
-    def __init__(self, path: str | None, header: dict[str, Any]):
-        self.path, self.start = path, time.time()
-        self.doc = {**header, "results": []}
-
-    def elapsed(self) -> float:
-        return time.time() - self.start
-
-    def emit(self, record: dict[str, Any]) -> None:
-        record = {**record, "t_s": round(self.elapsed(), 1)}
-        print(json.dumps(record, default=str), flush=True)
-        self.doc["results"].append(record)
-        if self.path:
-            with open(self.path, "w") as f:
-                json.dump(self.doc, f, indent=1, default=str)
 
 
 def build_model(smoke: bool, layers: int | None) -> torch.nn.Module:
@@ -242,23 +223,23 @@ def main() -> None:
         "new_tokens": NEW_TOKENS,
         "cache": "static",
     }
-    results = Results(args.out, header)
+    results = JsonResults(args.out, header)
     start = time.perf_counter()
     model = build_model(args.smoke, args.layers)
     sync()
     params = sum(p.numel() for p in model.parameters())
-    results.emit({"phase": "build", "s": round(time.perf_counter() - start, 1), "params_b": round(params / 1e9, 3),
+    results.add({"phase": "build", "s": round(time.perf_counter() - start, 1), "params_b": round(params / 1e9, 3),
                   "layers": model.config.num_hidden_layers, "dtype": str(next(model.parameters()).dtype)})
     eager_tokens: dict[int, torch.Tensor] = {}
     for name in configs:
         for batch in batches:
             if results.elapsed() > args.budget_s:
-                results.emit({"config": name, "batch": batch, "skipped": f"past --budget-s {args.budget_s}"})
+                results.add({"config": name, "batch": batch, "skipped": f"past --budget-s {args.budget_s}"})
                 continue
             try:
-                results.emit(measure(model, name, batch, mode, eager_tokens, args.profile))
+                results.add(measure(model, name, batch, mode, eager_tokens, args.profile))
             except Exception as e:  # one failing configuration must not lose the others' numbers
-                results.emit({"config": name, "batch": batch, "error": f"{type(e).__name__}: {e}"[:2000]})
+                results.add({"config": name, "batch": batch, "error": f"{type(e).__name__}: {e}"[:2000]})
                 traceback.print_exc()
         reset(model)
 

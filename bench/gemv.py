@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import multiprocessing as mp
 import os
@@ -28,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from results import JsonResults  # noqa: E402  (bench/, the script's folder)
 from autodeploy.custom_ops.quant_linear import (  # noqa: E402
     quantize_fp8_weight, quantize_int4_weight, quantize_int8_weight,
 )
@@ -161,14 +161,6 @@ def dequant_mm(fmt: str, x, args: tuple):
     return int4_dequant_linear(x, *args, None, GROUP)
 
 
-def emit(doc: dict, path: str | None, **record) -> None:
-    print(json.dumps({k: v for k, v in record.items() if k not in ("all", "top5")}, default=str), flush=True)
-    doc["results"].append(record)
-    if path:
-        with open(path, "w") as f:
-            json.dump(doc, f, indent=1, default=str)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
@@ -179,14 +171,15 @@ def main() -> None:
     import autodeploy.custom_ops.triton  # noqa: F401
 
     fmts, tokens = args.fmts.split(","), [int(t) for t in args.tokens.split(",")]
-    doc = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "results": []}
+    res = JsonResults(args.out, {"device": torch.cuda.get_device_name(0), "torch": torch.__version__},
+                      quiet=("all", "top5"))
     t0 = time.time()
     sweep = {(f, m): grid(f, m) for f in fmts for m in tokens}
     tasks = [(f, m, cfg) for (f, m), cfgs in sweep.items() for cfg in cfgs]
     chunks = [tasks[i :: args.workers] for i in range(args.workers)]
     with mp.get_context("spawn").Pool(args.workers) as pool:
         failures = sum(pool.map(compile_worker, chunks))
-    emit(doc, args.out, phase="compile", configs=len(tasks), failures=failures, s=round(time.time() - t0, 1))
+    res.emit("compile", configs=len(tasks), failures=failures, s=round(time.time() - t0, 1))
 
     torch.manual_seed(0)
     for fmt in fmts:
@@ -216,7 +209,7 @@ def main() -> None:
                                rel_err=rel_err(gemv_call(fmt, x, ws[0], best_cfg), ref),
                                default_us=round(graph_us(lambda: [gemv_call(fmt, x, w, None) for w in ws], COPIES), 2))
                     row["all"] = [(round(u, 2), c) for u, c in results]
-                emit(doc, args.out, **row)
+                res.add(row)
             if fmt == "int4":
                 for m in PREFILL_TOKENS:
                     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -225,10 +218,10 @@ def main() -> None:
                     row["gemm_us"] = round(graph_us(lambda: [baseline(fmt, x, w) for w in ws], COPIES), 2)
                     row["dequant_mm_us"] = round(graph_us(lambda: [dequant_mm(fmt, x, w) for w in ws], COPIES), 2)
                     row["dequant_mm_rel_err"] = rel_err(dequant_mm(fmt, x, ws[0]), ref)
-                    emit(doc, args.out, **row)
+                    res.add(row)
             del ws
             torch.cuda.empty_cache()
-    emit(doc, args.out, phase="done", s=round(time.time() - t0, 1))
+    res.emit("done", s=round(time.time() - t0, 1))
 
 
 if __name__ == "__main__":

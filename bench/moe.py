@@ -20,7 +20,6 @@ with every MoE swapped back to ``torch_moe``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -40,6 +39,7 @@ from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 import autodeploy.custom_ops  # noqa: E402,F401  (torch references)
 import autodeploy.custom_ops.triton  # noqa: E402,F401  (Triton ops)
 from autodeploy.custom_ops.triton.moe import MoeTiles, default_tiles, moe_into  # noqa: E402
+from results import JsonResults  # noqa: E402  (bench/, the script's folder)
 
 ops = torch.ops.autodeploy
 DEV = torch.device("cpu" if SMOKE else "cuda")
@@ -54,27 +54,6 @@ DECODE_SWEEP = [  # --sweep: decode (T = 1) tile candidates beside the default
     MoeTiles(16, 64, 256, 4, 3, 64, 256, 4, 3),
     MoeTiles(16, 128, 128, 4, 4, 128, 128, 4, 4),
 ]
-
-
-class Results:
-    """Every measurement as one printed JSON line; all of them (and the device) rewritten to ``path``."""
-
-    def __init__(self, path: str | None):
-        self.path, self.start = path, time.time()
-        self.doc = {"device": "cpu (interpreter)" if SMOKE else torch.cuda.get_device_name(0),
-                    "torch": torch.__version__, "triton": triton.__version__, "smoke": SMOKE, "results": []}
-
-    def elapsed(self) -> float:
-        return time.time() - self.start
-
-    def emit(self, phase: str, **fields) -> dict:
-        record = {"phase": phase, **fields, "t_s": round(self.elapsed(), 1)}
-        print(json.dumps(record, default=str), flush=True)
-        self.doc["results"].append(record)
-        if self.path:
-            with open(self.path, "w") as f:
-                json.dump(self.doc, f, indent=1, default=str)
-        return record
 
 
 def median_us(fn, rep_ms: int = 100) -> float:
@@ -143,7 +122,7 @@ def bench_tokens(tokens: int, layers: list, tiles: MoeTiles | None = None, refer
     return row
 
 
-def kernels(results: Results, sweep: bool) -> bool:
+def kernels(results: JsonResults, sweep: bool) -> bool:
     layers = [make_layer() for _ in range(ROTATE)]
     ok = True
     for tokens in TOKENS:
@@ -179,7 +158,8 @@ def main() -> int:
     parser.add_argument("--max-num-tokens", type=int, default=8192)
     args = parser.parse_args()
     torch.manual_seed(0)
-    results = Results(args.out)
+    results = JsonResults(args.out, {"device": "cpu (interpreter)" if SMOKE else torch.cuda.get_device_name(0),
+                                     "torch": torch.__version__, "triton": triton.__version__, "smoke": SMOKE})
     ok = True
     if not args.skip_kernels:
         ok &= kernels(results, args.sweep)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import sys
@@ -46,6 +45,7 @@ from autodeploy.custom_ops.triton.quant_linear import (  # noqa: E402
     FP8_GEMV_MAX_TOKENS, INT4_GEMV_MAX_TOKENS, use_dequant, use_scaled_mm,
 )
 from e2e import cuda_graph_tokens_match, decode_replay_ms  # noqa: E402
+from results import JsonResults  # noqa: E402
 
 ops = torch.ops.autodeploy
 DEV = torch.device("cpu" if SMOKE else "cuda")
@@ -59,24 +59,6 @@ ROTATE = 2 if SMOKE else 4
 COPY_BPS = 3.0e12  # H100 copy bandwidth (measured)
 REL_TOL = 2e-2
 MODEL = "examples/configs/llama-3.1-8b/config.json"
-
-
-class Results:
-    """Every measurement as one printed JSON line; all of them (and the device) rewritten to ``path``."""
-
-    def __init__(self, path: str | None):
-        self.path, self.start = path, time.time()
-        self.doc = {"device": "cpu (interpreter)" if SMOKE else torch.cuda.get_device_name(0),
-                    "torch": torch.__version__, "triton": triton.__version__, "smoke": SMOKE, "results": []}
-
-    def emit(self, phase: str, **fields) -> dict:
-        record = {"phase": phase, **fields, "t_s": round(time.time() - self.start, 1)}
-        print(json.dumps(record, default=str), flush=True)
-        self.doc["results"].append(record)
-        if self.path:
-            with open(self.path, "w") as f:
-                json.dump(self.doc, f, indent=1, default=str)
-        return record
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -131,7 +113,7 @@ def weight_bytes(layer: dict[str, tuple]) -> int:
     return sum(t.numel() * t.element_size() for args in layer.values() for t in args if t is not None)
 
 
-def bench_kernels(res: Results) -> None:
+def bench_kernels(res: JsonResults) -> None:
     for fmt in ("bf16", "fp8", "int4"):
         layers = make_layers(fmt)
         nbytes = weight_bytes(layers[0])
@@ -178,7 +160,7 @@ def build_engine(quantize: str, args, extra: dict):
                     max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens, max_seq_len=2048, **extra)
 
 
-def bench_engine(res: Results, quantize: str, args, extra: dict) -> None:
+def bench_engine(res: JsonResults, quantize: str, args, extra: dict) -> None:
     start = time.perf_counter()
     engine = build_engine(quantize, args, extra)
     if DEV.type == "cuda":
@@ -225,7 +207,8 @@ def main() -> None:
     import yaml
 
     extra = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
-    res = Results(args.out)
+    res = JsonResults(args.out, {"device": "cpu (interpreter)" if SMOKE else torch.cuda.get_device_name(0),
+                                 "torch": torch.__version__, "triton": triton.__version__, "smoke": SMOKE})
     torch.manual_seed(0)
     phases = args.only.split(",")
     for phase in phases:
