@@ -16,6 +16,7 @@ import os
 import time
 
 import torch
+import yaml
 
 from autodeploy import SamplingParams, optimize
 from autodeploy.bench.engine_bench import run_engine_bench
@@ -111,7 +112,7 @@ def main() -> None:
     engine = optimize(
         args.model, dtype="bfloat16", random_weights=True, max_batch_size=args.max_batch_size,
         max_num_tokens=args.max_num_tokens, max_seq_len=2048, attn_backend=args.attn_backend,
-        **{k: json.loads(v) if v[:1] in "0123456789tfn[{" else v for k, v in overrides.items()},
+        **{k: yaml.safe_load(v) for k, v in overrides.items()},
     )
     if torch.cuda.is_available():
         torch.cuda.synchronize()

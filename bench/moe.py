@@ -150,6 +150,7 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="JSON file for every measurement")
     parser.add_argument("--skip-kernels", action="store_true")
     parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--skip-reference", action="store_true", help="engine figures only: no torch_moe waves")
     parser.add_argument("--sweep", action="store_true", help="also time a few decode tile candidates")
     parser.add_argument("--layers", type=int, default=None, help="num_hidden_layers of the engine (48)")
     parser.add_argument("--num-requests", type=int, default=1000)

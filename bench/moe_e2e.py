@@ -139,6 +139,9 @@ def run_e2e(args, emit: Callable[..., dict], smoke: bool) -> bool:
     emit("offline", backend="triton", requests=n, isl=128, osl=8 if smoke else 128, tok_s=r.output_tok_per_s,
          elapsed_s=r.elapsed_s, itl_p50_ms=r.itl_p50_ms, ttft_p50_ms=r.ttft_p50_ms, peak_gib=r.peak_memory_gib)
     offline_tok_s = r.output_tok_per_s
+    if getattr(args, "skip_reference", False):
+        engine.shutdown()
+        return ok
 
     ref_requests, isl, steps = (4, 16, 4) if smoke else (min(args.ref_requests, args.max_batch_size), 128, 32)
     waves = {"triton": wave(engine, ref_requests, isl, steps, vocab)}
