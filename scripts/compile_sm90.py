@@ -5,7 +5,8 @@
 The Triton interpreter checks what a kernel computes, not whether the GPU compiler accepts it: a construct the
 interpreter runs can still fail to lower to PTX. This compiles each variant that ``gemv.py``,
 ``quant_linear.py``, ``dequant_linear.py`` and ``moe_router.py`` launch on CUDA (formats, split-K, the tiles of
-``gemv_config``, router sizes) for ``sm_90`` with Triton's own ``ptxas``, so such a failure shows up on CPU. Must run without
+``gemv_config``, router sizes), and the small kernels of a decode step with programmatic dependent launch on, for
+``sm_90`` with Triton's own ``ptxas``, so such a failure shows up on CPU. Must run without
 ``TRITON_INTERPRET`` (the kernels are then ``JITFunction``s).
 """
 
@@ -24,8 +25,12 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from autodeploy.custom_ops.triton.dequant_linear import _int4_dequant_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.gemv import W_DENSE, W_FP8, W_INT4, W_INT8, _gemv_kernel  # noqa: E402
+from autodeploy.custom_ops.triton.glu import _glu_kernel  # noqa: E402
+from autodeploy.custom_ops.triton.kv_write import _kv_write_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.moe_router import _moe_router_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.quant_linear import _wq_gemm_kernel  # noqa: E402
+from autodeploy.custom_ops.triton.rmsnorm import _rmsnorm_rows_kernel  # noqa: E402
+from autodeploy.custom_ops.triton.rope import _rope_kernel  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 LINEAR_ARGS = ["x_ptr", "w_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "part_ptr", "lock_ptr",
@@ -47,7 +52,7 @@ def variants():
         (W_INT4, 1, 8, 1024, 2, 4, 3), (W_INT4, 2, 8, 1024, 1, 4, 3),
     ]:
         consts = dict(W_FMT=fmt, GROUP=128 if fmt == W_INT4 else 1, HAS_ZEROS=fmt == W_INT4, HAS_BIAS=True,
-                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, HW_FP8=True)
+                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, HW_FP8=True, USE_PDL=True)
         yield (f"gemv fmt={fmt} M<={bm} {bn}x{bk} split={split} warps={warps}", _gemv_kernel,
                linear_signature(fmt, "steps_per_split", consts), consts, dict(num_warps=warps, num_stages=stages))
     for fmt, act_fp8, bm, bn, bk, split, warps, stages in [
@@ -63,18 +68,53 @@ def variants():
                  "stride_qn": "i32", "stride_sg": "i32", "stride_wn": "i32", **{k: "constexpr" for k in consts}}
     yield "int4_dequant 16x2", _int4_dequant_kernel, signature, consts, dict(num_warps=4)
     for experts, top_k, rows in [(128, 8, 16), (8, 2, 16), (256, 8, 8)]:
-        consts = dict(TOP_K=top_k, NORMALIZE=True, ROWS=rows, BLOCK_E=experts, BLOCK_K=top_k)
+        consts = dict(TOP_K=top_k, NORMALIZE=True, ROWS=rows, BLOCK_E=experts, BLOCK_K=top_k, USE_PDL=True)
         signature = {"logits_ptr": "*bf16", "w_ptr": "*fp32", "ids_ptr": "*i64", "T": "i32", "E": "i32",
                      "stride_t": "i32", **{k: "constexpr" for k in consts}}
         yield f"moe_router E={experts} k={top_k}", _moe_router_kernel, signature, consts, dict(num_warps=4)
+    yield from decode_chain_variants()
+
+
+def decode_chain_variants():
+    """The small kernels between a decode step's GEMVs, with programmatic dependent launch on."""
+    consts = dict(BLOCK_R=1, BLOCK_H=4096, HAS_RESIDUAL=True, HAS_OFFSET=False, X_DTYPE=tl.bfloat16,
+                  PROD_DTYPE=tl.bfloat16, USE_PDL=True)
+    signature = {**dict.fromkeys(["x_ptr", "r_ptr", "w_ptr", "o_ptr", "sum_ptr"], "*bf16"),
+                 **dict.fromkeys(["n_rows", "H", "stride_x", "stride_r", "stride_o", "stride_sum"], "i32"),
+                 "eps": "fp32", "w_offset": "fp32", **{k: "constexpr" for k in consts}}
+    yield "rmsnorm rows, residual", _rmsnorm_rows_kernel, signature, consts, dict(num_warps=8)
+    consts = dict(BLOCK=2048, ACT=0, USE_PDL=True)
+    signature = {"gu_ptr": "*bf16", "o_ptr": "*bf16", "inter": "i32", "stride_gu": "i32", "stride_o": "i32",
+                 **{k: "constexpr" for k in consts}}
+    yield "glu silu", _glu_kernel, signature, consts, dict(num_warps=8)
+    consts = dict(R=128, PASS=0, BLOCK_HALF=64, BLOCK_PASS=1, BLOCK_N=16, INTERLEAVED=False, COMPUTE=tl.float32,
+                  USE_PDL=True)
+    ints = ["S", "N", "sxb", "sxs", "sxn", "scb", "scs", "ssb", "sss", "sob", "sos", "son"]
+    signature = {"x_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "o_ptr": "*bf16",
+                 **dict.fromkeys(ints, "i32"), **{k: "constexpr" for k in consts}}
+    yield "rope neox", _rope_kernel, signature, consts, dict(num_warps=4)
+    consts = dict(D=128, DV=128, BLOCK_D=128, BLOCK_DV=128, BLOCK_H=8, PAGE=16, CACHE_FP8=False, USE_PDL=True)
+    ints = ["stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_kcb", "stride_kcs", "stride_kch",
+            "stride_vcb", "stride_vcs", "stride_vch", "n_kv"]
+    signature = {**dict.fromkeys(["k_ptr", "v_ptr", "kc_ptr", "vc_ptr"], "*bf16"), "slot_ptr": "*i64",
+                 **dict.fromkeys(ints, "i32"), "inv_scale": "fp32", **{k: "constexpr" for k in consts}}
+    yield "kv_write bf16", _kv_write_kernel, signature, consts, dict(num_warps=4)
+
+
+#: arguments a real launch specializes as multiples of 16 (Triton's divisibility hint), which decides whether
+#: loads vectorize; the pointers and the sizes of the Llama shapes all are
+ALIGNED = {"x_ptr", "w_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "part_ptr", "lock_ptr", "N", "K", "stride_xm",
+           "stride_ym", "stride_wn"}
 
 
 def main() -> int:
     failed = 0
     for name, kernel, signature, consts, options in variants():
+        names = list(signature)
+        attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in ALIGNED if a in signature}
         try:
-            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=consts), target=TARGET,
-                                      options=options)
+            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs),
+                                      target=TARGET, options=options)
             print(f"ok      {name}: {len(compiled.asm['ptx'])} chars of PTX")
         except Exception as e:  # every variant is tried, each failure printed
             failed += 1

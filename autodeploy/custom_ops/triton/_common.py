@@ -1,4 +1,5 @@
-"""Helpers shared by the Triton kernels: interpreter detection, a matrix-product wrapper, tanh, device facts."""
+"""Helpers shared by the Triton kernels: interpreter detection, programmatic dependent launch, a matrix-product
+wrapper, tanh, device facts."""
 
 from __future__ import annotations
 
@@ -11,6 +12,14 @@ import triton.language as tl
 
 #: Running under ``TRITON_INTERPRET=1`` (CPU tests). Read once: Triton reads it at import time too.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+#: ``AUTODEPLOY_PDL=0`` launches every kernel the ordinary way (see ``pdl_flags``)
+PDL_ENV = "AUTODEPLOY_PDL"
+
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # a Triton without grid dependency control: pdl_flags never turns it on
+    gdc_launch_dependents = gdc_wait = None
 
 LOG2E = 1.4426950408889634
 
@@ -45,6 +54,37 @@ def device_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
     return num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _pdl_capable(device_index: int) -> bool:
+    return gdc_wait is not None and torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def pdl_flags(device: torch.device) -> dict:
+    """Launch options of a kernel that starts with ``pdl_enter(USE_PDL)``: programmatic dependent launch on
+    Hopper and newer (unless ``AUTODEPLOY_PDL=0``), so the kernel is scheduled while the previous one in the
+    stream drains, also inside a CUDA graph.
+
+    Contract of such a kernel: before ``pdl_enter`` it may only read memory no earlier kernel writes (weights);
+    every read of an activation and every write comes after it. The interpreter and other devices get
+    ``USE_PDL=False`` and an ordinary launch.
+    """
+    if INTERPRET or device.type != "cuda" or os.environ.get(PDL_ENV, "1") == "0":
+        return {"USE_PDL": False}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if not _pdl_capable(index):
+        return {"USE_PDL": False}
+    return {"USE_PDL": True, "launch_pdl": True}
+
+
+@triton.jit
+def pdl_enter(USE_PDL: tl.constexpr):
+    """Wait until the previous kernel in the stream has finished and its writes are visible, then let the next
+    kernel be scheduled (it waits for this one in turn). A no-op without ``USE_PDL``."""
+    if USE_PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 @triton.jit

@@ -42,7 +42,7 @@ import triton.language as tl
 
 from .. import cached_attention as _reference  # noqa: F401  (registers the torch op family)
 from ..cached_attention import FP8_CACHE_DTYPES
-from ._common import LOG2E, device_sms, mma, next_pow2, tanh, upcast_dots
+from ._common import LOG2E, device_sms, mma, next_pow2, pdl_enter, pdl_flags, tanh, upcast_dots
 from .kv_write import write_kv
 
 MAX_SPLITS = 64
@@ -283,8 +283,9 @@ def _decode_kernel(
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_CAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_SINKS: tl.constexpr,
-    SPLIT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1) // NUM_HG
     hg = tl.program_id(1) % NUM_HG
@@ -345,7 +346,9 @@ def _decode_reduce_kernel(
     part_acc_ptr, part_ml_ptr, o_ptr, seq_lens_ptr, cu_ptr, sinks_ptr,
     first_seq, num_splits, n_q, stride_ot, stride_oh,
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SINKS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = first_seq + b
@@ -496,13 +499,13 @@ def cached_attention_into(
             q.stride(1), q.stride(2), out.stride(1), out.stride(2), *cache_strides, **scalars,
             G=group, HEADS=heads, NUM_HG=num_hg, D=d, DV=dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
             BLOCK_H=max(16, next_pow2(heads)), BLOCK_N=block_n, PAGE=page, SPLIT=split, **flags,
-            num_warps=cfg.decode_warps, num_stages=cfg.decode_stages,
+            num_warps=cfg.decode_warps, num_stages=cfg.decode_stages, **pdl_flags(q.device),
         )
         if split:
             _decode_reduce_kernel[(num_decode, n_q)](
                 part_acc, part_ml, out, seq_lens, cu_seqlens, sinks_arg, num_prefill, splits, n_q,
                 out.stride(1), out.stride(2), DV=dv, BLOCK_DV=block_dv, BLOCK_S=next_pow2(splits),
-                HAS_SINKS=sinks is not None, num_warps=4,
+                HAS_SINKS=sinks is not None, num_warps=4, **pdl_flags(q.device),
             )
     if kv_scale != 1.0:
         out.mul_(kv_scale)

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ..quant_linear import FP8_MAX, FP8_SCALE_MIN, INT4_CHUNK, int4_group
-from ._common import INTERPRET, device_sms, fp8_round, next_pow2, split_k_sum
+from ._common import INTERPRET, fp8_round, next_pow2, pdl_enter, pdl_flags, split_k_sum
 
 W_DENSE, W_FP8, W_INT8, W_INT4 = 3, 0, 1, 2  # the 8/4-bit codes are those of quant_linear.py
 GEMV_MAX_TOKENS = 4  # what the kernel takes; quant_linear.py sends it fewer where it is the fastest path
@@ -67,12 +67,55 @@ def gemv_config(m: int, n: int, k: int, fmt: int, device: torch.device) -> GemvC
 
 
 @triton.jit
+def _dense_step(acc, w, x_rows, kk, k_ok, m_ok, x_scale, W_FMT: tl.constexpr, HW_FP8: tl.constexpr):
+    """``acc [BM, BN, BK] += w [BN, BK] * x[:, kk]`` (x rounded to fp8 first for the fp8 format)."""
+    xt = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+    if W_FMT == 0:
+        xt = xt / x_scale[:, None]
+        if HW_FP8:
+            xt = xt.to(tl.float8e4nv).to(tl.float32)  # round-to-nearest, saturating (|x| <= 448 here)
+        else:
+            xt = fp8_round(xt)
+    return acc + w.to(tl.float32)[None, :, :] * xt[:, None, :]
+
+
+@triton.jit
+def _int4_step(acc, words, x_rows, s_ptr, z_ptr, k0, K, word, col_base, w_ok, m_ok, n_ok, offs_n, stride_sg,
+               GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               WORDS: tl.constexpr):
+    """One ``BLOCK_K`` step of int4 planar codes ``words [BN, WORDS]``: nibble plane ``j`` against the activations
+    at ``k0 + col_base + 16 j``; each scale group's partial sum gets its scale and zero point."""
+    PLANES: tl.constexpr = GROUP // 16 if GROUP < 128 else 8  # nibble planes per scale group
+    part = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
+    x_sum = tl.zeros((BLOCK_M, WORDS), dtype=tl.float32)
+    for j in tl.static_range(8):
+        kk = k0 + col_base + 16 * j
+        xj = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & (kk[None, :] < K), other=0.0).to(tl.float32)
+        codes = (((words >> (4 * j)) & 0xF) | _MAGIC).to(tl.float32, bitcast=True) - 8388608.0
+        part += codes[None, :, :] * xj[:, None, :]
+        x_sum += xj
+        if (j + 1) % PLANES == 0:  # end of a scale group for every word column
+            g = (k0 + 128 * (word // 16) + 16 * (j + 1 - PLANES)) // GROUP
+            s_off = g[None, :] * stride_sg + offs_n[:, None]
+            s_ok = n_ok[:, None] & w_ok[None, :]
+            s = tl.load(s_ptr + s_off, mask=s_ok, other=0.0).to(tl.float32)
+            if HAS_ZEROS:
+                z = tl.load(z_ptr + s_off, mask=s_ok, other=0.0).to(tl.float32)
+            else:
+                z = tl.full((BLOCK_N, WORDS), 8.0, dtype=tl.float32)
+            acc += s[None, :, :] * (part - z[None, :, :] * x_sum[:, None, :])
+            part = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
+            x_sum = tl.zeros((BLOCK_M, WORDS), dtype=tl.float32)
+    return acc
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, lock_ptr,
     M, N, K, stride_xm, stride_ym, stride_wn, stride_sg, steps_per_split,
     W_FMT: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    HW_FP8: tl.constexpr,
+    HW_FP8: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     tile = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -82,61 +125,50 @@ def _gemv_kernel(
     n_ok = offs_n < N
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # [BM, 1]
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BN, 1]
+    k_lo = pid_k * steps_per_split * BLOCK_K
+    k_hi = tl.minimum(k_lo + steps_per_split * BLOCK_K, K)  # k_lo < k_hi: every split has a step
+    # (masks test K, not k_hi: a split ends on a step boundary or at K, and K keeps its divisibility hint)
+
+    # The first step's weights are read before waiting for the previous kernel (no kernel writes them), so
+    # the stream of weights starts while that kernel drains; everything else comes after pdl_enter.
+    if W_FMT == 2:
+        WORDS: tl.constexpr = BLOCK_K // 8
+        word = tl.arange(0, WORDS)
+        col_base = 128 * (word // 16) + word % 16  # k of nibble 0 of each word, within the step
+        w_ok = (k_lo + 128 * (word // 16)) < K
+        words = tl.load(w_rows + (k_lo // 8 + word)[None, :], mask=n_ok[:, None] & w_ok[None, :], other=0)
+    else:
+        kk = k_lo + tl.arange(0, BLOCK_K)
+        k_ok = kk < K
+        w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+    pdl_enter(USE_PDL)
 
     x_scale = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
     if W_FMT == 0:  # per-token fp8 scale over the whole row
         amax = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            xt = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)
+            kx = k0 + tl.arange(0, BLOCK_K)
+            xt = tl.load(x_rows + kx[None, :], mask=m_ok[:, None] & (kx[None, :] < K), other=0.0)
             amax = tl.maximum(amax, tl.abs(xt.to(tl.float32)))
         x_scale = tl.maximum(tl.max(amax, 1) / _FP8_MAX, _FP8_SCALE_MIN)
 
-    k_lo = pid_k * steps_per_split * BLOCK_K
-    k_hi = tl.minimum(k_lo + steps_per_split * BLOCK_K, K)
     if W_FMT == 2:
-        WORDS: tl.constexpr = BLOCK_K // 8
-        PLANES: tl.constexpr = GROUP // 16 if GROUP < 128 else 8  # nibble planes per scale group
-        word = tl.arange(0, WORDS)
-        col_base = 128 * (word // 16) + word % 16  # k of nibble 0 of each word, within the step
         acc = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
+        acc = _int4_step(acc, words, x_rows, s_ptr, z_ptr, k_lo, K, word, col_base, w_ok, m_ok, n_ok, offs_n,
+                         stride_sg, GROUP, HAS_ZEROS, BLOCK_M, BLOCK_N, WORDS)
+        for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
             w_ok = (k0 + 128 * (word // 16)) < K
             words = tl.load(w_rows + (k0 // 8 + word)[None, :], mask=n_ok[:, None] & w_ok[None, :], other=0)
-            part = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
-            x_sum = tl.zeros((BLOCK_M, WORDS), dtype=tl.float32)
-            for j in tl.static_range(8):
-                kk = k0 + col_base + 16 * j
-                xj = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & (kk[None, :] < K), other=0.0).to(tl.float32)
-                codes = (((words >> (4 * j)) & 0xF) | _MAGIC).to(tl.float32, bitcast=True) - 8388608.0
-                part += codes[None, :, :] * xj[:, None, :]
-                x_sum += xj
-                if (j + 1) % PLANES == 0:  # end of a scale group for every word column
-                    g = (k0 + 128 * (word // 16) + 16 * (j + 1 - PLANES)) // GROUP
-                    s_off = g[None, :] * stride_sg + offs_n[:, None]
-                    s_ok = n_ok[:, None] & w_ok[None, :]
-                    s = tl.load(s_ptr + s_off, mask=s_ok, other=0.0).to(tl.float32)
-                    if HAS_ZEROS:
-                        z = tl.load(z_ptr + s_off, mask=s_ok, other=0.0).to(tl.float32)
-                    else:
-                        z = tl.full((BLOCK_N, WORDS), 8.0, dtype=tl.float32)
-                    acc += s[None, :, :] * (part - z[None, :, :] * x_sum[:, None, :])
-                    part = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
-                    x_sum = tl.zeros((BLOCK_M, WORDS), dtype=tl.float32)
+            acc = _int4_step(acc, words, x_rows, s_ptr, z_ptr, k0, K, word, col_base, w_ok, m_ok, n_ok, offs_n,
+                             stride_sg, GROUP, HAS_ZEROS, BLOCK_M, BLOCK_N, WORDS)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
+        acc = _dense_step(acc, w, x_rows, kk, k_ok, m_ok, x_scale, W_FMT, HW_FP8)
+        for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             k_ok = kk < K
-            w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            xt = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            if W_FMT == 0:
-                xt = xt / x_scale[:, None]
-                if HW_FP8:
-                    xt = xt.to(tl.float8e4nv).to(tl.float32)  # round-to-nearest, saturating (|x| <= 448 here)
-                else:
-                    xt = fp8_round(xt)
-            acc += w[None, :, :] * xt[:, None, :]
+            w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = _dense_step(acc, w, x_rows, kk, k_ok, m_ok, x_scale, W_FMT, HW_FP8)
     total = tl.sum(acc, 2)  # [BM, BN]
 
     if SPLIT_K > 1:
@@ -198,6 +230,6 @@ def gemv(
         m, n, k, x.stride(0), y.stride(0), weight.stride(0), scales.stride(0) if fmt == W_INT4 else 0, per_split,
         W_FMT=fmt, GROUP=group, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, HW_FP8=not INTERPRET,
-        num_warps=1 if INTERPRET else cfg.warps, num_stages=cfg.stages,
+        num_warps=1 if INTERPRET else cfg.warps, num_stages=cfg.stages, **pdl_flags(x.device),
     )
     return y

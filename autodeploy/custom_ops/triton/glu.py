@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .. import gated_mlp as _reference  # noqa: F401  (registers the torch op family)
-from ._common import INTERPRET, next_pow2, tanh
+from ._common import INTERPRET, next_pow2, pdl_enter, pdl_flags, tanh
 
 #: activation name -> the kernel's ``ACT`` code
 ACTIVATION_CODES: dict[str, int] = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "relu2": 4}
@@ -37,7 +37,9 @@ def _activate(x, ACT: tl.constexpr):
 
 
 @triton.jit
-def _glu_kernel(gu_ptr, o_ptr, inter, stride_gu, stride_o, BLOCK: tl.constexpr, ACT: tl.constexpr):
+def _glu_kernel(gu_ptr, o_ptr, inter, stride_gu, stride_o, BLOCK: tl.constexpr, ACT: tl.constexpr,
+                USE_PDL: tl.constexpr):
+    pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -61,7 +63,8 @@ def glu_packed_launch(gate_up: torch.Tensor, activation: str, out: torch.Tensor)
     block = min(next_pow2(inter), MAX_BLOCK)
     warps = 1 if INTERPRET else max(1, min(8, block // 256))
     _glu_kernel[(gu.shape[0], triton.cdiv(inter, block))](
-        gu, o, inter, gu.stride(0), o.stride(0), BLOCK=block, ACT=ACTIVATION_CODES[activation], num_warps=warps
+        gu, o, inter, gu.stride(0), o.stride(0), BLOCK=block, ACT=ACTIVATION_CODES[activation], num_warps=warps,
+        **pdl_flags(gu.device),
     )
 
 

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ..cached_attention import FP8_CACHE_DTYPES
-from ._common import fp8_round, next_pow2
+from ._common import fp8_round, next_pow2, pdl_enter, pdl_flags
 
 
 @triton.jit(do_not_specialize=["n_kv"])
@@ -22,8 +22,9 @@ def _kv_write_kernel(
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     n_kv, inv_scale,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_H: tl.constexpr, PAGE: tl.constexpr, CACHE_FP8: tl.constexpr,
+    BLOCK_H: tl.constexpr, PAGE: tl.constexpr, CACHE_FP8: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
@@ -71,5 +72,5 @@ def write_kv(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         n_kv, 1.0 / kv_scale, D=d, DV=dv, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_H=block_h,
-        PAGE=k_cache.shape[1], CACHE_FP8=k_cache.dtype in FP8_CACHE_DTYPES, num_warps=4,
+        PAGE=k_cache.shape[1], CACHE_FP8=k_cache.dtype in FP8_CACHE_DTYPES, num_warps=4, **pdl_flags(k.device),
     )

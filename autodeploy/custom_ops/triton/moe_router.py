@@ -13,14 +13,15 @@ import triton
 import triton.language as tl
 
 from .. import moe_router as _reference
-from ._common import INTERPRET, next_pow2
+from ._common import INTERPRET, next_pow2, pdl_enter, pdl_flags
 
 
 @triton.jit
 def _moe_router_kernel(
     logits_ptr, w_ptr, ids_ptr, T, E, stride_t, TOP_K: tl.constexpr, NORMALIZE: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_E)
     row_ok = rows < T
@@ -62,6 +63,7 @@ def triton_moe_router(logits: torch.Tensor, top_k: int, normalize: bool) -> tupl
         _moe_router_kernel[(triton.cdiv(t, per_program),)](
             rows, weights, ids, t, e, rows.stride(0), TOP_K=top_k, NORMALIZE=normalize,
             ROWS=per_program, BLOCK_E=block_e, BLOCK_K=next_pow2(top_k), num_warps=1 if INTERPRET else 4,
+            **pdl_flags(logits.device),
         )
     shape = (*logits.shape[:-1], top_k)
     return weights.view(shape), ids.view(shape)

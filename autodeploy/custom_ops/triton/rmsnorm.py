@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .. import rmsnorm as _reference  # noqa: F401  (registers the torch op family)
-from ._common import INTERPRET, next_pow2, tl_dtype
+from ._common import INTERPRET, next_pow2, pdl_enter, pdl_flags, tl_dtype
 
 MAX_ONE_PASS = 16384
 ROW_ELEMS = 4096  # elements per program in the one-pass kernel
@@ -37,7 +37,9 @@ def _rmsnorm_rows_kernel(
     n_rows, H, stride_x, stride_r, stride_o, stride_sum, eps, w_offset,
     BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, HAS_OFFSET: tl.constexpr, X_DTYPE: tl.constexpr, PROD_DTYPE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
     cols = tl.arange(0, BLOCK_H)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < H)
@@ -60,7 +62,9 @@ def _rmsnorm_long_kernel(
     H, stride_x, stride_r, stride_o, stride_sum, eps, w_offset,
     BLOCK_H: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, HAS_OFFSET: tl.constexpr, X_DTYPE: tl.constexpr, PROD_DTYPE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     sq = tl.zeros((BLOCK_H,), dtype=tl.float32)
@@ -121,6 +125,7 @@ def rmsnorm_launch(
         HAS_OFFSET=bool(weight_offset),
         X_DTYPE=tl_dtype(norm_dtype),
         PROD_DTYPE=tl_dtype(torch.promote_types(norm_dtype, weight.dtype)),
+        **pdl_flags(x.device),
     )
     args = (x2, r2, weight, o2, s2)
     block_h = next_pow2(h)

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .. import rope as _reference  # noqa: F401  (registers the torch op family)
-from ._common import INTERPRET, next_pow2, tl_dtype
+from ._common import INTERPRET, next_pow2, pdl_enter, pdl_flags, tl_dtype
 
 HEAD_ELEMS = 2048  # x elements per program (BLOCK_N heads of D channels)
 
@@ -26,8 +26,9 @@ def _rope_kernel(
     S, N,
     sxb, sxs, sxn, scb, scs, ssb, sss, sob, sos, son,
     R: tl.constexpr, PASS: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
-    BLOCK_N: tl.constexpr, INTERLEAVED: tl.constexpr, COMPUTE: tl.constexpr,
+    BLOCK_N: tl.constexpr, INTERLEAVED: tl.constexpr, COMPUTE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     row = tl.program_id(0)
     b = (row // S).to(tl.int64)
     s = (row % S).to(tl.int64)
@@ -86,6 +87,7 @@ def rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleav
         out.stride(0), out.stride(1), out.stride(2),
         R=r, PASS=d - r, BLOCK_HALF=next_pow2(r // 2), BLOCK_PASS=next_pow2(max(d - r, 1)),
         BLOCK_N=block_n, INTERLEAVED=interleaved, COMPUTE=tl_dtype(compute), num_warps=1 if INTERPRET else 4,
+        **pdl_flags(x.device),
     )
 
 
