@@ -26,7 +26,7 @@ for step in "$@"; do
     e2e-flashinfer) timeout 420 python3 bench/e2e.py --skip-hf --attn-backend flashinfer --json "$OUT/e2e_flashinfer.json" 2>&1 | tee "$OUT/e2e_flashinfer.log" | grep -v Warn | tail -40 ;;
     gpu-tests) timeout 540 python3 -m pytest -q -m gpu tests/ 2>&1 | tail -15 ;;  # FlashInfer JIT: ~60 s a variant
     pdl)       timeout 200 python3 bench/pdl.py --out "$OUT/pdl.json" 2>&1 | tee "$OUT/pdl.log" | grep '^{' ;;
-    pdl-tests) timeout 300 python3 -m pytest -q -m gpu tests/test_pdl.py tests/test_gemv.py tests/test_triton_kernels.py tests/test_attention_ops.py tests/test_moe_router.py 2>&1 | tail -15 ;;
+    pdl-tests) timeout 300 python3 -m pytest -q -m gpu tests/test_pdl.py tests/test_gemv.py tests/test_triton_kernels.py tests/test_attention_ops.py tests/test_moe_router.py tests/test_moe_kernels.py 2>&1 | tail -15 ;;
     e2e-pdl)   for pdl in 0 1; do AUTODEPLOY_PDL=$pdl timeout 160 python3 bench/e2e.py --skip-hf --only decode,ttft --json "$OUT/e2e_pdl$pdl.json" 2>&1 | tee "$OUT/e2e_pdl$pdl.log" | grep -E 'optimize|batch1|ttft_1024|tokens_match'; done ;;
     gemv)      timeout 280 python3 bench/gemv.py --out "$OUT/gemv.json" 2>&1 | tee "$OUT/gemv.log" | grep '^{' | tail -60 ;;
     quant-engines) timeout 230 python3 bench/quant.py --only fp8,int4 --out "$OUT/quant.json" 2>&1 | tee "$OUT/quant.log" | grep '^{' | tail -30 ;;
@@ -36,6 +36,7 @@ for step in "$@"; do
     moe-e2e)   timeout 240 python3 bench/moe.py --skip-kernels --skip-reference --out "$OUT/moe_e2e.json" 2>&1 | tee "$OUT/moe_e2e.log" | grep '^{' | tail -20 ;;
     compile-backend) timeout 290 python3 bench/compile_backend.py --out "$OUT/compile_backend.json" 2>&1 | tee "$OUT/compile_backend.log" | grep '^{' ;;
     compile-profile) timeout 240 python3 bench/compile_backend.py --configs inductor,autodeploy --batches 16 --profile --out "$OUT/compile_profile.json" 2>&1 | tee "$OUT/compile_profile.log" | grep '^{' ;;
+    compile-recompile) TORCH_LOGS=perf_hints timeout 240 python3 bench/compile_backend.py --configs autodeploy --batches 1,16 --profile --out "$OUT/compile_recompile.json" 2>&1 | tee "$OUT/compile_recompile.log" | grep -E '^\{|cudagraph' | cut -c1-1500 ;;
     tp-tests)  NCCL_NVLS_ENABLE=0 timeout 240 python3 -m pytest -q -m gpu tests/test_symm_all_reduce.py 2>&1 | tail -15 ;;
     tp-fp32)   NCCL_NVLS_ENABLE=0 timeout 200 python3 bench/tp.py --dtype float32 --layers 8 --decode-tokens 16 --child-timeout 90 --out "$OUT/tp_fp32.json" 2>&1 | tee "$OUT/tp_fp32.log" | grep '^{' | cut -c1-600 ;;
     tp)        NCCL_NVLS_ENABLE=0 timeout 560 python3 bench/tp.py --initializer-range 0.2 --out "$OUT/tp.json" 2>&1 | tee "$OUT/tp.log" | grep '^{' ;;

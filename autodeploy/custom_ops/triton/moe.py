@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from .. import moe as _reference  # noqa: F401  (registers the torch op family)
-from ._common import INTERPRET, mma, next_pow2, upcast_dots
+from ._common import INTERPRET, mma, next_pow2, pdl_enter, pdl_flags, upcast_dots
 from .moe_align import CHUNK, ONE_CHUNK_MAX, align_routing
 from .glu import ACTIVATION_CODES, _activate
 
@@ -139,8 +139,9 @@ def _moe_up_kernel(
     GROUP_M: tl.constexpr,
     GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACT: tl.constexpr, CLAMP: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, RNE: tl.constexpr,
-    DIRECT: tl.constexpr,
+    DIRECT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     pid_m, pid_n = _tile_of(tl.program_id(0), num_blocks, tl.cdiv(I, COLS), GROUP_M)
     expert, row_ok, assign, rows = _block(pid_m, sorted_ptr, blk_expert_ptr, blk_rows_ptr, E, BLOCK_M, DIRECT)
     if expert >= 0:
@@ -200,8 +201,9 @@ def _moe_down_kernel(
     stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, RNE: tl.constexpr,
-    DIRECT: tl.constexpr,
+    DIRECT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     pid_m, pid_n = _tile_of(tl.program_id(0), num_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
     expert, row_ok, assign, rows = _block(pid_m, sorted_ptr, blk_expert_ptr, blk_rows_ptr, E, BLOCK_M, DIRECT)
     if expert >= 0:
@@ -236,8 +238,9 @@ def _moe_down_kernel(
 @triton.jit
 def _moe_sum_kernel(
     y_ptr, ids_ptr, out_ptr, N, E, top_k, stride_ym, stride_ot,
-    BLOCK_N: tl.constexpr, K_PAD: tl.constexpr, RNE: tl.constexpr,
+    BLOCK_N: tl.constexpr, K_PAD: tl.constexpr, RNE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     j = tl.arange(0, K_PAD)
@@ -333,6 +336,7 @@ def moe_into(
     upcast, ieee = upcast_dots(x.dtype), x.dtype == torch.float32
     rne = INTERPRET and x.dtype == torch.bfloat16
     interp = {"num_warps": 1, "num_stages": 1} if INTERPRET else {}
+    pdl = pdl_flags(x.device)
     cols = tiles.up_n // 2 if gated else tiles.up_n
     _moe_up_kernel[(num_blocks * triton.cdiv(inter, cols),)](
         x, w_up, b_up if b_up is not None else w_up, h, sorted_ids, block_expert, block_rows,
@@ -342,7 +346,7 @@ def moe_into(
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.up_n, COLS=cols, BLOCK_K=tiles.up_k, GROUP_M=tiles.group_m,
         GATED=gated, INTERLEAVED=gated and interleaved, ACT=act, CLAMP=limit is not None,
         HAS_BIAS=b_up is not None, EVEN_K=hidden % tiles.up_k == 0, UPCAST=upcast, IEEE=ieee, RNE=rne,
-        DIRECT=direct, **(interp or {"num_warps": tiles.up_warps, "num_stages": tiles.up_stages}),
+        DIRECT=direct, **pdl, **(interp or {"num_warps": tiles.up_warps, "num_stages": tiles.up_stages}),
     )
     _moe_down_kernel[(num_blocks * triton.cdiv(hidden, tiles.down_n),)](
         h, w_down, b_down if b_down is not None else w_down, y, sorted_ids, block_expert, block_rows,
@@ -351,12 +355,12 @@ def moe_into(
         h.stride(0), *w_down.stride(), b_down.stride(0) if b_down is not None else 0, y.stride(0),
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.down_n, BLOCK_K=tiles.down_k, GROUP_M=tiles.group_m,
         HAS_BIAS=b_down is not None, EVEN_K=inter % tiles.down_k == 0, UPCAST=upcast, IEEE=ieee, RNE=rne,
-        DIRECT=direct, **(interp or {"num_warps": tiles.down_warps, "num_stages": tiles.down_stages}),
+        DIRECT=direct, **pdl, **(interp or {"num_warps": tiles.down_warps, "num_stages": tiles.down_stages}),
     )
     block_n = min(next_pow2(hidden), max(256, 4096 // next_pow2(top_k)))
     _moe_sum_kernel[(t, triton.cdiv(hidden, block_n))](
         y, ids, out, hidden, num_experts, top_k, y.stride(0), out.stride(0),
-        BLOCK_N=block_n, K_PAD=next_pow2(top_k), RNE=rne, num_warps=1 if INTERPRET else 4,
+        BLOCK_N=block_n, K_PAD=next_pow2(top_k), RNE=rne, num_warps=1 if INTERPRET else 4, **pdl,
     )
 
 
