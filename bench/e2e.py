@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--model", default="examples/configs/llama-3.1-8b/config.json")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--num-requests", type=int, default=1000)
-    parser.add_argument("--max-batch-size", type=int, default=256)
+    parser.add_argument("--max-batch-size", type=int, default=1024)
     parser.add_argument("--max-num-tokens", type=int, default=8192)
     parser.add_argument("--decode-osl", type=int, default=256)
     parser.add_argument("--attn-backend", default="auto")

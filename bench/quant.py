@@ -200,7 +200,7 @@ def main() -> None:
     parser.add_argument("--only", default="kernels,fp8,int4")
     parser.add_argument("--num-requests", type=int, default=1000)
     parser.add_argument("--decode-osl", type=int, default=128)
-    parser.add_argument("--max-batch-size", type=int, default=256)
+    parser.add_argument("--max-batch-size", type=int, default=1024)
     parser.add_argument("--max-num-tokens", type=int, default=8192)
     parser.add_argument("--set", action="append", default=[], help="engine override key=value (YAML value)")
     args = parser.parse_args()

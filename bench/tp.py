@@ -35,8 +35,8 @@ from autodeploy.distributed.symm_all_reduce import symm_all_reduce_bytes  # noqa
 
 GPU_MODEL = "examples/configs/llama-3.1-8b/config.json"
 TARGET_SPEEDUP = 1.6
-NEAR_TIE = 0.05
-CHILD_SHUTDOWN_S = 30.0  # after its measurements, how long a child run may take to shut down  # TP=1's top-2 logprob gap under which a TP=2 divergence is rounding order, not a sharding bug
+NEAR_TIE = 0.05  # TP=1's top-2 logprob gap under which a TP=2 divergence is rounding order, not a sharding bug
+CHILD_SHUTDOWN_S = 30.0  # after its measurements, how long a child run may take to shut down
 
 
 class Results:

@@ -14,9 +14,14 @@ from ..cli import add_engine_args, engine_overrides
 from .metrics import BenchReport
 from .workload import synthetic_requests
 
+#: most sequences per step when ``--max-batch-size`` is not given: every request in flight, up to this many
+BENCH_MAX_BATCH = 1024
+
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
-    parser = sub.add_parser(name, help="benchmark the engine on synthetic requests")
+    parser = sub.add_parser(name, help="benchmark the engine on synthetic requests",
+                            description="Without --max-batch-size, the engine takes every request in flight (the "
+                            f"concurrency, else all requests) up to {BENCH_MAX_BATCH} sequences a step.")
     add_engine_args(parser)
     parser.add_argument("--isl", type=int, default=128, help="input tokens per request")
     parser.add_argument("--osl", type=int, default=128, help="output tokens per request")
@@ -28,6 +33,12 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
     parser.add_argument("--hf-batch-size", type=int, default=None, help="HF baseline batch (default: concurrency)")
     parser.add_argument("--hf-num-requests", type=int, default=None, help="HF baseline requests (default: 2 batches)")
     parser.add_argument("--json", default=None, help="write the report to this file ('-' for stdout)")
+
+
+def bench_batch_size(concurrency: int, num_requests: int) -> int:
+    """The engine's ``max_batch_size`` for a throughput run: what can be in flight at once, at most
+    ``BENCH_MAX_BATCH`` (as trtllm-bench sizes its engine from the workload, not from a serving default)."""
+    return max(1, min(concurrency or num_requests, BENCH_MAX_BATCH))
 
 
 def _hf_model(args: argparse.Namespace, config):
@@ -45,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
     from .hf_bench import run_hf_bench
 
     console = Console(stderr=True)
-    config = build_config(engine_overrides(args))
+    overrides = engine_overrides(args)
+    overrides.setdefault("max_batch_size", bench_batch_size(args.concurrency, args.num_requests))
+    config = build_config(overrides)
     reports: list[BenchReport] = []
     if args.baseline == "hf":  # first, so its memory is free again before the engine sizes its KV cache
         model, vocab = _hf_model(args, config)
@@ -68,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     requests = synthetic_requests(args.num_requests, args.isl, args.osl, vocab)
     report = run_engine_bench(engine, requests, args.concurrency, args.temperature)
     report.extra["build_s"] = build_s
+    report.extra["max_batch_size"] = config.max_batch_size
     reports.insert(0, report)
     _print(console, args, reports)
     if args.json:
