@@ -15,19 +15,22 @@ ops = torch.ops.autodeploy
 
 def test_pdl_off_on_cpu_and_in_the_interpreter(monkeypatch):
     monkeypatch.setenv(_common.PDL_ENV, "1")
-    assert _common.pdl_flags(torch.device("cpu")) == {"USE_PDL": False}
+    assert _common.pdl_flags(torch.device("cpu"), 1) == {"USE_PDL": False}
 
 
 def test_pdl_flags_on_hopper_unless_disabled(monkeypatch):
     monkeypatch.setattr(_common, "INTERPRET", False)
     monkeypatch.setattr(_common, "_pdl_capable", lambda index: True)
     monkeypatch.delenv(_common.PDL_ENV, raising=False)
-    assert _common.pdl_flags(torch.device("cuda", 0)) == {"USE_PDL": True, "launch_pdl": True}
+    cuda = torch.device("cuda", 0)
+    assert _common.pdl_flags(cuda, 1) == {"USE_PDL": True, "launch_pdl": True}
+    assert _common.pdl_flags(cuda, _common.PDL_MAX_ROWS) == {"USE_PDL": True, "launch_pdl": True}
+    assert _common.pdl_flags(cuda, _common.PDL_MAX_ROWS + 1) == {"USE_PDL": False}  # prefill-sized
     monkeypatch.setenv(_common.PDL_ENV, "0")
-    assert _common.pdl_flags(torch.device("cuda", 0)) == {"USE_PDL": False}
+    assert _common.pdl_flags(cuda, 1) == {"USE_PDL": False}
     monkeypatch.setenv(_common.PDL_ENV, "1")
     monkeypatch.setattr(_common, "_pdl_capable", lambda index: False)  # before Hopper
-    assert _common.pdl_flags(torch.device("cuda", 0)) == {"USE_PDL": False}
+    assert _common.pdl_flags(cuda, 1) == {"USE_PDL": False}
 
 
 def _chain(fmt: int, layers: list, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

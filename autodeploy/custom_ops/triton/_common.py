@@ -15,6 +15,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 #: ``AUTODEPLOY_PDL=0`` launches every kernel the ordinary way (see ``pdl_flags``)
 PDL_ENV = "AUTODEPLOY_PDL"
+#: launches over more tokens than this (prefill, large decode batches) are ordinary ones: their kernels run long
+#: enough that the launch gap is noise, and early-launched blocks would only sit on the SMs waiting
+PDL_MAX_ROWS = 128
 
 try:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -61,16 +64,16 @@ def _pdl_capable(device_index: int) -> bool:
     return gdc_wait is not None and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
-def pdl_flags(device: torch.device) -> dict:
+def pdl_flags(device: torch.device, rows: int) -> dict:
     """Launch options of a kernel that starts with ``pdl_enter(USE_PDL)``: programmatic dependent launch on
-    Hopper and newer (unless ``AUTODEPLOY_PDL=0``), so the kernel is scheduled while the previous one in the
-    stream drains, also inside a CUDA graph.
+    Hopper and newer for a launch over at most ``PDL_MAX_ROWS`` tokens (unless ``AUTODEPLOY_PDL=0``), so the
+    kernel is scheduled while the previous one in the stream drains, also inside a CUDA graph.
 
     Contract of such a kernel: before ``pdl_enter`` it may only read memory no earlier kernel writes (weights);
     every read of an activation and every write comes after it. The interpreter and other devices get
     ``USE_PDL=False`` and an ordinary launch.
     """
-    if INTERPRET or device.type != "cuda" or os.environ.get(PDL_ENV, "1") == "0":
+    if INTERPRET or device.type != "cuda" or rows > PDL_MAX_ROWS or os.environ.get(PDL_ENV, "1") == "0":
         return {"USE_PDL": False}
     index = device.index if device.index is not None else torch.cuda.current_device()
     if not _pdl_capable(index):

@@ -499,13 +499,13 @@ def cached_attention_into(
             q.stride(1), q.stride(2), out.stride(1), out.stride(2), *cache_strides, **scalars,
             G=group, HEADS=heads, NUM_HG=num_hg, D=d, DV=dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
             BLOCK_H=max(16, next_pow2(heads)), BLOCK_N=block_n, PAGE=page, SPLIT=split, **flags,
-            num_warps=cfg.decode_warps, num_stages=cfg.decode_stages, **pdl_flags(q.device),
+            num_warps=cfg.decode_warps, num_stages=cfg.decode_stages, **pdl_flags(q.device, num_decode),
         )
         if split:
             _decode_reduce_kernel[(num_decode, n_q)](
                 part_acc, part_ml, out, seq_lens, cu_seqlens, sinks_arg, num_prefill, splits, n_q,
                 out.stride(1), out.stride(2), DV=dv, BLOCK_DV=block_dv, BLOCK_S=next_pow2(splits),
-                HAS_SINKS=sinks is not None, num_warps=4, **pdl_flags(q.device),
+                HAS_SINKS=sinks is not None, num_warps=4, **pdl_flags(q.device, num_decode),
             )
     if kv_scale != 1.0:
         out.mul_(kv_scale)

@@ -230,6 +230,6 @@ def gemv(
         m, n, k, x.stride(0), y.stride(0), weight.stride(0), scales.stride(0) if fmt == W_INT4 else 0, per_split,
         W_FMT=fmt, GROUP=group, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, HW_FP8=not INTERPRET,
-        num_warps=1 if INTERPRET else cfg.warps, num_stages=cfg.stages, **pdl_flags(x.device),
+        num_warps=1 if INTERPRET else cfg.warps, num_stages=cfg.stages, **pdl_flags(x.device, m),
     )
     return y

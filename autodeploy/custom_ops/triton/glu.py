@@ -64,7 +64,7 @@ def glu_packed_launch(gate_up: torch.Tensor, activation: str, out: torch.Tensor)
     warps = 1 if INTERPRET else max(1, min(8, block // 256))
     _glu_kernel[(gu.shape[0], triton.cdiv(inter, block))](
         gu, o, inter, gu.stride(0), o.stride(0), BLOCK=block, ACT=ACTIVATION_CODES[activation], num_warps=warps,
-        **pdl_flags(gu.device),
+        **pdl_flags(gu.device, gu.shape[0]),
     )
 
 

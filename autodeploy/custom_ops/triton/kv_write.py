@@ -72,5 +72,5 @@ def write_kv(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         n_kv, 1.0 / kv_scale, D=d, DV=dv, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_H=block_h,
-        PAGE=k_cache.shape[1], CACHE_FP8=k_cache.dtype in FP8_CACHE_DTYPES, num_warps=4, **pdl_flags(k.device),
+        PAGE=k_cache.shape[1], CACHE_FP8=k_cache.dtype in FP8_CACHE_DTYPES, num_warps=4, **pdl_flags(k.device, num_tokens),
     )

@@ -336,7 +336,7 @@ def moe_into(
     upcast, ieee = upcast_dots(x.dtype), x.dtype == torch.float32
     rne = INTERPRET and x.dtype == torch.bfloat16
     interp = {"num_warps": 1, "num_stages": 1} if INTERPRET else {}
-    pdl = pdl_flags(x.device)
+    pdl = pdl_flags(x.device, t)
     cols = tiles.up_n // 2 if gated else tiles.up_n
     _moe_up_kernel[(num_blocks * triton.cdiv(inter, cols),)](
         x, w_up, b_up if b_up is not None else w_up, h, sorted_ids, block_expert, block_rows,

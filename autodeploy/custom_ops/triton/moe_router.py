@@ -63,7 +63,7 @@ def triton_moe_router(logits: torch.Tensor, top_k: int, normalize: bool) -> tupl
         _moe_router_kernel[(triton.cdiv(t, per_program),)](
             rows, weights, ids, t, e, rows.stride(0), TOP_K=top_k, NORMALIZE=normalize,
             ROWS=per_program, BLOCK_E=block_e, BLOCK_K=next_pow2(top_k), num_warps=1 if INTERPRET else 4,
-            **pdl_flags(logits.device),
+            **pdl_flags(logits.device, t),
         )
     shape = (*logits.shape[:-1], top_k)
     return weights.view(shape), ids.view(shape)

@@ -125,7 +125,7 @@ def rmsnorm_launch(
         HAS_OFFSET=bool(weight_offset),
         X_DTYPE=tl_dtype(norm_dtype),
         PROD_DTYPE=tl_dtype(torch.promote_types(norm_dtype, weight.dtype)),
-        **pdl_flags(x.device),
+        **pdl_flags(x.device, n_rows),
     )
     args = (x2, r2, weight, o2, s2)
     block_h = next_pow2(h)

@@ -87,7 +87,7 @@ def rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleav
         out.stride(0), out.stride(1), out.stride(2),
         R=r, PASS=d - r, BLOCK_HALF=next_pow2(r // 2), BLOCK_PASS=next_pow2(max(d - r, 1)),
         BLOCK_N=block_n, INTERLEAVED=interleaved, COMPUTE=tl_dtype(compute), num_warps=1 if INTERPRET else 4,
-        **pdl_flags(x.device),
+        **pdl_flags(x.device, bsz * seq),
     )
 
 
