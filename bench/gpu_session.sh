@@ -18,7 +18,7 @@ for step in "$@"; do
   case "$step" in
     kernels)   timeout 240 python3 bench/kernels.py --quick 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
     kernels-full) timeout 400 python3 bench/kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -60 ;;
-    e2e)       timeout 420 python3 bench/e2e.py --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" | grep -v Warn | tail -40 ;;
+    e2e)       timeout 420 python3 bench/e2e.py --profile-ttft --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" | grep -v Warn | tail -40 ;;
     e2e-latency) timeout 240 python3 bench/e2e.py --skip-hf --only decode,ttft --profile-ttft --json "$OUT/e2e_latency.json" 2>&1 | tee "$OUT/e2e_latency.log" | grep -v Warn | tail -30 ;;
     e2e-big)   timeout 300 python3 bench/e2e.py --skip-hf --max-batch-size 1024 --json "$OUT/e2e_big.json" 2>&1 | tee "$OUT/e2e_big.log" | grep -v Warn | tail -40 ;;
     e2e-nohf)  timeout 300 python3 bench/e2e.py --skip-hf --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" | grep -v Warn | tail -40 ;;
@@ -26,6 +26,7 @@ for step in "$@"; do
     e2e-flashinfer) timeout 420 python3 bench/e2e.py --skip-hf --attn-backend flashinfer --json "$OUT/e2e_flashinfer.json" 2>&1 | tee "$OUT/e2e_flashinfer.log" | grep -v Warn | tail -40 ;;
     gpu-tests) timeout 540 python3 -m pytest -q -m gpu tests/ 2>&1 | tail -15 ;;  # FlashInfer JIT: ~60 s a variant
     pdl)       timeout 200 python3 bench/pdl.py --out "$OUT/pdl.json" 2>&1 | tee "$OUT/pdl.log" | grep '^{' ;;
+    kernel-tests) timeout 300 python3 -m pytest -q -x tests/test_pdl.py tests/test_triton_kernels.py -k "rope or decode or pdl" 2>&1 | tail -15 ;;
     pdl-tests) timeout 300 python3 -m pytest -q -m gpu tests/test_pdl.py tests/test_gemv.py tests/test_triton_kernels.py tests/test_attention_ops.py tests/test_moe_router.py tests/test_moe_kernels.py 2>&1 | tail -15 ;;
     e2e-pdl)   for pdl in 0 1; do AUTODEPLOY_PDL=$pdl timeout 160 python3 bench/e2e.py --skip-hf --only decode,ttft --profile-ttft --json "$OUT/e2e_pdl$pdl.json" 2>&1 | tee "$OUT/e2e_pdl$pdl.log" | grep -E 'optimize|batch1|ttft_1024|tokens_match'; done ;;
     gemv)      timeout 280 python3 bench/gemv.py --out "$OUT/gemv.json" 2>&1 | tee "$OUT/gemv.log" | grep '^{' | tail -60 ;;

@@ -26,7 +26,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from autodeploy.custom_ops.triton.dequant_linear import _int4_dequant_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.gemv import W_DENSE, W_FP8, W_INT4, W_INT8, _gemv_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.glu import _glu_kernel  # noqa: E402
-from autodeploy.custom_ops.triton.kv_write import _kv_write_kernel  # noqa: E402
+from autodeploy.custom_ops.triton.kv_write import _kv_write_kernel, _rope_kv_write_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.moe_router import _moe_router_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.quant_linear import _wq_gemm_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.rmsnorm import _rmsnorm_rows_kernel  # noqa: E402
@@ -99,6 +99,16 @@ def decode_chain_variants():
     signature = {**dict.fromkeys(["k_ptr", "v_ptr", "kc_ptr", "vc_ptr"], "*bf16"), "slot_ptr": "*i64",
                  **dict.fromkeys(ints, "i32"), "inv_scale": "fp32", **{k: "constexpr" for k in consts}}
     yield "kv_write bf16", _kv_write_kernel, signature, consts, dict(num_warps=4)
+    for cache, fp8 in (("*bf16", False), ("*fp8e4nv", True)):
+        consts = dict(R=128, PASS=0, BLOCK_HALF=64, BLOCK_PASS=1, DV=128, BLOCK_DV=128, BLOCK_H=16, PAGE=16,
+                      INTERLEAVED=False, COMPUTE=tl.bfloat16, CACHE_FP8=fp8, USE_PDL=True)
+        ints = ["stride_qt", "stride_qh", "stride_qot", "stride_qoh", "stride_kt", "stride_kh", "stride_vt",
+                "stride_vh", "stride_kcb", "stride_kcs", "stride_kch", "stride_vcb", "stride_vcs", "stride_vch",
+                "stride_ct", "stride_st", "n_q", "n_kv"]
+        signature = {**dict.fromkeys(["q_ptr", "k_ptr", "v_ptr", "qo_ptr"], "*bf16"), "kc_ptr": cache,
+                     "vc_ptr": cache, "slot_ptr": "*i64", "cos_ptr": "*bf16", "sin_ptr": "*bf16",
+                     **dict.fromkeys(ints, "i32"), "inv_scale": "fp32", **{k: "constexpr" for k in consts}}
+        yield f"rope_kv_write cache={cache}", _rope_kv_write_kernel, signature, consts, dict(num_warps=4)
 
 
 #: arguments a real launch specializes as multiples of 16 (Triton's divisibility hint), which decides whether

@@ -18,14 +18,17 @@ def _rank(rank: int, world: int, init_file: str, errors) -> None:
 
         from autodeploy.distributed import DistInfo, destroy_distributed, init_distributed
         from autodeploy.distributed.collectives import all_reduce
-        from autodeploy.distributed.symm_all_reduce import symm_all_reduce_bytes
+        from autodeploy.distributed.symm_all_reduce import symm_all_reduce_bytes, symm_all_reduce_takes
 
         device = torch.device("cuda", rank)
         init_distributed(DistInfo(rank, world, rank), device, f"file://{init_file}", all_reduce="auto")
         assert symm_all_reduce_bytes() > 0, "the symmetric-memory all-reduce did not set up"
+        assert symm_all_reduce_takes(torch.ones(1, 4096, device=device, dtype=torch.bfloat16))
+        assert not symm_all_reduce_takes(torch.ones(4096, 1024, device=device, dtype=torch.bfloat16))  # 8 MB
         gen = torch.Generator(device=device).manual_seed(rank)
         for shape, dtype in [((1, 4096), torch.bfloat16), ((7, 4096), torch.float16), ((256, 4096), torch.bfloat16),
-                             ((3, 333), torch.float32), ((4096, 1024), torch.bfloat16)]:  # the last goes to NCCL
+                             ((3, 333), torch.float32), ((4096, 1024), torch.bfloat16)]:  # the last goes to NCCL,
+            # and so does float16 where the op does not take it (torch 2.11)
             x = torch.randn(shape, generator=gen, device=device).to(dtype)
             ref = x.float().clone()
             dist.all_reduce(ref)

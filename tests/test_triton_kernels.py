@@ -401,3 +401,55 @@ def test_attention_prefill_llama_shapes():
     batch = _paged_batch([(0, 1024), (256, 300)], 2, 32, 8, 128, 16, torch.bfloat16)
     _check_attention(batch)
     _check_attention(batch, sliding_window=256, logit_cap=30.0)
+
+
+def _rope_tables(num_tokens: int, rotary: int, dtype: torch.dtype, interleaved: bool):
+    pos = torch.randint(0, 500, (num_tokens, 1), device=DEVICE).float()
+    freqs = pos / 10000 ** (torch.arange(0, rotary, 2, device=DEVICE).float() / rotary)  # [T, R/2]
+    angles = freqs.repeat_interleave(2, -1) if interleaved else torch.cat([freqs, freqs], -1)
+    return angles.cos()[None].to(dtype), angles.sin()[None].to(dtype)  # [1, T, R]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleaved,rotary", [(False, 16), (True, 16), (False, 8)])
+@pytest.mark.parametrize("n_q,n_kv", [(4, 2), (8, 2)])
+def test_attention_with_rope_in_the_cache_write(dtype, interleaved, rotary, n_q, n_kv):
+    """``rope_cos``/``rope_sin``: q and k rotated in the KV write (one launch) == torch_rope, then attention."""
+    batch = _paged_batch([(0, 5), (0, 9), (6, 1), (40, 1)], 2, n_q, n_kv, 16, 4, dtype, pad_tokens=3)
+    cos, sin = _rope_tables(batch.inputs["q"].shape[1], rotary, dtype, interleaved)
+    rope = dict(rope_cos=cos, rope_sin=sin, rope_interleaved=interleaved)
+    ours_in = {name: t.clone() for name, t in batch.inputs.items()}
+    ref_in = {name: t.clone() for name, t in batch.inputs.items()}
+    composed_in = {name: t.clone() for name, t in batch.inputs.items()}
+    expected = ops.torch_cached_attention(**ref_in, **rope)
+    for name in ("q", "k"):  # the reference's contract: exactly torch_rope first
+        composed_in[name] = ops.torch_rope(composed_in[name], cos, sin, interleaved)
+    assert torch.equal(ops.torch_cached_attention(**composed_in), expected)
+    assert torch.equal(composed_in["k_cache"], ref_in["k_cache"])
+
+    out = torch.full((*batch.inputs["q"].shape[:-1], 16), float("nan"), dtype=dtype, device=DEVICE)
+    cached_attention_into(out, **ours_in, **rope)
+    n = batch.num_valid_tokens
+    _assert_close(out[:, :n], expected[:, :n], ATTN_TOL[dtype])
+    _assert_close(ours_in["k_cache"], ref_in["k_cache"], TOL[dtype])
+    written = torch.zeros(ours_in["k_cache"].shape[:2], dtype=torch.bool, device=DEVICE).view(-1)
+    written[batch.inputs["slot_mapping"][:n]] = True
+    untouched = ~written.view(ours_in["k_cache"].shape[:2])
+    assert torch.equal(ours_in["k_cache"][untouched], batch.inputs["k_cache"][untouched])  # padding: no write
+    assert torch.equal(ours_in["v_cache"], ref_in["v_cache"])
+
+
+def test_attention_with_rope_into_an_fp8_cache():
+    """float32 activations (no interpreter bf16 rounding) into float8 pools: the same codes as the reference."""
+    batch = _paged_batch([(0, 6), (3, 1)], 1, 4, 2, 16, 4, torch.float32)
+    for name in ("k_cache", "v_cache"):
+        batch.inputs[name] = batch.inputs[name].to(torch.float8_e4m3fn)
+    cos, sin = _rope_tables(batch.inputs["q"].shape[1], 16, torch.float32, False)
+    rope = dict(rope_cos=cos, rope_sin=sin, kv_scale=0.5)
+    ours_in = {name: t.clone() for name, t in batch.inputs.items()}
+    ref_in = {name: t.clone() for name, t in batch.inputs.items()}
+    expected = ops.torch_cached_attention(**ref_in, **rope)
+    out = cached_attention_into(torch.empty_like(expected), **ours_in, **rope)
+    _assert_close(out, expected, ATTN_TOL[torch.float32])
+    assert torch.equal(ours_in["k_cache"].view(torch.uint8), ref_in["k_cache"].view(torch.uint8))
+    assert torch.equal(ours_in["v_cache"].view(torch.uint8), ref_in["v_cache"].view(torch.uint8))

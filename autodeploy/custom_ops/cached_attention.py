@@ -17,6 +17,9 @@ After ``insert_cached_attention`` the graph runs one forward over ``T`` tokens o
     is trailing: a graph passes it only when set)
     kv_scale     float, keyword: float8 caches store ``clamp(k / kv_scale)`` (and v), read back times kv_scale;
                  caches of other dtypes ignore it
+    rope_cos, rope_sin, rope_interleaved   keyword, optional ([1, T or 1, R]): q and k are first rotated exactly
+                 as ``torch_rope(x, rope_cos, rope_sin, rope_interleaved)`` (``fuse_rope_attention`` moves a
+                 model's RoPE here, so a backend can do it in its cache write)
     -> out [1, T, Nq, Dv]
 
 Token ``i`` of sequence ``s`` sits at absolute position ``cache_lens[s] + i`` and attends causally to every
@@ -29,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from .attention import attention_reference
+from .rope import rope_reference
 
 
 FP8_CACHE_DTYPES = (torch.float8_e4m3fn,)
@@ -91,9 +95,15 @@ def torch_cached_attention(
     sinks: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    rope_cos: torch.Tensor | None = None,
+    rope_sin: torch.Tensor | None = None,
     *,
     kv_scale: float = 1.0,
+    rope_interleaved: bool = False,
 ) -> torch.Tensor:
+    if rope_cos is not None:
+        q = rope_reference(q, rope_cos, rope_sin, rope_interleaved)
+        k = rope_reference(k, rope_cos, rope_sin, rope_interleaved)
     write_kv_cache(k, v, k_cache, v_cache, slot_mapping, kv_scale)
     out = torch.zeros((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
     num_seqs = int(batch_info[0]) + int(batch_info[2])
@@ -127,7 +137,8 @@ def torch_cached_attention(
 @torch_cached_attention.register_fake
 def cached_attention_fake(
     q, k, v, k_cache, v_cache, seq_lens, cu_seqlens, cache_lens, page_table, slot_mapping, batch_info,
-    scale=None, sliding_window=None, logit_cap=None, sinks=None, alibi_slopes=None, chunk_size=None, *, kv_scale=1.0,
+    scale=None, sliding_window=None, logit_cap=None, sinks=None, alibi_slopes=None, chunk_size=None, rope_cos=None,
+    rope_sin=None, *, kv_scale=1.0, rope_interleaved=False,
 ):
     """The fake kernel of every ``<backend>_cached_attention`` (same signature, same output)."""
     return q.new_empty((*q.shape[:-1], v.shape[-1]))

@@ -6,8 +6,8 @@ export and shape propagation without a process group. On NCCL they are plain ``d
 stream and are captured by CUDA graphs (the communicator is created at ``init_distributed``, never during a
 capture); on CPU they run over gloo.
 
-- ``all_reduce(x) -> sum over ranks of x`` (same shape); CUDA messages up to ``symm_all_reduce_bytes()`` go
-  through symmetric memory (``symm_all_reduce.py``) when ``init_distributed`` set it up, the rest to NCCL;
+- ``all_reduce(x) -> sum over ranks of x`` (same shape); small CUDA messages of the dtypes it checked go through
+  symmetric memory (``symm_all_reduce.py``) when ``init_distributed`` set it up, the rest to NCCL;
 - ``all_gather(x, dim, world_size) -> cat([x_rank0, x_rank1, ...], dim)``; ``world_size`` is an argument so the
   fake kernel knows the output shape.
 """
@@ -17,12 +17,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .symm_all_reduce import symm_all_reduce, symm_all_reduce_bytes
+from .symm_all_reduce import symm_all_reduce, symm_all_reduce_takes
 
 
 @torch.library.custom_op("autodeploy::all_reduce", mutates_args=())
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    if x.is_cuda and 0 < x.numel() * x.element_size() <= symm_all_reduce_bytes():
+    if symm_all_reduce_takes(x):
         return symm_all_reduce(x.contiguous())
     out = x.contiguous().clone()
     dist.all_reduce(out)

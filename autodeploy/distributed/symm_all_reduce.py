@@ -7,9 +7,11 @@ input into this rank's buffer and, after a barrier over the signal pads, sums ev
 It is CUDA-graph capturable and the same buffer serves every call (the op's barriers order the reuse).
 
 ``setup_symm_all_reduce`` runs once per rank right after the model group exists (every rank calls it: the
-rendezvous is collective). It allocates the buffer, checks the op's result against the known sum, and the
-ranks agree over the control group; any failure on any rank leaves every rank on NCCL, with a warning.
-``autodeploy::all_reduce`` then sends CUDA messages of at most ``max_bytes`` here and larger ones to NCCL.
+rendezvous is collective). It allocates the buffer, checks the op's result against the known sum for each
+candidate dtype, and the ranks agree over the control group; any failure on any rank leaves every rank on NCCL
+(a dtype the op does not take, e.g. float16 in torch 2.11, stays on NCCL alone), with a warning.
+``autodeploy::all_reduce`` then sends CUDA messages of a checked dtype and at most ``max_bytes`` here, the rest
+to NCCL (``symm_all_reduce_takes``).
 """
 
 from __future__ import annotations
@@ -25,12 +27,20 @@ from .process_group import min_across_ranks
 logger = logging.getLogger("autodeploy.distributed")
 
 DEFAULT_MAX_BYTES = 4 << 20  # decode batches up to 256 x 4096 bf16 hidden states; prefill goes to NCCL
+CANDIDATE_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
 _state: dict = {}
 
 
 def symm_all_reduce_bytes() -> int:
     """The largest message the symmetric-memory path takes (0 when it is off)."""
     return _state.get("max_bytes", 0)
+
+
+def symm_all_reduce_takes(x: torch.Tensor) -> bool:
+    """Whether ``autodeploy::all_reduce`` sends ``x`` through symmetric memory."""
+    return (
+        x.is_cuda and x.dtype in _state.get("dtypes", ()) and 0 < x.numel() * x.element_size() <= _state["max_bytes"]
+    )
 
 
 def symm_all_reduce(x: torch.Tensor) -> torch.Tensor:
@@ -79,19 +89,29 @@ def setup_symm_all_reduce(device: torch.device, max_bytes: int = DEFAULT_MAX_BYT
     if not _step(error is None, "the rendezvous", error):
         return False
     _state.update(buffer=buffer, group=group, max_bytes=max_bytes)
-    ok = False
-    try:  # every rank contributes rank + 1: the sum is known
+    dtypes = [dtype for dtype in CANDIDATE_DTYPES if _self_test(device, dtype)]
+    if not dtypes:
+        _state.clear()
+        return False
+    _state["dtypes"] = frozenset(dtypes)
+    logger.info("all-reduce of up to %d bytes of %s through symmetric memory", max_bytes, dtypes)
+    return True
+
+
+def _self_test(device: torch.device, dtype: torch.dtype) -> bool:
+    """The op on ``dtype`` gives the known sum on every rank (each contributes rank + 1)."""
+    ok, error = False, None
+    try:
         world, rank = dist.get_world_size(), dist.get_rank()
-        probe = torch.full((1000,), float(rank + 1), dtype=torch.bfloat16, device=device)
+        probe = torch.full((1000,), float(rank + 1), dtype=dtype, device=device)
         ok = bool((symm_all_reduce(probe) == world * (world + 1) / 2).all().item())
         error = None if ok else RuntimeError("wrong sum")
     except Exception as e:
         error = e
-    if not _step(ok, "the self-test", error):
-        _state.clear()
-        return False
-    logger.info("all-reduce of up to %d bytes through symmetric memory", max_bytes)
-    return True
+    if error is not None and dtype != torch.bfloat16:  # an op without this dtype is expected, not a warning
+        logger.info("symmetric-memory all-reduce: no %s (%s); NCCL carries it", dtype, error)
+        error = None
+    return _step(ok, f"the {dtype} self-test", error)
 
 
 def teardown_symm_all_reduce() -> None:

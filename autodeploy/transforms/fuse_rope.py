@@ -1,7 +1,7 @@
 """``fuse_rope``: RoPE runs on the chosen kernel backend (one kernel per rotated tensor).
 
 Matches: every ``torch_rope``. Emits its backend twin (Triton on CUDA), which reads q/k views of a fused QKV
-GEMM in place. Limits: the KV-cache write is not fused into it yet.
+GEMM in place. ``fuse_rope_attention`` (cache_init) later moves the RoPE of q and k into the cached attention.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from . import fuse_quant_linears  # noqa: F401
 from . import fuse_glu  # noqa: F401
 from . import fuse_add_rmsnorm  # noqa: F401
 from . import fuse_rope  # noqa: F401
+from . import fuse_rope_attention  # noqa: F401
 from . import fuse_moe  # noqa: F401
 from . import fuse_moe_router  # noqa: F401
 from . import gemv_linears  # noqa: F401

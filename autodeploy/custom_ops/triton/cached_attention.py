@@ -3,7 +3,8 @@
 One call runs up to three launches, all sized from tensor shapes and the host-side ``batch_info``:
 
 1. ``write_kv`` (``kv_write.py``): scatter the step's new k/v rows into the pools at ``slot_mapping`` (rows with
-   a negative slot, e.g. CUDA-graph padding, are skipped).
+   a negative slot, e.g. CUDA-graph padding, are skipped); with ``rope_cos``/``rope_sin`` given,
+   ``rope_write_kv`` instead rotates q (into a new tensor) and k (into the pools) in the same launch.
 2. ``_prefill_kernel`` — flash-attention (online softmax in the exp2 domain) for the prefill / chunked-prefill
    sequences. Grid ``(Nkv * head_groups, tiles)``. A program owns ``BLOCK_M`` rows = ``TOK`` consecutive
    tokens x ``HEADS`` query heads of one KV head (GQA packed into the M dimension), so each K/V tile is read
@@ -43,7 +44,7 @@ import triton.language as tl
 from .. import cached_attention as _reference  # noqa: F401  (registers the torch op family)
 from ..cached_attention import FP8_CACHE_DTYPES
 from ._common import LOG2E, device_sms, mma, next_pow2, pdl_enter, pdl_flags, tanh, upcast_dots
-from .kv_write import write_kv
+from .kv_write import rope_write_kv, write_kv
 
 MAX_SPLITS = 64
 NEG_INIT: tl.constexpr = tl.constexpr(-1.0e30)  # running-max start: finite, so masked rows give 0, not NaN
@@ -413,8 +414,11 @@ def cached_attention_into(
     sinks: torch.Tensor | None = None,  # [Nq]
     alibi_slopes: torch.Tensor | None = None,  # [Nq]
     chunk_size: int | None = None,
+    rope_cos: torch.Tensor | None = None,
+    rope_sin: torch.Tensor | None = None,
     *,
     kv_scale: float = 1.0,
+    rope_interleaved: bool = False,
     config: AttentionConfig | None = None,
     num_splits: int | None = None,
 ) -> torch.Tensor:
@@ -439,7 +443,10 @@ def cached_attention_into(
         )
     num_prefill, num_prefill_tokens, num_decode = (int(x) for x in batch_info.tolist())
 
-    write_kv(k, v, k_cache, v_cache, slot_mapping, kv_scale)
+    if rope_cos is not None:  # RoPE of q and k in the cache write: one launch
+        q = rope_write_kv(q, k, v, rope_cos, rope_sin, rope_interleaved, k_cache, v_cache, slot_mapping, kv_scale)
+    else:
+        write_kv(k, v, k_cache, v_cache, slot_mapping, kv_scale)
     # float8 pools hold k / kv_scale and v / kv_scale: the K factor joins the logit scale, the V factor the output
     kv_scale = float(kv_scale) if k_cache.dtype in FP8_CACHE_DTYPES else 1.0
 
@@ -531,13 +538,17 @@ def triton_cached_attention(
     sinks: torch.Tensor | None = None,
     alibi_slopes: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    rope_cos: torch.Tensor | None = None,
+    rope_sin: torch.Tensor | None = None,
     *,
     kv_scale: float = 1.0,
+    rope_interleaved: bool = False,
 ) -> torch.Tensor:
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     return cached_attention_into(
         out, q, k, v, k_cache, v_cache, seq_lens, cu_seqlens, cache_lens, page_table, slot_mapping, batch_info,
         scale, sliding_window, logit_cap, sinks, alibi_slopes, chunk_size, kv_scale=kv_scale,
+        rope_cos=rope_cos, rope_sin=rope_sin, rope_interleaved=rope_interleaved,
     )
 
 

@@ -3,6 +3,11 @@
 ``_kv_write_kernel``, grid ``(T, Nkv / BLOCK_H)``: token ``t``'s rows go to flat slot ``slot_mapping[t]``
 (``block * page + offset``); a negative slot (CUDA-graph padding) is skipped. Float8 pools receive
 ``k / kv_scale`` rounded to nearest and saturated, exactly as ``cached_attention.to_cache`` does.
+
+``_rope_kv_write_kernel`` (``rope_write_kv``) is the same write with the rotary embedding of q and k in it: one
+launch instead of three (RoPE of q, RoPE of k, the write). Grid ``(T, Nq / BLOCK_H + Nkv / BLOCK_H)``: the first
+programs of a token rotate its query heads into a new ``q``, the others rotate its key heads into the cache and
+copy its values, with the rounding of ``triton_rope`` (``rope.rope_pairs``).
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ import triton
 import triton.language as tl
 
 from ..cached_attention import FP8_CACHE_DTYPES
-from ._common import fp8_round, next_pow2, pdl_enter, pdl_flags
+from ._common import fp8_round, next_pow2, pdl_enter, pdl_flags, tl_dtype
+from .rope import rope_pairs
 
 
 @triton.jit(do_not_specialize=["n_kv"])
@@ -74,3 +80,101 @@ def write_kv(
         n_kv, 1.0 / kv_scale, D=d, DV=dv, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_H=block_h,
         PAGE=k_cache.shape[1], CACHE_FP8=k_cache.dtype in FP8_CACHE_DTYPES, num_warps=4, **pdl_flags(k.device, num_tokens),
     )
+
+
+@triton.jit
+def _to_pool(x, inv_scale, dst_ty, CACHE_FP8: tl.constexpr):
+    if CACHE_FP8:
+        x = fp8_round(x.to(tl.float32) * inv_scale)
+    return x.to(dst_ty)
+
+
+@triton.jit(do_not_specialize=["n_q", "n_kv"])
+def _rope_kv_write_kernel(
+    q_ptr, k_ptr, v_ptr, qo_ptr, kc_ptr, vc_ptr, slot_ptr, cos_ptr, sin_ptr,
+    stride_qt, stride_qh, stride_qot, stride_qoh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_ct, stride_st,
+    n_q, n_kv, inv_scale,
+    R: tl.constexpr, PASS: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
+    DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_H: tl.constexpr, PAGE: tl.constexpr,
+    INTERLEAVED: tl.constexpr, COMPUTE: tl.constexpr, CACHE_FP8: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    pdl_enter(USE_PDL)
+    t = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    q_blocks = tl.cdiv(n_q, BLOCK_H)
+    c_row = cos_ptr + t * stride_ct
+    s_row = sin_ptr + t * stride_st
+    p = tl.arange(0, BLOCK_PASS)
+    if block < q_blocks:
+        heads = block * BLOCK_H + tl.arange(0, BLOCK_H)
+        h_ok = heads < n_q
+        x_base = q_ptr + t * stride_qt + heads[:, None] * stride_qh
+        o_base = qo_ptr + t * stride_qot + heads[:, None] * stride_qoh
+        o1, o2, i1, i2, mask = rope_pairs(x_base, c_row, s_row, h_ok, R, BLOCK_HALF, INTERLEAVED, COMPUTE)
+        q_ty = qo_ptr.dtype.element_ty
+        tl.store(o_base + i1[None, :], o1.to(q_ty), mask=mask)
+        tl.store(o_base + i2[None, :], o2.to(q_ty), mask=mask)
+        if PASS > 0:
+            p_mask = h_ok[:, None] & (p[None, :] < PASS)
+            tl.store(o_base + R + p[None, :], tl.load(x_base + R + p[None, :], mask=p_mask), mask=p_mask)
+    else:
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        if slot >= 0:
+            heads = (block - q_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+            h_ok = heads < n_kv
+            page = slot // PAGE
+            off = slot % PAGE
+            k_base = k_ptr + t * stride_kt + heads[:, None] * stride_kh
+            k_dst = kc_ptr + page * stride_kcb + off * stride_kcs + heads[:, None] * stride_kch
+            o1, o2, i1, i2, mask = rope_pairs(k_base, c_row, s_row, h_ok, R, BLOCK_HALF, INTERLEAVED, COMPUTE)
+            k_ty = k_ptr.dtype.element_ty  # the reference rounds the rotated k to k's dtype, then to the pool's
+            pool_ty = kc_ptr.dtype.element_ty
+            tl.store(k_dst + i1[None, :], _to_pool(o1.to(k_ty), inv_scale, pool_ty, CACHE_FP8), mask=mask)
+            tl.store(k_dst + i2[None, :], _to_pool(o2.to(k_ty), inv_scale, pool_ty, CACHE_FP8), mask=mask)
+            if PASS > 0:
+                p_mask = h_ok[:, None] & (p[None, :] < PASS)
+                kp = tl.load(k_base + R + p[None, :], mask=p_mask)
+                tl.store(k_dst + R + p[None, :], _to_pool(kp, inv_scale, pool_ty, CACHE_FP8), mask=p_mask)
+            dv = tl.arange(0, BLOCK_DV)
+            v_mask = h_ok[:, None] & (dv[None, :] < DV)
+            v = tl.load(v_ptr + t * stride_vt + heads[:, None] * stride_vh + dv[None, :], mask=v_mask)
+            v_dst = vc_ptr + page * stride_vcb + off * stride_vcs + heads[:, None] * stride_vch + dv[None, :]
+            tl.store(v_dst, _to_pool(v, inv_scale, vc_ptr.dtype.element_ty, CACHE_FP8), mask=v_mask)
+
+
+def rope_write_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    interleaved: bool,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv_scale: float = 1.0,
+) -> torch.Tensor:
+    """``q`` rotated (returned, ``[1, T, Nq, D]``) and ``k`` rotated into the pools with ``v``, as ``triton_rope``
+    of q and k followed by ``write_kv`` would. ``cos``/``sin``: ``[1, T or 1, R]``."""
+    num_tokens, n_q, d = q.shape[1], q.shape[2], q.shape[3]
+    n_kv, dv = k.shape[2], v.shape[3]
+    q_out = torch.empty((1, num_tokens, n_q, d), dtype=q.dtype, device=q.device)
+    if num_tokens == 0:
+        return q_out
+    r = cos.shape[-1]
+    cos = (cos if cos.stride(-1) == 1 else cos.contiguous()).expand(1, num_tokens, r)
+    sin = (sin if sin.stride(-1) == 1 else sin.contiguous()).expand(1, num_tokens, r)
+    block_h = max(1, min(next_pow2(max(n_q, n_kv)), 2048 // next_pow2(d)))
+    grid = (num_tokens, triton.cdiv(n_q, block_h) + triton.cdiv(n_kv, block_h))
+    _rope_kv_write_kernel[grid](
+        q, k, v, q_out, k_cache, v_cache, slot_mapping, cos, sin,
+        q.stride(1), q.stride(2), q_out.stride(1), q_out.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        cos.stride(1), sin.stride(1), n_q, n_kv, 1.0 / kv_scale,
+        R=r, PASS=d - r, BLOCK_HALF=next_pow2(r // 2), BLOCK_PASS=next_pow2(max(d - r, 1)), DV=dv,
+        BLOCK_DV=next_pow2(dv), BLOCK_H=block_h, PAGE=k_cache.shape[1], INTERLEAVED=interleaved,
+        COMPUTE=tl_dtype(torch.promote_types(q.dtype, cos.dtype)), CACHE_FP8=k_cache.dtype in FP8_CACHE_DTYPES,
+        num_warps=4, **pdl_flags(q.device, num_tokens),
+    )
+    return q_out

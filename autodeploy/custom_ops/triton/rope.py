@@ -21,6 +21,36 @@ HEAD_ELEMS = 2048  # x elements per program (BLOCK_N heads of D channels)
 
 
 @triton.jit
+def rope_pairs(x_base, c_row, s_row, h_ok, R: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
+               COMPUTE: tl.constexpr):
+    """The rotated pairs of a block of heads: ``(o1, o2, i1, i2, mask)``, ``o`` in ``COMPUTE`` at channels ``i``.
+
+    ``x_base [BLOCK_N, 1]`` points at each head's row, ``c_row``/``s_row`` at the token's cos/sin. Each head is read
+    as the two halves of every rotated pair (``i`` and ``i + R/2`` for the NeoX form, ``2i`` and ``2i + 1``
+    interleaved); products and the sum are rounded to ``COMPUTE`` as in the reference.
+    """
+    j = tl.arange(0, BLOCK_HALF)
+    j_ok = j < R // 2
+    if INTERLEAVED:
+        i1 = 2 * j
+        i2 = 2 * j + 1
+    else:
+        i1 = j
+        i2 = j + R // 2
+    c1 = tl.load(c_row + i1, mask=j_ok, other=0.0).to(COMPUTE).to(tl.float32)[None, :]
+    c2 = tl.load(c_row + i2, mask=j_ok, other=0.0).to(COMPUTE).to(tl.float32)[None, :]
+    s1 = tl.load(s_row + i1, mask=j_ok, other=0.0).to(COMPUTE).to(tl.float32)[None, :]
+    s2 = tl.load(s_row + i2, mask=j_ok, other=0.0).to(COMPUTE).to(tl.float32)[None, :]
+    mask = h_ok[:, None] & j_ok[None, :]
+    x1 = tl.load(x_base + i1[None, :], mask=mask, other=0.0).to(COMPUTE).to(tl.float32)
+    x2 = tl.load(x_base + i2[None, :], mask=mask, other=0.0).to(COMPUTE).to(tl.float32)
+    # out_1 = x1 * cos_1 - x2 * sin_1 ; out_2 = x2 * cos_2 + x1 * sin_2, each product rounded like the reference
+    o1 = (x1 * c1).to(COMPUTE).to(tl.float32) + (-x2 * s1).to(COMPUTE).to(tl.float32)
+    o2 = (x2 * c2).to(COMPUTE).to(tl.float32) + (x1 * s2).to(COMPUTE).to(tl.float32)
+    return o1.to(COMPUTE), o2.to(COMPUTE), i1, i2, mask
+
+
+@triton.jit
 def _rope_kernel(
     x_ptr, cos_ptr, sin_ptr, o_ptr,
     S, N,
@@ -34,32 +64,13 @@ def _rope_kernel(
     s = (row % S).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     h_ok = heads < N
-    j = tl.arange(0, BLOCK_HALF)
-    j_ok = j < R // 2
-    if INTERLEAVED:
-        i1 = 2 * j
-        i2 = 2 * j + 1
-    else:
-        i1 = j
-        i2 = j + R // 2
-    c_row = cos_ptr + b * scb + s * scs
-    s_row = sin_ptr + b * ssb + s * sss
-    c1 = tl.load(c_row + i1, mask=j_ok, other=0.0).to(COMPUTE).to(tl.float32)[None, :]
-    c2 = tl.load(c_row + i2, mask=j_ok, other=0.0).to(COMPUTE).to(tl.float32)[None, :]
-    s1 = tl.load(s_row + i1, mask=j_ok, other=0.0).to(COMPUTE).to(tl.float32)[None, :]
-    s2 = tl.load(s_row + i2, mask=j_ok, other=0.0).to(COMPUTE).to(tl.float32)[None, :]
-
     x_base = x_ptr + b * sxb + s * sxs + heads[:, None] * sxn  # [BLOCK_N, 1]
     o_base = o_ptr + b * sob + s * sos + heads[:, None] * son
-    mask = h_ok[:, None] & j_ok[None, :]
-    x1 = tl.load(x_base + i1[None, :], mask=mask, other=0.0).to(COMPUTE).to(tl.float32)
-    x2 = tl.load(x_base + i2[None, :], mask=mask, other=0.0).to(COMPUTE).to(tl.float32)
-    # out_1 = x1 * cos_1 - x2 * sin_1 ; out_2 = x2 * cos_2 + x1 * sin_2, each product rounded like the reference
-    o1 = (x1 * c1).to(COMPUTE).to(tl.float32) + (-x2 * s1).to(COMPUTE).to(tl.float32)
-    o2 = (x2 * c2).to(COMPUTE).to(tl.float32) + (x1 * s2).to(COMPUTE).to(tl.float32)
+    o1, o2, i1, i2, mask = rope_pairs(x_base, cos_ptr + b * scb + s * scs, sin_ptr + b * ssb + s * sss, h_ok,
+                                      R, BLOCK_HALF, INTERLEAVED, COMPUTE)
     out_ty = o_ptr.dtype.element_ty
-    tl.store(o_base + i1[None, :], o1.to(COMPUTE).to(out_ty), mask=mask)
-    tl.store(o_base + i2[None, :], o2.to(COMPUTE).to(out_ty), mask=mask)
+    tl.store(o_base + i1[None, :], o1.to(out_ty), mask=mask)
+    tl.store(o_base + i2[None, :], o2.to(out_ty), mask=mask)
     if PASS > 0:
         p = tl.arange(0, BLOCK_PASS)
         p_mask = h_ok[:, None] & (p[None, :] < PASS)
