@@ -73,8 +73,9 @@ def decode_replay_ms(engine) -> float:
 
 
 def gpu_state() -> dict:
-    """SM clock, power and the active clock-throttle reasons of GPU 0 (``nvidia-smi``), to tell a slow GPU from
-    slow code when a compute-bound figure moves between runs."""
+    """SM clock, power and the active clock-throttle reasons of GPU 0 (``nvidia-smi``) and the caching allocator's
+    cudaMalloc/cudaFree counts, to tell a slow GPU or an allocator under pressure from slow code when a
+    compute-bound figure moves between runs."""
     import subprocess
 
     fields = "clocks.sm,clocks.max.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active"
@@ -83,7 +84,10 @@ def gpu_state() -> dict:
                              capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError) as e:
         return {"error": repr(e)}
-    return dict(zip(fields.split(","), (v.strip() for v in out.split(","))))
+    state = dict(zip(fields.split(","), (v.strip() for v in out.split(","))))
+    stats = torch.cuda.memory_stats()  # cudaMalloc calls and retries (a retry frees the cache and syncs)
+    state.update({k: stats.get(k) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free")})
+    return state
 
 
 def main() -> None:
