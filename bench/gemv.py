@@ -18,7 +18,6 @@ import itertools
 import math
 import multiprocessing as mp
 import os
-import statistics
 import sys
 import time
 
@@ -27,7 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from results import JsonResults  # noqa: E402  (bench/, the script's folder)
+from graph_timing import capture, replay_us  # noqa: E402  (bench/, the script's folder)
+from results import JsonResults  # noqa: E402
 from autodeploy.custom_ops.quant_linear import (  # noqa: E402
     quantize_fp8_weight, quantize_int4_weight, quantize_int8_weight,
 )
@@ -100,26 +100,10 @@ def compile_worker(tasks: list[tuple]) -> int:
 
 def graph_us(fn, copies: int) -> float:
     """Median time of one call, from CUDA-graph replays of ``fn`` (which runs ``copies`` calls)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(15):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / copies)
+    graph, _ = capture(fn)
+    us = replay_us(graph) / copies
     del graph
-    return statistics.median(times)
+    return us
 
 
 def nbytes(args: tuple) -> int:

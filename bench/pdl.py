@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -26,7 +25,8 @@ if SMOKE:
 
 import torch  # noqa: E402
 
-from results import JsonResults  # noqa: E402  (bench/, the script's folder)
+from graph_timing import capture, replay_us  # noqa: E402  (bench/, the script's folder)
+from results import JsonResults  # noqa: E402
 import autodeploy.custom_ops  # noqa: E402,F401  (registers the ops)
 from autodeploy.custom_ops.quant_linear import quantize_fp8_weight, quantize_int4_weight  # noqa: E402
 from autodeploy.custom_ops.triton._common import PDL_ENV  # noqa: E402
@@ -78,36 +78,12 @@ def chain(fmt: str, layers: list[dict], x: torch.Tensor, residual: torch.Tensor,
     return x + residual
 
 
-def capture(fn, pdl: bool):
+def capture_with(fn, pdl: bool):
     """``fn`` captured in a CUDA graph with PDL on or off: ``(graph, output)``; on CPU, ``(None, fn())``."""
     os.environ[PDL_ENV] = "1" if pdl else "0"
     if SMOKE:
         return None, fn()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
-
-
-def replay_us(graph, reps: int = 20) -> float:
-    if graph is None:
-        return math.nan
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
+    return capture(fn)
 
 
 def bench(fmt: str, results: JsonResults) -> bool:
@@ -119,8 +95,8 @@ def bench(fmt: str, results: JsonResults) -> bool:
     angle = 37.0 / 10000 ** (2 * pos / D)
     cos = torch.cat([angle.cos(), angle.cos()]).view(1, 1, D)
     sin = torch.cat([angle.sin(), angle.sin()]).view(1, 1, D)
-    plain, out_plain = capture(lambda: chain(fmt, layers, x, residual, cos, sin), pdl=False)
-    pdl, out_pdl = capture(lambda: chain(fmt, layers, x, residual, cos, sin), pdl=True)
+    plain, out_plain = capture_with(lambda: chain(fmt, layers, x, residual, cos, sin), pdl=False)
+    pdl, out_pdl = capture_with(lambda: chain(fmt, layers, x, residual, cos, sin), pdl=True)
     checks = []
     for _ in range(3):  # fresh inputs each time: both graphs read them from the same buffers
         x.copy_(torch.randn_like(x))
@@ -132,7 +108,7 @@ def bench(fmt: str, results: JsonResults) -> bool:
         else:
             out_plain, out_pdl = chain(fmt, layers, x, residual, cos, sin), chain(fmt, layers, x, residual, cos, sin)
         checks.append(torch.equal(out_plain, out_pdl) and bool(torch.isfinite(out_pdl).all()))
-    us_plain, us_pdl = replay_us(plain), replay_us(pdl)
+    us_plain, us_pdl = (math.nan, math.nan) if SMOKE else (replay_us(plain, 20), replay_us(pdl, 20))
     row = results.emit(fmt, layers=LAYERS, outputs_equal=all(checks), us_per_layer_plain=us_plain / LAYERS,
                        us_per_layer_pdl=us_pdl / LAYERS, saved_us_per_layer=(us_plain - us_pdl) / LAYERS)
     os.environ.pop(PDL_ENV, None)
