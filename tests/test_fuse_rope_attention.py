@@ -35,7 +35,8 @@ def test_rope_moves_into_every_attention_and_tokens_equal_hf(attn_backend):
 
 def test_disabled_keeps_the_rope_launches():
     model = tiny_model("llama")
-    engine = build_engine(model, device="cpu", attn_backend="torch", **{"transforms.fuse_rope_attention.enabled": False})
+    disabled = {"transforms.fuse_rope_attention.enabled": False}
+    engine = build_engine(model, device="cpu", attn_backend="torch", **disabled)
     assert sum(t in ROPE_OPS for t in _targets(engine)) == 2 * model.config.num_hidden_layers
 
 

@@ -78,7 +78,8 @@ def write_kv(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         n_kv, 1.0 / kv_scale, D=d, DV=dv, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_H=block_h,
-        PAGE=k_cache.shape[1], CACHE_FP8=k_cache.dtype in FP8_CACHE_DTYPES, num_warps=4, **pdl_flags(k.device, num_tokens),
+        PAGE=k_cache.shape[1], CACHE_FP8=k_cache.dtype in FP8_CACHE_DTYPES, num_warps=4,
+        **pdl_flags(k.device, num_tokens),
     )
 
 
@@ -170,7 +171,8 @@ def rope_write_kv(
     _rope_kv_write_kernel[grid](
         q, k, v, q_out, k_cache, v_cache, slot_mapping, cos, sin,
         q.stride(1), q.stride(2), q_out.stride(1), q_out.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         cos.stride(1), sin.stride(1), n_q, n_kv, 1.0 / kv_scale,
         R=r, PASS=d - r, BLOCK_HALF=next_pow2(r // 2), BLOCK_PASS=next_pow2(max(d - r, 1)), DV=dv,
         BLOCK_DV=next_pow2(dv), BLOCK_H=block_h, PAGE=k_cache.shape[1], INTERLEAVED=interleaved,
