@@ -20,7 +20,6 @@ for step in "$@"; do
     kernels-full) timeout 400 python3 bench/kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -60 ;;
     e2e)       timeout 420 python3 bench/e2e.py --profile-ttft --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" | grep -v Warn | tail -40 ;;
     e2e-latency) timeout 240 python3 bench/e2e.py --skip-hf --only decode,ttft --profile-ttft --json "$OUT/e2e_latency.json" 2>&1 | tee "$OUT/e2e_latency.log" | grep -v Warn | tail -30 ;;
-    e2e-big)   timeout 300 python3 bench/e2e.py --skip-hf --max-batch-size 1024 --json "$OUT/e2e_big.json" 2>&1 | tee "$OUT/e2e_big.log" | grep -v Warn | tail -40 ;;
     e2e-nohf)  timeout 300 python3 bench/e2e.py --skip-hf --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" | grep -v Warn | tail -40 ;;
     flashinfer) bash bench/flashinfer_setup.sh 2>&1 | tail -5 ;;
     e2e-flashinfer) timeout 420 python3 bench/e2e.py --skip-hf --attn-backend flashinfer --json "$OUT/e2e_flashinfer.json" 2>&1 | tee "$OUT/e2e_flashinfer.log" | grep -v Warn | tail -40 ;;
@@ -32,7 +31,6 @@ for step in "$@"; do
     e2e-pdl)   for pdl in 0 1; do AUTODEPLOY_PDL=$pdl timeout 160 python3 bench/e2e.py --skip-hf --only decode,ttft --profile-ttft --json "$OUT/e2e_pdl$pdl.json" 2>&1 | tee "$OUT/e2e_pdl$pdl.log" | grep -E 'optimize|batch1|ttft_1024|tokens_match'; done ;;
     gemv)      timeout 280 python3 bench/gemv.py --out "$OUT/gemv.json" 2>&1 | tee "$OUT/gemv.log" | grep '^{' | tail -60 ;;
     quant-engines) timeout 230 python3 bench/quant.py --only fp8,int4 --out "$OUT/quant.json" 2>&1 | tee "$OUT/quant.log" | grep '^{' | tail -30 ;;
-    quant-fp8-big) timeout 200 python3 bench/quant.py --only fp8 --max-batch-size 1024 --out "$OUT/quant_big.json" 2>&1 | tee "$OUT/quant_big.log" | grep '^{' | tail -30 ;;
     quant)     timeout 300 python3 bench/quant.py --out "$OUT/quant.json" 2>&1 | tee "$OUT/quant.log" | grep '^{' | tail -30 ;;
     moe)       timeout 420 python3 bench/moe.py --out "$OUT/moe.json" 2>&1 | tee "$OUT/moe.log" | grep '^{' | tail -20 ;;
     moe-e2e)   timeout 240 python3 bench/moe.py --skip-kernels --skip-reference --out "$OUT/moe_e2e.json" 2>&1 | tee "$OUT/moe_e2e.log" | grep '^{' | tail -20 ;;

@@ -21,6 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch.fx import GraphModule
 
+from ..custom_ops.kernel_backends import KernelBackend
 from ..errors import AutoDeployError, ConfigError, TransformError
 from .graph import canonicalize_graph, count_nodes, run_shape_prop
 
@@ -55,6 +56,13 @@ class TransformConfig(BaseModel):
 
     stage: Stage
     enabled: bool = True
+
+
+class KernelBackendConfig(TransformConfig):
+    """Config of a transform that swaps in an op family's kernels: ``auto`` is Triton on CUDA, the torch
+    reference elsewhere."""
+
+    backend: KernelBackend = "auto"
 
 
 class TransformInfo(BaseModel):

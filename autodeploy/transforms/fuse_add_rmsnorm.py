@@ -14,16 +14,12 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from ..custom_ops.kernel_backends import KernelBackend, kernel_op
+from ..custom_ops.kernel_backends import kernel_op
 from ..export.cleanup import same_shape
-from .base import SharedContext, Transform, TransformConfig, TransformInfo, TransformRegistry
+from .base import KernelBackendConfig, SharedContext, Transform, TransformInfo, TransformRegistry
 from .graph import find_nodes, is_op, node_val
 
 aten = torch.ops.aten
-
-
-class FuseAddRMSNormConfig(TransformConfig):
-    backend: KernelBackend = "auto"
 
 
 def _residual_add(norm: Node) -> Node | None:
@@ -41,7 +37,7 @@ def _residual_add(norm: Node) -> Node | None:
 
 @TransformRegistry.register("fuse_add_rmsnorm")
 class FuseAddRMSNorm(Transform):
-    config_class = FuseAddRMSNormConfig
+    config_class = KernelBackendConfig
 
     def _apply(self, gm: GraphModule, ctx: SharedContext) -> TransformInfo:
         graph = gm.graph

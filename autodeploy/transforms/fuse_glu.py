@@ -13,15 +13,11 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from ..custom_ops.kernel_backends import KernelBackend, kernel_op
-from .base import SharedContext, Transform, TransformConfig, TransformInfo, TransformRegistry
+from ..custom_ops.kernel_backends import kernel_op
+from .base import KernelBackendConfig, SharedContext, Transform, TransformInfo, TransformRegistry
 from .graph import find_nodes, is_op
 
 aten = torch.ops.aten
-
-
-class FuseGLUConfig(TransformConfig):
-    backend: KernelBackend = "auto"
 
 
 def _packed_source(gate: Node, up: Node) -> Node | None:
@@ -39,7 +35,7 @@ def _packed_source(gate: Node, up: Node) -> Node | None:
 
 @TransformRegistry.register("fuse_glu")
 class FuseGLU(Transform):
-    config_class = FuseGLUConfig
+    config_class = KernelBackendConfig
 
     def _apply(self, gm: GraphModule, ctx: SharedContext) -> TransformInfo:
         graph = gm.graph

@@ -21,21 +21,17 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from ..custom_ops.kernel_backends import KernelBackend, kernel_op
-from .base import SharedContext, Transform, TransformConfig, TransformInfo, TransformRegistry
+from ..custom_ops.kernel_backends import kernel_op
+from .base import KernelBackendConfig, SharedContext, Transform, TransformInfo, TransformRegistry
 from .graph import find_nodes, node_val
 
 TORCH_MOE = torch.ops.autodeploy.torch_moe.default
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-class FuseMoeConfig(TransformConfig):
-    backend: KernelBackend = "auto"
-
-
 @TransformRegistry.register("fuse_moe")
 class FuseMoe(Transform):
-    config_class = FuseMoeConfig
+    config_class = KernelBackendConfig
     requires_shape_prop = False  # same arguments and output, only the target changes
 
     def _apply(self, gm: GraphModule, ctx: SharedContext) -> TransformInfo:

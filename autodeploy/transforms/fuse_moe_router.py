@@ -18,16 +18,12 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from ..custom_ops.kernel_backends import KernelBackend, kernel_op
-from .base import SharedContext, Transform, TransformConfig, TransformInfo, TransformRegistry
+from ..custom_ops.kernel_backends import kernel_op
+from .base import KernelBackendConfig, SharedContext, Transform, TransformInfo, TransformRegistry
 from .graph import find_nodes, is_op, node_val
 
 aten = torch.ops.aten
 SOFTMAX = (aten.softmax.int, aten._softmax.default)
-
-
-class FuseMoeRouterConfig(TransformConfig):
-    backend: KernelBackend = "auto"
 
 
 def _last_dim(dim: int, node: Node) -> bool:
@@ -70,7 +66,7 @@ def _renormalised(values: Node | None) -> Node | None:
 
 @TransformRegistry.register("fuse_moe_router")
 class FuseMoeRouter(Transform):
-    config_class = FuseMoeRouterConfig
+    config_class = KernelBackendConfig
 
     def _apply(self, gm: GraphModule, ctx: SharedContext) -> TransformInfo:
         op = kernel_op("torch_moe_router", self.config.backend, ctx.device)

@@ -9,18 +9,14 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
-from ..custom_ops.kernel_backends import KernelBackend, kernel_op
-from .base import SharedContext, Transform, TransformConfig, TransformInfo, TransformRegistry
+from ..custom_ops.kernel_backends import kernel_op
+from .base import KernelBackendConfig, SharedContext, Transform, TransformInfo, TransformRegistry
 from .graph import find_nodes
-
-
-class FuseRopeConfig(TransformConfig):
-    backend: KernelBackend = "auto"
 
 
 @TransformRegistry.register("fuse_rope")
 class FuseRope(Transform):
-    config_class = FuseRopeConfig
+    config_class = KernelBackendConfig
 
     def _apply(self, gm: GraphModule, ctx: SharedContext) -> TransformInfo:
         op = kernel_op("torch_rope", self.config.backend, ctx.device)

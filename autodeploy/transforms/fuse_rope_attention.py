@@ -20,6 +20,10 @@ from .base import SharedContext, Transform, TransformConfig, TransformInfo, Tran
 from .graph import find_nodes, is_op
 
 
+#: position of ``rope_cos`` in the cached-attention signature (after ``chunk_size``)
+_ROPE_COS_POSITION = 17
+
+
 def _attention_ops() -> list[Any]:
     ops = [torch.ops.autodeploy.torch_cached_attention.default]
     if hasattr(torch.ops.autodeploy, "triton_cached_attention"):
@@ -54,7 +58,7 @@ class FuseRopeAttention(Transform):
             q, k = attention.args[0], attention.args[1]
             if not all(isinstance(n, Node) and is_op(n, rope_ops) and len(n.users) == 1 for n in (q, k)):
                 continue
-            if attention.kwargs.get("rope_cos") is not None or len(attention.args) > 17:
+            if attention.kwargs.get("rope_cos") is not None or len(attention.args) > _ROPE_COS_POSITION:
                 continue  # already carries RoPE
             q_x, q_cos, q_sin, q_form = _rope_args(q)
             k_x, k_cos, k_sin, k_form = _rope_args(k)

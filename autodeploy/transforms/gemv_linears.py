@@ -12,21 +12,17 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
-from ..custom_ops.kernel_backends import KernelBackend, resolve_kernel_backend
-from .base import SharedContext, Transform, TransformConfig, TransformInfo, TransformRegistry
+from ..custom_ops.kernel_backends import resolve_kernel_backend
+from .base import KernelBackendConfig, SharedContext, Transform, TransformInfo, TransformRegistry
 from .graph import find_nodes, get_attr_value
 
 LINEAR = torch.ops.aten.linear.default
 WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-class GemvLinearsConfig(TransformConfig):
-    backend: KernelBackend = "auto"
-
-
 @TransformRegistry.register("gemv_linears")
 class GemvLinears(Transform):
-    config_class = GemvLinearsConfig
+    config_class = KernelBackendConfig
     requires_shape_prop = False  # same arguments and output, only the target changes
 
     def _apply(self, gm: GraphModule, ctx: SharedContext) -> TransformInfo:

@@ -25,11 +25,11 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch.fx import GraphModule, Node
 
-from ..custom_ops.kernel_backends import KernelBackend, kernel_op
+from ..custom_ops.kernel_backends import kernel_op
 from ..errors import ConfigError
 from ..models.quant_formats import CheckpointQuantization, checkpoint_quantization
 from ..models.weights import WEIGHT_HOOKS_ATTR, checkpoint_tensor_names
-from .base import SharedContext, Transform, TransformConfig, TransformInfo
+from .base import KernelBackendConfig, SharedContext, Transform, TransformConfig, TransformInfo
 from .graph import drop_unused_attributes, find_nodes, get_attr_value
 
 aten = torch.ops.aten
@@ -38,9 +38,8 @@ QuantizeFlag = Literal[None, "fp8", "int8_weight_only", "int4_weight_only"]
 WeightHook = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
 
-class QuantizeLinearConfig(TransformConfig):
+class QuantizeLinearConfig(KernelBackendConfig):
     quantize: QuantizeFlag = None  # the top-level ``quantize`` flag (set by config.py)
-    backend: KernelBackend = "auto"  # auto = Triton on CUDA, the torch reference elsewhere
     quantize_lm_head: bool = False
     exclude: list[str] = []  # fnmatch patterns of module names left in full precision
 
