@@ -7,7 +7,9 @@ k, the o GEMV, add + RMSNorm, the gate/up GEMV, SiLU-mul, the down GEMV (a torch
 be); ``LAYERS`` layers with their own weights (so L2 holds none), captured in one CUDA graph, for each weight format.
 Each chain is captured twice, with ``AUTODEPLOY_PDL=0`` and ``=1``; one JSON line per format gives the µs per layer
 of both and whether their outputs are bitwise equal over fresh inputs (the same kernels run, only the launch
-differs, so a missing wait would show as a difference).
+differs, so a missing wait would show as a difference). A third capture (PDL on) computes SiLU-mul in the gate/up
+GEMV's epilogue (``fuse_glu_linear``); its µs per layer and whether its output equals the PDL chain's are in the
+same line.
 """
 
 from __future__ import annotations
@@ -64,7 +66,18 @@ def linear_call(fmt: str, x: torch.Tensor, weights: tuple) -> torch.Tensor:
     return gemv(x, W_DENSE, weights[0])
 
 
-def chain(fmt: str, layers: list[dict], x: torch.Tensor, residual: torch.Tensor, cos, sin) -> torch.Tensor:
+def gate_up_silu(fmt: str, h: torch.Tensor, weights: tuple, fused: bool) -> torch.Tensor:
+    if not fused:
+        return ops.triton_glu_packed(linear_call(fmt, h, weights), "silu")
+    if fmt == "int4":
+        return gemv(h, W_INT4, weights[0], weights[1], weights[2], None, GROUP, glu_activation="silu")
+    if fmt == "fp8":
+        return gemv(h, W_FP8, weights[0], weights[1], glu_activation="silu")
+    return gemv(h, W_DENSE, weights[0], glu_activation="silu")
+
+
+def chain(fmt: str, layers: list[dict], x: torch.Tensor, residual: torch.Tensor, cos, sin,
+          fused_glu: bool = False) -> torch.Tensor:
     for layer in layers:
         h, residual = ops.triton_fused_add_rmsnorm(x, residual, layer["norm1"], 1e-5)
         qkv = linear_call(fmt, h, layer["qkv"])
@@ -74,7 +87,7 @@ def chain(fmt: str, layers: list[dict], x: torch.Tensor, residual: torch.Tensor,
         attn = (q.view(1, HEADS, D) + k.view(1, KV_HEADS, D).repeat_interleave(HEADS // KV_HEADS, 1)).view(1, -1)
         x = linear_call(fmt, attn, layer["o"])
         h, residual = ops.triton_fused_add_rmsnorm(x, residual, layer["norm2"], 1e-5)
-        x = linear_call(fmt, ops.triton_glu_packed(linear_call(fmt, h, layer["gate_up"]), "silu"), layer["down"])
+        x = linear_call(fmt, gate_up_silu(fmt, h, layer["gate_up"], fused_glu), layer["down"])
     return x + residual
 
 
@@ -97,22 +110,28 @@ def bench(fmt: str, results: JsonResults) -> bool:
     sin = torch.cat([angle.sin(), angle.sin()]).view(1, 1, D)
     plain, out_plain = capture_with(lambda: chain(fmt, layers, x, residual, cos, sin), pdl=False)
     pdl, out_pdl = capture_with(lambda: chain(fmt, layers, x, residual, cos, sin), pdl=True)
-    checks = []
-    for _ in range(3):  # fresh inputs each time: both graphs read them from the same buffers
+    fused, out_fused = capture_with(lambda: chain(fmt, layers, x, residual, cos, sin, fused_glu=True), pdl=True)
+    checks, fused_checks = [], []
+    for _ in range(3):  # fresh inputs each time: the graphs read them from the same buffers
         x.copy_(torch.randn_like(x))
         residual.copy_(torch.randn_like(residual))
         if plain is not None:
             plain.replay()
             pdl.replay()
+            fused.replay()
             torch.cuda.synchronize()
         else:
             out_plain, out_pdl = chain(fmt, layers, x, residual, cos, sin), chain(fmt, layers, x, residual, cos, sin)
+            out_fused = chain(fmt, layers, x, residual, cos, sin, fused_glu=True)
         checks.append(torch.equal(out_plain, out_pdl) and bool(torch.isfinite(out_pdl).all()))
-    us_plain, us_pdl = (math.nan, math.nan) if SMOKE else (replay_us(plain, 20), replay_us(pdl, 20))
-    row = results.emit(fmt, layers=LAYERS, outputs_equal=all(checks), us_per_layer_plain=us_plain / LAYERS,
-                       us_per_layer_pdl=us_pdl / LAYERS, saved_us_per_layer=(us_plain - us_pdl) / LAYERS)
+        fused_checks.append(torch.equal(out_fused, out_pdl))
+    timed = [math.nan] * 3 if SMOKE else [replay_us(g, 20) / LAYERS for g in (plain, pdl, fused)]
+    row = results.emit(fmt, layers=LAYERS, outputs_equal=all(checks), us_per_layer_plain=timed[0],
+                       us_per_layer_pdl=timed[1], saved_us_per_layer=timed[0] - timed[1],
+                       fused_glu_equal=all(fused_checks), us_per_layer_fused_glu=timed[2],
+                       fused_glu_saved_us_per_layer=timed[1] - timed[2])
     os.environ.pop(PDL_ENV, None)
-    return row["outputs_equal"]
+    return row["outputs_equal"] and row["fused_glu_equal"]
 
 
 def main() -> int:

@@ -46,14 +46,16 @@ def linear_signature(fmt: int, last_int: str, consts: dict) -> dict:
 
 def variants():
     """(name, kernel, signature, constexprs, options) of every variant checked."""
-    for fmt, bm, bn, bk, split, warps, stages in [
-        (W_DENSE, 1, 2, 2048, 1, 4, 1), (W_DENSE, 1, 2, 2048, 1, 8, 1), (W_DENSE, 2, 4, 512, 1, 4, 3),
-        (W_FP8, 1, 16, 1024, 1, 4, 3), (W_FP8, 2, 16, 512, 1, 4, 2), (W_INT8, 1, 16, 512, 1, 4, 3),
-        (W_INT4, 1, 8, 1024, 2, 4, 3), (W_INT4, 2, 8, 1024, 1, 4, 3),
+    for fmt, bm, bn, bk, split, warps, stages, glu in [
+        (W_DENSE, 1, 2, 2048, 1, 4, 1, -1), (W_DENSE, 1, 2, 2048, 1, 8, 1, -1), (W_DENSE, 2, 4, 512, 1, 4, 3, -1),
+        (W_FP8, 1, 16, 1024, 1, 4, 3, -1), (W_FP8, 2, 16, 512, 1, 4, 2, -1), (W_INT8, 1, 16, 512, 1, 4, 3, -1),
+        (W_INT4, 1, 8, 1024, 2, 4, 3, -1), (W_INT4, 2, 8, 1024, 1, 4, 3, -1),
+        (W_DENSE, 1, 2, 2048, 1, 4, 1, 0), (W_FP8, 1, 16, 512, 1, 4, 3, 0), (W_INT4, 1, 8, 1024, 1, 4, 3, 0),
     ]:
         consts = dict(W_FMT=fmt, GROUP=128 if fmt == W_INT4 else 1, HAS_ZEROS=fmt == W_INT4, HAS_BIAS=True,
-                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, HW_FP8=True, USE_PDL=True)
-        yield (f"gemv fmt={fmt} M<={bm} {bn}x{bk} split={split} warps={warps}", _gemv_kernel,
+                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, HW_FP8=True, GLU_ACT=glu, RNE=False,
+                      USE_PDL=True)
+        yield (f"gemv fmt={fmt} M<={bm} {bn}x{bk} split={split} warps={warps} glu={glu}", _gemv_kernel,
                linear_signature(fmt, "steps_per_split", consts), consts, dict(num_warps=warps, num_stages=stages))
     for fmt, act_fp8, bm, bn, bk, split, warps, stages in [
         (W_INT4, False, 16, 64, 128, 4, 4, 4), (W_INT8, False, 16, 64, 256, 4, 4, 3), (W_FP8, True, 64, 64, 128, 1, 4, 4),
@@ -83,7 +85,7 @@ def decode_chain_variants():
                  **dict.fromkeys(["n_rows", "H", "stride_x", "stride_r", "stride_o", "stride_sum"], "i32"),
                  "eps": "fp32", "w_offset": "fp32", **{k: "constexpr" for k in consts}}
     yield "rmsnorm rows, residual", _rmsnorm_rows_kernel, signature, consts, dict(num_warps=8)
-    consts = dict(BLOCK=2048, ACT=0, USE_PDL=True)
+    consts = dict(BLOCK=2048, ACT=0, RNE=False, USE_PDL=True)
     signature = {"gu_ptr": "*bf16", "o_ptr": "*bf16", "inter": "i32", "stride_gu": "i32", "stride_o": "i32",
                  **{k: "constexpr" for k in consts}}
     yield "glu silu", _glu_kernel, signature, consts, dict(num_warps=8)

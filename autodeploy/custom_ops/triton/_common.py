@@ -145,3 +145,14 @@ def split_k_sum(acc, part_ptr, lock_ptr, tile, pid_k, SPLIT_K: tl.constexpr, ROW
             total += tl.load(part_ptr + (s * num_tiles + tile).to(tl.int64) * tile_size + cell, cache_modifier=".cg")
         tl.atomic_xchg(lock_ptr + tile, 0)
     return last, total
+
+
+@triton.jit
+def cast_rne(x, dtype: tl.constexpr, RNE: tl.constexpr):
+    """``x.to(dtype)``. With ``RNE`` (the interpreter and bf16) round the float32 bits to nearest-even first:
+    the interpreter truncates float32 -> bf16, where the GPU rounds to nearest-even."""
+    if RNE:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)

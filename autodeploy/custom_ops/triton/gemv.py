@@ -16,6 +16,11 @@ fp8 keeps the op's numerics (``torch_quant_fp8_linear``): each program computes 
 ``max|x| / 448`` from the whole row first, then rounds each activation tile to fp8 (exact in float32) before the
 product; the per-token and per-channel scales multiply the sum.
 
+With ``GLU_ACT`` set the weight is a packed gate/up projection ``[2I, K]`` and the output is
+``act(gate) * up [M, I]`` (``glu.py``'s numerics: each half rounded to the output dtype, the activation computed
+in float32 and rounded before the product): a program's ``BLOCK_N`` rows are ``BLOCK_N / 2`` gate rows
+interleaved with their up rows, and its epilogue pairs them, so the gated activation costs no launch.
+
 ``SPLIT_K`` programs may share a row tile's K range when the row tiles alone cannot fill the GPU; they write
 float32 partials and the last to arrive (a per-tile counter it resets) adds them in split order: deterministic,
 one launch, CUDA-graph safe (the counters are those of ``quant_linear.py``).
@@ -30,7 +35,8 @@ import triton
 import triton.language as tl
 
 from ..quant_linear import FP8_MAX, FP8_SCALE_MIN, INT4_CHUNK, int4_group
-from ._common import INTERPRET, fp8_round, next_pow2, pdl_enter, pdl_flags, split_k_sum
+from ._common import INTERPRET, cast_rne, fp8_round, next_pow2, pdl_enter, pdl_flags, split_k_sum
+from .glu import ACTIVATION_CODES, _activate
 
 W_DENSE, W_FP8, W_INT8, W_INT4 = 3, 0, 1, 2  # the 8/4-bit codes are those of quant_linear.py
 GEMV_MAX_TOKENS = 4  # what the kernel takes; quant_linear.py sends it fewer where it is the fastest path
@@ -115,14 +121,20 @@ def _gemv_kernel(
     M, N, K, stride_xm, stride_ym, stride_wn, stride_sg, steps_per_split,
     W_FMT: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    HW_FP8: tl.constexpr, USE_PDL: tl.constexpr,
+    HW_FP8: tl.constexpr, GLU_ACT: tl.constexpr, RNE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     tile = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
-    n_ok = offs_n < N
+    if GLU_ACT >= 0:  # rows 2i and 2i + 1 are gate row c and up row c (N / 2 + c), c = tile * BLOCK_N / 2 + i
+        rows = tl.arange(0, BLOCK_N)
+        cols = tile * (BLOCK_N // 2) + rows // 2
+        offs_n = cols + (rows % 2) * (N // 2)
+        n_ok = cols < N // 2
+    else:
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # [BM, 1]
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BN, 1]
     k_lo = pid_k * steps_per_split * BLOCK_K
@@ -174,22 +186,33 @@ def _gemv_kernel(
     if SPLIT_K > 1:
         last, total = split_k_sum(total, part_ptr, lock_ptr, tile, pid_k, SPLIT_K, BLOCK_M, BLOCK_N)
         if last:
-            _gemv_epilogue(total, x_scale, s_ptr, b_ptr, y_ptr, offs_m, offs_n, m_ok, n_ok, stride_ym, W_FMT, HAS_BIAS)
+            _gemv_epilogue(total, x_scale, s_ptr, b_ptr, y_ptr, tile, offs_m, offs_n, m_ok, n_ok, N, stride_ym,
+                           W_FMT, HAS_BIAS, GLU_ACT, BLOCK_M, BLOCK_N, RNE)
     else:
-        _gemv_epilogue(total, x_scale, s_ptr, b_ptr, y_ptr, offs_m, offs_n, m_ok, n_ok, stride_ym, W_FMT, HAS_BIAS)
+        _gemv_epilogue(total, x_scale, s_ptr, b_ptr, y_ptr, tile, offs_m, offs_n, m_ok, n_ok, N, stride_ym,
+                       W_FMT, HAS_BIAS, GLU_ACT, BLOCK_M, BLOCK_N, RNE)
 
 
 @triton.jit
-def _gemv_epilogue(total, x_scale, s_ptr, b_ptr, y_ptr, offs_m, offs_n, m_ok, n_ok, stride_ym,
-                   W_FMT: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _gemv_epilogue(total, x_scale, s_ptr, b_ptr, y_ptr, tile, offs_m, offs_n, m_ok, n_ok, N, stride_ym,
+                   W_FMT: tl.constexpr, HAS_BIAS: tl.constexpr, GLU_ACT: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, RNE: tl.constexpr):
     if W_FMT == 0 or W_FMT == 1:
         total = total * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if W_FMT == 0:
         total = total * x_scale[:, None]
     if HAS_BIAS:
         total = total + tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    out_ty: tl.constexpr = y_ptr.dtype.element_ty
+    if GLU_ACT >= 0:
+        gate, up = tl.split(tl.reshape(cast_rne(total, out_ty, RNE).to(tl.float32), (BLOCK_M, BLOCK_N // 2, 2)))
+        act = cast_rne(_activate(gate, GLU_ACT), out_ty, RNE).to(tl.float32)
+        cols = tile * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + cols[None, :]
+        tl.store(y_ptrs, cast_rne(act * up, out_ty, RNE), mask=m_ok[:, None] & (cols < N // 2)[None, :])
+    else:
+        y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+        tl.store(y_ptrs, cast_rne(total, out_ty, RNE), mask=m_ok[:, None] & n_ok[None, :])
 
 
 def gemv(
@@ -201,6 +224,7 @@ def gemv(
     bias: torch.Tensor | None = None,  # [N]
     group_size: int = 0,
     config: GemvConfig | None = None,
+    glu_activation: str | None = None,  # weight is a packed [gate; up]: returns act(gate) * up [M, N / 2]
 ) -> torch.Tensor:
     from .quant_linear import NUM_LOCKS, _locks  # the split-K counters are shared with the GEMM
 
@@ -208,20 +232,25 @@ def gemv(
     n = weight.shape[0]
     if m > GEMV_MAX_TOKENS:
         raise ValueError(f"gemv serves at most {GEMV_MAX_TOKENS} tokens, got {m}")
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if glu_activation is not None and (n % 2 or glu_activation not in ACTIVATION_CODES):
+        raise ValueError(f"gemv with a gated activation needs an even number of weight rows (got {n}) and one "
+                         f"of {sorted(ACTIVATION_CODES)} (got {glu_activation!r})")
+    n_out = n if glu_activation is None else n // 2
+    y = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
     cfg = config or gemv_config(m, n, k, fmt, x.device)
     if fmt == W_INT4 and cfg.block_k % INT4_CHUNK:
         raise ValueError(f"int4 gemv needs block_k to be a multiple of {INT4_CHUNK}")
+    block_n = cfg.block_n if glu_activation is None else max(2, cfg.block_n)  # a gate row and its up row
     steps = triton.cdiv(k, cfg.block_k)
     per_split = triton.cdiv(steps, max(1, cfg.split_k))
     split = triton.cdiv(steps, per_split)
-    tiles = triton.cdiv(n, cfg.block_n)
+    tiles = triton.cdiv(n, block_n)
     if split > 1 and tiles > NUM_LOCKS:
         per_split, split = steps, 1
     block_m = next_pow2(m)
-    part = torch.empty(split * tiles * block_m * cfg.block_n, dtype=torch.float32, device=x.device) if split > 1 else y
+    part = torch.empty(split * tiles * block_m * block_n, dtype=torch.float32, device=x.device) if split > 1 else y
     locks = _locks(x.device) if split > 1 else y
     group = int4_group(group_size, k) if fmt == W_INT4 else 1
     s = scales if scales is not None else y
@@ -229,7 +258,8 @@ def gemv(
         x, weight, s, zeros if zeros is not None else s, bias if bias is not None else s, y, part, locks,
         m, n, k, x.stride(0), y.stride(0), weight.stride(0), scales.stride(0) if fmt == W_INT4 else 0, per_split,
         W_FMT=fmt, GROUP=group, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, HW_FP8=not INTERPRET,
-        num_warps=1 if INTERPRET else cfg.warps, num_stages=cfg.stages, **pdl_flags(x.device, m),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, HW_FP8=not INTERPRET,
+        GLU_ACT=-1 if glu_activation is None else ACTIVATION_CODES[glu_activation],
+        RNE=INTERPRET and x.dtype == torch.bfloat16, num_warps=1 if INTERPRET else cfg.warps, num_stages=cfg.stages, **pdl_flags(x.device, m),
     )
     return y

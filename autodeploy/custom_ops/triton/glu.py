@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .. import gated_mlp as _reference  # noqa: F401  (registers the torch op family)
-from ._common import INTERPRET, next_pow2, pdl_enter, pdl_flags, tanh
+from ._common import INTERPRET, cast_rne, next_pow2, pdl_enter, pdl_flags, tanh
 
 #: activation name -> the kernel's ``ACT`` code
 ACTIVATION_CODES: dict[str, int] = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "relu2": 4}
@@ -38,16 +38,16 @@ def _activate(x, ACT: tl.constexpr):
 
 @triton.jit
 def _glu_kernel(gu_ptr, o_ptr, inter, stride_gu, stride_o, BLOCK: tl.constexpr, ACT: tl.constexpr,
-                USE_PDL: tl.constexpr):
+                RNE: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
     gate = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0)
     up = tl.load(gu_ptr + row * stride_gu + inter + cols, mask=mask, other=0.0)
-    act = _activate(gate.to(tl.float32), ACT).to(gate.dtype)
+    act = cast_rne(_activate(gate.to(tl.float32), ACT), gate.dtype, RNE)
     out = act.to(tl.float32) * up.to(tl.float32)
-    tl.store(o_ptr + row * stride_o + cols, out.to(o_ptr.dtype.element_ty), mask=mask)
+    tl.store(o_ptr + row * stride_o + cols, cast_rne(out, o_ptr.dtype.element_ty, RNE), mask=mask)
 
 
 def glu_packed_launch(gate_up: torch.Tensor, activation: str, out: torch.Tensor) -> None:
@@ -63,7 +63,8 @@ def glu_packed_launch(gate_up: torch.Tensor, activation: str, out: torch.Tensor)
     block = min(next_pow2(inter), MAX_BLOCK)
     warps = 1 if INTERPRET else max(1, min(8, block // 256))
     _glu_kernel[(gu.shape[0], triton.cdiv(inter, block))](
-        gu, o, inter, gu.stride(0), o.stride(0), BLOCK=block, ACT=ACTIVATION_CODES[activation], num_warps=warps,
+        gu, o, inter, gu.stride(0), o.stride(0), BLOCK=block, ACT=ACTIVATION_CODES[activation],
+        RNE=INTERPRET and gu.dtype == torch.bfloat16, num_warps=warps,
         **pdl_flags(gu.device, gu.shape[0]),
     )
 

@@ -17,7 +17,7 @@ from .gemv import W_DENSE, gemv
 GEMV_LINEAR_MAX_TOKENS = 1
 
 
-def _gemv_applies(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
+def gemv_applies(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
     return (
         0 < rows <= GEMV_LINEAR_MAX_TOKENS
         and (x.is_cuda or INTERPRET)
@@ -32,7 +32,7 @@ def _gemv_applies(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
 def triton_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
-    if not _gemv_applies(x, weight, rows):
+    if not gemv_applies(x, weight, rows):
         return F.linear(x, weight, bias)
     x2 = x.reshape(rows, k)
     if x2.stride(-1) != 1:

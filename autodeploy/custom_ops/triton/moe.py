@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from .. import moe as _reference  # noqa: F401  (registers the torch op family)
-from ._common import INTERPRET, mma, next_pow2, pdl_enter, pdl_flags, upcast_dots
+from ._common import INTERPRET, cast_rne, mma, next_pow2, pdl_enter, pdl_flags, upcast_dots
 from .moe_align import CHUNK, ONE_CHUNK_MAX, align_routing
 from .glu import ACTIVATION_CODES, _activate
 
@@ -85,17 +85,6 @@ def default_tiles(
 
 
 # ---- grouped GEMMs ----------------------------------------------------------------------------------------------
-@triton.jit
-def _cast(x, dtype: tl.constexpr, RNE: tl.constexpr):
-    """``x.to(dtype)``. With ``RNE`` (the interpreter and bf16) round the float32 bits to nearest-even first:
-    the interpreter truncates float32 -> bf16, and over the several roundings here that bias adds up."""
-    if RNE:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
-
-
 @triton.jit
 def _tile_of(pid, num_m, num_n, GROUP_M: tl.constexpr):
     """(block, column tile) of program ``pid``: ``GROUP_M`` blocks sweep each column tile together."""
@@ -171,10 +160,10 @@ def _moe_up_kernel(
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K * stride_wk
         dtype = h_ptr.dtype.element_ty
-        proj = _cast(acc, dtype, RNE).to(tl.float32)  # [BLOCK_M, BLOCK_N]: the projection in the model dtype
+        proj = cast_rne(acc, dtype, RNE).to(tl.float32)  # [BLOCK_M, BLOCK_N]: the projection in the model dtype
         if HAS_BIAS:
             bias = tl.load(b_ptr + e64 * stride_be + w_row, mask=col_ok, other=0.0).to(tl.float32)
-            proj = _cast(proj + bias[None, :], dtype, RNE).to(tl.float32)
+            proj = cast_rne(proj + bias[None, :], dtype, RNE).to(tl.float32)
         if GATED:
             if INTERLEAVED:
                 gate, up = tl.split(tl.reshape(proj, (BLOCK_M, COLS, 2)))
@@ -186,12 +175,12 @@ def _moe_up_kernel(
                     up = tl.minimum(tl.maximum(up, -limit), limit)
                 out = (up + 1.0) * (gate * tl.sigmoid(gate * alpha))
             else:
-                out = _cast(_activate(gate, ACT), dtype, RNE).to(tl.float32) * up
+                out = cast_rne(_activate(gate, ACT), dtype, RNE).to(tl.float32) * up
         else:
             out = _activate(proj, ACT)
         c = pid_n * COLS + tl.arange(0, COLS)
         h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + c[None, :]
-        tl.store(h_ptrs, _cast(out, dtype, RNE), mask=row_ok[:, None] & (c < I)[None, :])
+        tl.store(h_ptrs, cast_rne(out, dtype, RNE), mask=row_ok[:, None] & (c < I)[None, :])
 
 
 @triton.jit
@@ -226,13 +215,13 @@ def _moe_down_kernel(
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K * stride_wk
         dtype = y_ptr.dtype.element_ty
-        y = _cast(acc, dtype, RNE).to(tl.float32)
+        y = cast_rne(acc, dtype, RNE).to(tl.float32)
         if HAS_BIAS:
             bias = tl.load(b_ptr + e64 * stride_be + cols, mask=col_ok, other=0.0).to(tl.float32)
-            y = _cast(y + bias[None, :], dtype, RNE).to(tl.float32)
+            y = cast_rne(y + bias[None, :], dtype, RNE).to(tl.float32)
         weight = tl.load(topw_ptr + assign, mask=row_ok, other=0.0).to(tl.float32)
         y_ptrs = y_ptr + assign[:, None].to(tl.int64) * stride_ym + cols[None, :]
-        tl.store(y_ptrs, _cast(y * weight[:, None], dtype, RNE), mask=row_ok[:, None] & col_ok[None, :])
+        tl.store(y_ptrs, cast_rne(y * weight[:, None], dtype, RNE), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -248,7 +237,7 @@ def _moe_sum_kernel(
     valid = (ids >= 0) & (ids < E)  # rows of sentinel ids were never written
     y_ptrs = y_ptr + (t * top_k + j)[:, None] * stride_ym + cols[None, :]
     y = tl.load(y_ptrs, mask=valid[:, None] & (cols < N)[None, :], other=0.0)
-    total = _cast(tl.sum(y.to(tl.float32), 0), out_ptr.dtype.element_ty, RNE)
+    total = cast_rne(tl.sum(y.to(tl.float32), 0), out_ptr.dtype.element_ty, RNE)
     tl.store(out_ptr + t * stride_ot + cols, total, mask=cols < N)
 
 

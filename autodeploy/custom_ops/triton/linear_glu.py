@@ -1,0 +1,74 @@
+"""``autodeploy::triton_linear_glu``: a packed gate/up linear followed by its gated activation, as one op.
+
+``(x, weight, scales, zeros, bias, weight_format, group_size, activation) -> act(gate) * up [..., N / 2]``, where
+``gate, up`` are the two halves of the linear's ``[..., N]`` output. ``weight_format`` names the linear it
+replaces, with that op's weight arguments: ``dense`` (``triton_linear``: scales and zeros None), ``fp8``
+(``triton_quant_fp8_linear``: scales = weight_scale) and ``int4`` (``triton_quant_int4_linear``). The numerics
+are those of the linear followed by ``triton_glu_packed``. At the token counts where the linear runs the decode
+GEMV, the GEMV computes the activation in its epilogue (``gemv.py``), which saves the activation's launch of
+every MLP; at other counts it is the two ops.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._common import INTERPRET
+from .gemv import W_DENSE, W_FP8, W_INT4, gemv
+from .glu import glu_packed_launch
+from .linear import GEMV_LINEAR_MAX_TOKENS, gemv_applies
+from .quant_linear import FP8_GEMV_MAX_TOKENS, INT4_GEMV_MAX_TOKENS, _rows, fp8_linear, int4_linear
+
+#: weight_format -> (the GEMV's format code, the most tokens the unfused linear sends to the GEMV)
+WEIGHT_FORMATS: dict[str, tuple[int, int]] = {
+    "dense": (W_DENSE, GEMV_LINEAR_MAX_TOKENS),
+    "fp8": (W_FP8, FP8_GEMV_MAX_TOKENS),
+    "int4": (W_INT4, INT4_GEMV_MAX_TOKENS),
+}
+
+
+def _fused_applies(x2: torch.Tensor, weight: torch.Tensor, weight_format: str) -> bool:
+    rows = x2.shape[0]
+    if weight_format == "dense":
+        return gemv_applies(x2, weight, rows)
+    return 0 < rows <= WEIGHT_FORMATS[weight_format][1] and (x2.is_cuda or INTERPRET)
+
+
+def _linear(x2, weight, scales, zeros, bias, weight_format: str, group_size: int) -> torch.Tensor:
+    if weight_format == "dense":
+        return gemv(x2, W_DENSE, weight, bias=bias) if gemv_applies(x2, weight, x2.shape[0]) else F.linear(
+            x2, weight, bias)
+    if weight_format == "fp8":
+        return fp8_linear(x2, weight, scales, bias)
+    return int4_linear(x2, weight, scales, zeros, bias, group_size)
+
+
+@torch.library.custom_op("autodeploy::triton_linear_glu", mutates_args=())
+def triton_linear_glu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor | None,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    weight_format: str,
+    group_size: int,
+    activation: str,
+) -> torch.Tensor:
+    if weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"triton_linear_glu: unknown weight_format {weight_format!r}; known: {sorted(WEIGHT_FORMATS)}")
+    x2 = _rows(x)
+    n_out = weight.shape[0] // 2
+    if _fused_applies(x2, weight, weight_format):
+        fmt = WEIGHT_FORMATS[weight_format][0]
+        y = gemv(x2, fmt, weight, scales, zeros, bias, group_size, glu_activation=activation)
+    else:
+        gate_up = _linear(x2, weight, scales, zeros, bias, weight_format, group_size)
+        y = gate_up.new_empty((x2.shape[0], n_out))
+        glu_packed_launch(gate_up, activation, y)
+    return y.view(*x.shape[:-1], n_out)
+
+
+@triton_linear_glu.register_fake
+def _triton_linear_glu_fake(x, weight, scales, zeros, bias, weight_format, group_size, activation):
+    return x.new_empty((*x.shape[:-1], weight.shape[0] // 2))
