@@ -90,6 +90,24 @@ def gpu_state() -> dict:
     return state
 
 
+def ttft_kernels(engine, vocab: int, top: int = 20) -> list[dict]:
+    """The GPU kernels (CPU ops without a GPU) of three 1024-token prefills under torch.profiler, by total time
+    (ms per prefill)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CUDA] if torch.cuda.is_available() else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        run_engine_bench(engine, synthetic_requests(3, 1024, 1, vocab, seed=4), 1, name="ttft trace")
+    rows = []
+    for e in prof.key_averages():
+        us = e.device_time_total if torch.cuda.is_available() else e.cpu_time_total
+        if us > 0:
+            rows.append({"kernel": e.key[:120], "calls": e.count // 3, "ms": round(us / 3e3, 3)})
+    rows.sort(key=lambda r: -r["ms"])
+    print("ttft kernels:", json.dumps(rows[:top]), flush=True)
+    return rows[:top]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="examples/configs/llama-3.1-8b/config.json")
@@ -104,6 +122,7 @@ def main() -> None:
     parser.add_argument("--profile-steps", action="store_true", help="per-step GPU vs wall time of the offline run")
     parser.add_argument("--profile-ttft", action="store_true", help="GPU vs wall time of the TTFT prefill steps")
     parser.add_argument("--trace-from", type=int, default=None, help="torch.profiler over 6 offline steps from here")
+    parser.add_argument("--trace-ttft", action="store_true", help="torch.profiler: the TTFT steps' top kernels")
     parser.add_argument("--only", default=None, help="comma list of: decode,ttft,offline (default all)")
     args = parser.parse_args()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -146,6 +165,8 @@ def main() -> None:
         profiler = StepProfiler(engine) if args.profile_steps or args.profile_ttft else None
         r = run_engine_bench(engine, synthetic_requests(5, 1024, 1, vocab, seed=3), 1, name="ttft 1024")
         results["ttft_1024_p50_ms"] = r.ttft_p50_ms
+        if args.trace_ttft:
+            results["ttft_kernels"] = ttft_kernels(engine, vocab)
         results["gpu_after_ttft"] = gpu_state() if torch.cuda.is_available() else None
         if profiler is not None:
             profiler.detach()

@@ -20,6 +20,7 @@ for step in "$@"; do
     kernels-full) timeout 400 python3 bench/kernels.py 2>&1 | tee "$OUT/kernels.log" | tail -60 ;;
     e2e)       timeout 420 python3 bench/e2e.py --profile-ttft --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" | grep -v Warn | tail -40 ;;
     e2e-latency) timeout 240 python3 bench/e2e.py --skip-hf --only decode,ttft --profile-ttft --json "$OUT/e2e_latency.json" 2>&1 | tee "$OUT/e2e_latency.log" | grep -v Warn | tail -30 ;;
+    ttft-trace) for only in ttft decode,ttft; do timeout 200 python3 bench/e2e.py --skip-hf --only $only --profile-ttft --trace-ttft --json "$OUT/ttft_${only/,/_}.json" 2>&1 | tee "$OUT/ttft_${only/,/_}.log" | grep -E 'optimize|ttft_1024_p50|ttft kernels|batch1_decode' | cut -c1-3000; done ;;
     e2e-nohf)  timeout 300 python3 bench/e2e.py --skip-hf --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" | grep -v Warn | tail -40 ;;
     flashinfer) bash bench/flashinfer_setup.sh 2>&1 | tail -5 ;;
     e2e-flashinfer) timeout 420 python3 bench/e2e.py --skip-hf --attn-backend flashinfer --json "$OUT/e2e_flashinfer.json" 2>&1 | tee "$OUT/e2e_flashinfer.log" | grep -v Warn | tail -40 ;;

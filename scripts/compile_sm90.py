@@ -48,9 +48,9 @@ def variants():
     """(name, kernel, signature, constexprs, options) of every variant checked."""
     for fmt, bm, bn, bk, split, warps, stages, glu in [
         (W_DENSE, 1, 2, 2048, 1, 4, 1, -1), (W_DENSE, 1, 2, 2048, 1, 8, 1, -1), (W_DENSE, 2, 4, 512, 1, 4, 3, -1),
-        (W_FP8, 1, 16, 1024, 1, 4, 3, -1), (W_FP8, 2, 16, 512, 1, 4, 2, -1), (W_INT8, 1, 16, 512, 1, 4, 3, -1),
+        (W_FP8, 1, 8, 1024, 1, 4, 2, -1), (W_FP8, 2, 16, 512, 1, 4, 2, -1), (W_INT8, 1, 16, 512, 1, 4, 3, -1),
         (W_INT4, 1, 8, 1024, 2, 4, 3, -1), (W_INT4, 2, 8, 1024, 1, 4, 3, -1),
-        (W_DENSE, 1, 2, 2048, 1, 4, 1, 0), (W_FP8, 1, 16, 512, 1, 4, 3, 0), (W_INT4, 1, 8, 1024, 1, 4, 3, 0),
+        (W_DENSE, 1, 2, 2048, 1, 4, 1, 0), (W_FP8, 1, 8, 1024, 1, 4, 2, 0), (W_INT4, 1, 8, 1024, 1, 4, 3, 0),
     ]:
         consts = dict(W_FMT=fmt, GROUP=128 if fmt == W_INT4 else 1, HAS_ZEROS=fmt == W_INT4, HAS_BIAS=True,
                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, HW_FP8=True, GLU_ACT=glu, RNE=False,

@@ -91,7 +91,8 @@ def test_engine_decode_through_the_fused_mlp(quantize):
     model = tiny_model("llama")
     triton = {f"transforms.{name}.backend": "triton" for name in ("fuse_glu", "gemv_linears")}
     if quantize:
-        triton.update({"quantize": quantize, "transforms.quantize_fp8_linear.backend": "triton"})
+        triton.update({"quantize": quantize, "transforms.quantize_fp8_linear.backend": "triton",
+                       "transforms.fuse_glu_linear.formats": ["dense", "fp8"]})
     engine = build_engine(model, device="cpu", attn_backend="torch", **triton)
     assert any(n.target == ops.triton_linear_glu.default for n in engine.runner.gm.graph.nodes)
     prompt = random_prompts([9], model.config.vocab_size, seed=5)[0]
