@@ -90,7 +90,7 @@ def decode_chain_variants():
                  **{k: "constexpr" for k in consts}}
     yield "glu silu", _glu_kernel, signature, consts, dict(num_warps=8)
     consts = dict(R=128, PASS=0, BLOCK_HALF=64, BLOCK_PASS=1, BLOCK_N=16, INTERLEAVED=False, COMPUTE=tl.float32,
-                  USE_PDL=True)
+                  RNE=False, USE_PDL=True)
     ints = ["S", "N", "sxb", "sxs", "sxn", "scb", "scs", "ssb", "sss", "sob", "sos", "son"]
     signature = {"x_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "o_ptr": "*bf16",
                  **dict.fromkeys(ints, "i32"), **{k: "constexpr" for k in consts}}
@@ -101,16 +101,18 @@ def decode_chain_variants():
     signature = {**dict.fromkeys(["k_ptr", "v_ptr", "kc_ptr", "vc_ptr"], "*bf16"), "slot_ptr": "*i64",
                  **dict.fromkeys(ints, "i32"), "inv_scale": "fp32", **{k: "constexpr" for k in consts}}
     yield "kv_write bf16", _kv_write_kernel, signature, consts, dict(num_warps=4)
-    for cache, fp8 in (("*bf16", False), ("*fp8e4nv", True)):
+    for cache, fp8, norms in (("*bf16", False, False), ("*fp8e4nv", True, False), ("*bf16", False, True)):
         consts = dict(R=128, PASS=0, BLOCK_HALF=64, BLOCK_PASS=1, DV=128, BLOCK_DV=128, BLOCK_H=16, PAGE=16,
-                      INTERLEAVED=False, COMPUTE=tl.bfloat16, CACHE_FP8=fp8, USE_PDL=True)
+                      INTERLEAVED=False, COMPUTE=tl.bfloat16, CACHE_FP8=fp8, Q_NORM=norms, K_NORM=norms,
+                      HAS_OFFSET=False, RNE=False, USE_PDL=True)
         ints = ["stride_qt", "stride_qh", "stride_qot", "stride_qoh", "stride_kt", "stride_kh", "stride_vt",
                 "stride_vh", "stride_kcb", "stride_kcs", "stride_kch", "stride_vcb", "stride_vcs", "stride_vch",
                 "stride_ct", "stride_st", "n_q", "n_kv"]
         signature = {**dict.fromkeys(["q_ptr", "k_ptr", "v_ptr", "qo_ptr"], "*bf16"), "kc_ptr": cache,
                      "vc_ptr": cache, "slot_ptr": "*i64", "cos_ptr": "*bf16", "sin_ptr": "*bf16",
-                     **dict.fromkeys(ints, "i32"), "inv_scale": "fp32", **{k: "constexpr" for k in consts}}
-        yield f"rope_kv_write cache={cache}", _rope_kv_write_kernel, signature, consts, dict(num_warps=4)
+                     "qn_ptr": "*bf16", "kn_ptr": "*bf16", **dict.fromkeys(ints, "i32"), "inv_scale": "fp32",
+                     "eps": "fp32", "w_offset": "fp32", **{k: "constexpr" for k in consts}}
+        yield f"rope_kv_write cache={cache} norms={norms}", _rope_kv_write_kernel, signature, consts, dict(num_warps=4)
 
 
 #: arguments a real launch specializes as multiples of 16 (Triton's divisibility hint), which decides whether

@@ -20,6 +20,10 @@ After ``insert_cached_attention`` the graph runs one forward over ``T`` tokens o
     rope_cos, rope_sin, rope_interleaved   keyword, optional ([1, T or 1, R]): q and k are first rotated exactly
                  as ``torch_rope(x, rope_cos, rope_sin, rope_interleaved)`` (``fuse_rope_attention`` moves a
                  model's RoPE here, so a backend can do it in its cache write)
+    q_norm_weight, k_norm_weight   optional ([D]; positional after rope_sin, as torch.library wants tensors),
+                 with qk_norm_eps, qk_norm_weight_offset (keyword): before the RoPE,
+                 each head of q (and of k) is ``torch_rmsnorm(x, weight, qk_norm_eps, qk_norm_weight_offset)``
+                 (Qwen3's and Gemma 3's per-head norms; ``fuse_rope_attention`` moves them here with the RoPE)
     -> out [1, T, Nq, Dv]
 
 Token ``i`` of sequence ``s`` sits at absolute position ``cache_lens[s] + i`` and attends causally to every
@@ -32,6 +36,7 @@ from __future__ import annotations
 import torch
 
 from .attention import attention_reference
+from .rmsnorm import rmsnorm_reference
 from .rope import rope_reference
 
 
@@ -97,10 +102,18 @@ def torch_cached_attention(
     chunk_size: int | None = None,
     rope_cos: torch.Tensor | None = None,
     rope_sin: torch.Tensor | None = None,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
     *,
     kv_scale: float = 1.0,
     rope_interleaved: bool = False,
+    qk_norm_eps: float = 1e-6,
+    qk_norm_weight_offset: float = 0.0,
 ) -> torch.Tensor:
+    if q_norm_weight is not None:
+        q = rmsnorm_reference(q, q_norm_weight, qk_norm_eps, qk_norm_weight_offset)
+    if k_norm_weight is not None:
+        k = rmsnorm_reference(k, k_norm_weight, qk_norm_eps, qk_norm_weight_offset)
     if rope_cos is not None:
         q = rope_reference(q, rope_cos, rope_sin, rope_interleaved)
         k = rope_reference(k, rope_cos, rope_sin, rope_interleaved)
@@ -138,7 +151,8 @@ def torch_cached_attention(
 def cached_attention_fake(
     q, k, v, k_cache, v_cache, seq_lens, cu_seqlens, cache_lens, page_table, slot_mapping, batch_info,
     scale=None, sliding_window=None, logit_cap=None, sinks=None, alibi_slopes=None, chunk_size=None, rope_cos=None,
-    rope_sin=None, *, kv_scale=1.0, rope_interleaved=False,
+    rope_sin=None, q_norm_weight=None, k_norm_weight=None, *, kv_scale=1.0, rope_interleaved=False,
+    qk_norm_eps=1e-6, qk_norm_weight_offset=0.0,
 ):
     """The fake kernel of every ``<backend>_cached_attention`` (same signature, same output)."""
     return q.new_empty((*q.shape[:-1], v.shape[-1]))

@@ -149,10 +149,10 @@ def split_k_sum(acc, part_ptr, lock_ptr, tile, pid_k, SPLIT_K: tl.constexpr, ROW
 
 @triton.jit
 def cast_rne(x, dtype: tl.constexpr, RNE: tl.constexpr):
-    """``x.to(dtype)``. With ``RNE`` (the interpreter and bf16) round the float32 bits to nearest-even first:
-    the interpreter truncates float32 -> bf16, where the GPU rounds to nearest-even."""
-    if RNE:
-        bits = x.to(tl.uint32, bitcast=True)
+    """``x.to(dtype)``. With ``RNE`` (set under the interpreter) a cast to bf16 rounds the float32 bits to
+    nearest-even first: the interpreter truncates float32 -> bf16, where the GPU rounds to nearest-even."""
+    if RNE and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
         bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
         x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)

@@ -416,9 +416,13 @@ def cached_attention_into(
     chunk_size: int | None = None,
     rope_cos: torch.Tensor | None = None,
     rope_sin: torch.Tensor | None = None,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
     *,
     kv_scale: float = 1.0,
     rope_interleaved: bool = False,
+    qk_norm_eps: float = 1e-6,
+    qk_norm_weight_offset: float = 0.0,
     config: AttentionConfig | None = None,
     num_splits: int | None = None,
 ) -> torch.Tensor:
@@ -443,9 +447,12 @@ def cached_attention_into(
         )
     num_prefill, num_prefill_tokens, num_decode = (int(x) for x in batch_info.tolist())
 
-    if rope_cos is not None:  # RoPE of q and k in the cache write: one launch
-        q = rope_write_kv(q, k, v, rope_cos, rope_sin, rope_interleaved, k_cache, v_cache, slot_mapping, kv_scale)
+    if rope_cos is not None:  # RoPE (and the per-head norms) of q and k in the cache write: one launch
+        q = rope_write_kv(q, k, v, rope_cos, rope_sin, rope_interleaved, k_cache, v_cache, slot_mapping, kv_scale,
+                          q_norm_weight, k_norm_weight, qk_norm_eps, qk_norm_weight_offset)
     else:
+        if q_norm_weight is not None or k_norm_weight is not None:
+            raise ValueError("triton_cached_attention: q/k norm weights are taken only with rope_cos/rope_sin")
         write_kv(k, v, k_cache, v_cache, slot_mapping, kv_scale)
     # float8 pools hold k / kv_scale and v / kv_scale: the K factor joins the logit scale, the V factor the output
     kv_scale = float(kv_scale) if k_cache.dtype in FP8_CACHE_DTYPES else 1.0
@@ -540,15 +547,20 @@ def triton_cached_attention(
     chunk_size: int | None = None,
     rope_cos: torch.Tensor | None = None,
     rope_sin: torch.Tensor | None = None,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
     *,
     kv_scale: float = 1.0,
     rope_interleaved: bool = False,
+    qk_norm_eps: float = 1e-6,
+    qk_norm_weight_offset: float = 0.0,
 ) -> torch.Tensor:
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     return cached_attention_into(
         out, q, k, v, k_cache, v_cache, seq_lens, cu_seqlens, cache_lens, page_table, slot_mapping, batch_info,
         scale, sliding_window, logit_cap, sinks, alibi_slopes, chunk_size, kv_scale=kv_scale,
-        rope_cos=rope_cos, rope_sin=rope_sin, rope_interleaved=rope_interleaved,
+        rope_cos=rope_cos, rope_sin=rope_sin, rope_interleaved=rope_interleaved, q_norm_weight=q_norm_weight,
+        k_norm_weight=k_norm_weight, qk_norm_eps=qk_norm_eps, qk_norm_weight_offset=qk_norm_weight_offset,
     )
 
 
