@@ -66,6 +66,7 @@ class AutoDeployConfig(BaseModel):
     kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig)
     attn_backend: Literal["auto", "torch", "triton", "flashinfer"] = "auto"
     cuda_graphs: bool = True
+    prefill_cuda_graph_tokens: int = Field(2048, ge=0)  # prefill-only steps up to this many tokens replay graphs
     torch_compile: TorchCompileConfig = Field(default_factory=TorchCompileConfig)
     async_scheduling: bool = True
     quantize: Literal[None, "fp8", "int8_weight_only", "int4_weight_only"] = None

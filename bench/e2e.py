@@ -142,6 +142,8 @@ def main() -> None:
     results["optimize_s"] = time.perf_counter() - start
     results["kv_cache_blocks"] = engine.scheduler.config.num_blocks
     results["backend"] = engine.runner.spec.backend
+    prefill_graphs = engine.runner.prefill_graphs
+    results["prefill_graph_buckets"] = sorted(prefill_graphs.graphs) if prefill_graphs is not None else []
     print(f"optimize: {results['optimize_s']:.1f}s backend={results['backend']}", flush=True)
     vocab = engine.vocab_size
     if args.profile_steps:  # what the step runs: op counts of the cached graph

@@ -1,8 +1,10 @@
-"""CUDA graphs of decode steps, keyed by padded batch size (buckets 1, 2, 4, 8, then multiples of 16).
+"""CUDA graphs of whole steps, keyed by a padded size: decode steps by batch size (buckets 1, 2, 4, 8, then
+multiples of 16), prefill-only steps by token count (powers of two from ``PREFILL_MIN_TOKENS``).
 
 The model runner owns the static input buffers; ``capture`` asks it for the inputs of each bucket (views of
 those buffers), runs the graph once to warm up, and captures it. ``replay`` assumes the runner has written
-the step's inputs into the same buffers and returns the captured logits ``[bucket, V]``.
+the step's inputs into the same buffers and returns the captured logits. Every runner of one model runner
+captures into one memory pool (their graphs never run at the same time).
 """
 
 from __future__ import annotations
@@ -25,13 +27,25 @@ def bucket_sizes(max_batch: int) -> list[int]:
     return sizes
 
 
+PREFILL_MIN_TOKENS = 128
+
+
+def prefill_bucket_sizes(max_tokens: int) -> list[int]:
+    sizes, size = [], PREFILL_MIN_TOKENS
+    while size <= max_tokens:
+        sizes.append(size)
+        size *= 2
+    return sizes
+
+
 class CUDAGraphRunner:
-    def __init__(self, gm: GraphModule, max_batch: int):
+    def __init__(self, gm: GraphModule, buckets: list[int], what: str = "decode batch sizes", pool=None):
         self.gm = gm
-        self.buckets = bucket_sizes(max_batch)
+        self.buckets = buckets
+        self.what = what
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
-        self.pool = None
+        self.pool = pool
 
     def bucket_for(self, batch: int) -> int | None:
         for size in self.buckets:
@@ -42,7 +56,8 @@ class CUDAGraphRunner:
     @torch.inference_mode()
     def capture(self, inputs_for: Callable[[int], dict[str, torch.Tensor]]) -> None:
         stream = torch.cuda.Stream()
-        for bucket in tqdm(sorted(self.buckets, reverse=True), desc="Capturing CUDA graphs", disable=None):
+        for bucket in tqdm(sorted(self.buckets, reverse=True), desc=f"Capturing CUDA graphs ({self.what})",
+                           disable=None):
             inputs = inputs_for(bucket)
             torch.cuda.synchronize()
             stream.wait_stream(torch.cuda.current_stream())
@@ -57,7 +72,7 @@ class CUDAGraphRunner:
             self.graphs[bucket] = graph
             self.outputs[bucket] = out[0]
         torch.cuda.synchronize()
-        logger.info("captured CUDA graphs for decode batch sizes %s", self.buckets)
+        logger.info("captured CUDA graphs for %s %s", self.what, self.buckets)
 
     def replay(self, bucket: int, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         self.graphs[bucket].replay()

@@ -85,7 +85,7 @@ def build_runner(
     if ctx.device.type == "cuda":
         warm_up(runner, config, max_seq_len)
     if config.cuda_graphs:
-        runner.capture_cuda_graphs(config.max_batch_size)
+        runner.capture_cuda_graphs(config.max_batch_size, config.prefill_cuda_graph_tokens)
     return runner, num_blocks
 
 

@@ -3,7 +3,13 @@
 The runner owns the static buffers: one pinned host buffer and one device buffer per integer dtype, with fixed
 regions for every graph input (sized for ``max_num_tokens`` tokens and ``max_batch_size`` sequences). A step
 fills the host regions, copies each buffer to the device once, and calls the graph on views of the device
-buffers, whose addresses never change — so decode-only steps can replay CUDA graphs captured on them.
+buffers, whose addresses never change — so decode-only steps, and prefill-only steps of at most
+``PREFILL_GRAPH_SEQS`` sequences and ``prefill_cuda_graph_tokens`` tokens, replay CUDA graphs captured on them.
+
+A prefill graph's step is padded to its bucket: sequences of no tokens up to ``PREFILL_GRAPH_SEQS``, then tokens
+that belong to no sequence (slot -1, never attended to) up to the bucket's count, which ``batch_info`` reports
+as the prefill token count so the attention's launch grid covers the bucket; the logits rows of the padding are
+ignored.
 """
 
 from __future__ import annotations
@@ -21,9 +27,11 @@ from ..custom_ops.attention_backends import make_step_planner
 from ..custom_ops.step_layout import StepLayout
 from ..transforms.gather_logits import LOGITS_INDICES
 from ..transforms.insert_cached_attention import KVCacheSpec
-from .cuda_graphs import CUDAGraphRunner
+from .cuda_graphs import CUDAGraphRunner, bucket_sizes, prefill_bucket_sizes
 
 logger = logging.getLogger("autodeploy.executor")
+
+PREFILL_GRAPH_SEQS = 8  # sequences a prefill graph takes (a step with more runs eagerly)
 
 
 @dataclass
@@ -127,22 +135,29 @@ class ModelRunner:
             self.cache_inputs[f"k_cache_{i}"] = kv_caches[2 * i]
             self.cache_inputs[f"v_cache_{i}"] = kv_caches[2 * i + 1]
         self.cuda_graphs: CUDAGraphRunner | None = None
+        self.prefill_graphs: CUDAGraphRunner | None = None
+        self.prefill_graph_seqs = min(PREFILL_GRAPH_SEQS, max_batch_size)
         self.attention_planner = make_step_planner(gm, spec, kv_caches, device, block_size, self.max_pages)
 
     # ---- input packing ------------------------------------------------------------------------------------
     def _pack(
-        self, entries: list[StepEntry], num_prefill: int, pad_to: int | None = None, fill: TokenFill | None = None
+        self, entries: list[StepEntry], num_prefill: int, pad_to: int | None = None, fill: TokenFill | None = None,
+        prefill_pad: tuple[int, int] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Fill the host regions for ``entries`` (prefills first), upload, and return the graph's inputs.
 
         Sequences past ``len(entries)`` up to ``pad_to`` are CUDA-graph padding: one dummy token each, written
-        nowhere (slot -1), its logits row ignored.
+        nowhere (slot -1), its logits row ignored. ``prefill_pad = (seqs, tokens)`` pads a prefill-only step for a
+        prefill graph instead (see the module docstring); its logits rows are the sampled entries', then filler.
         """
         num_seqs = len(entries)
         padded_seqs = max(pad_to or num_seqs, num_seqs)
+        pad_len = 1
+        if prefill_pad is not None:
+            padded_seqs, pad_len, num_prefill = max(prefill_pad[0], num_seqs), 0, max(prefill_pad[0], num_seqs)
         lens = np.fromiter((len(e.token_ids) for e in entries), dtype=np.int64, count=num_seqs)
         starts = np.fromiter((e.start_pos for e in entries), dtype=np.int64, count=num_seqs)
-        lens = np.concatenate([lens, np.ones(padded_seqs - num_seqs, dtype=np.int64)])
+        lens = np.concatenate([lens, np.full(padded_seqs - num_seqs, pad_len, dtype=np.int64)])
         starts = np.concatenate([starts, np.zeros(padded_seqs - num_seqs, dtype=np.int64)])
         num_tokens = int(lens.sum())
         cu = np.zeros(padded_seqs + 1, dtype=np.int64)
@@ -157,20 +172,28 @@ class ModelRunner:
         bs = self.block_size
         slots = pages[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
         slots[cu[num_seqs] :] = -1
+        extra = max(0, prefill_pad[1] - num_tokens) if prefill_pad is not None else 0  # tokens of no sequence
 
-        self.i64.host_view("input_ids", num_tokens).numpy()[:] = (
-            list(itertools.chain.from_iterable(e.token_ids for e in entries)) + [0] * (padded_seqs - num_seqs)
+        self.i64.host_view("input_ids", num_tokens + extra).numpy()[:] = (
+            list(itertools.chain.from_iterable(e.token_ids for e in entries))
+            + [0] * (num_tokens + extra - int(cu[num_seqs]))
         )
-        self.i64.host_view("position_ids", num_tokens).numpy()[:] = positions
-        self.i64.host_view("slot_mapping", num_tokens).numpy()[:] = slots
+        self.i64.host_view("position_ids", num_tokens + extra).numpy()[:] = np.concatenate(
+            [positions, np.zeros(extra, dtype=np.int64)])
+        self.i64.host_view("slot_mapping", num_tokens + extra).numpy()[:] = np.concatenate(
+            [slots, np.full(extra, -1, dtype=np.int64)])
         self.i32.host_view("seq_lens", padded_seqs).numpy()[:] = lens
         self.i32.host_view("cu_seqlens", padded_seqs + 1).numpy()[:] = cu
         self.i32.host_view("cache_lens", padded_seqs).numpy()[:] = starts
         sample = [bool(e.sample) for e in entries] + [True] * (padded_seqs - num_seqs)
-        sample_rows = (cu[1:] - 1)[np.asarray(sample, dtype=bool)]
+        if prefill_pad is not None:  # a fixed count of rows: the sampled entries', then row 0
+            sampled = (cu[1:] - 1)[:num_seqs][np.asarray(sample[:num_seqs], dtype=bool)]
+            sample_rows = np.concatenate([sampled, np.zeros(padded_seqs - len(sampled), dtype=np.int64)])
+        else:
+            sample_rows = (cu[1:] - 1)[np.asarray(sample, dtype=bool)]
         self.i64.host_view(LOGITS_INDICES, len(sample_rows)).numpy()[:] = sample_rows
         self.batch_info[0] = num_prefill
-        self.batch_info[1] = int(cu[num_prefill])
+        self.batch_info[1] = int(cu[num_prefill]) + extra
         self.batch_info[2] = padded_seqs - num_prefill
         if fill is not None:
             rows = [int(cu[s + 1]) - 1 for s in fill.entry_indices]  # the last (only) new token of each
@@ -180,7 +203,7 @@ class ModelRunner:
         self.i32.upload()
         if self.attention_planner is not None:  # backends that plan on the host before the graph runs
             self.attention_planner.plan(StepLayout(lens, starts, cu, pages, num_prefill, pad_to))
-        inputs = self.graph_inputs(num_tokens, padded_seqs, len(sample_rows))
+        inputs = self.graph_inputs(num_tokens + extra, padded_seqs, len(sample_rows))
         if fill is not None:  # tokens sampled by the previous step, still on the device
             n = len(fill.source_rows)
             rows_dev = self.i64.device_view("fill_rows", n)
@@ -218,23 +241,30 @@ class ModelRunner:
             if bucket is not None:
                 inputs = self._pack(entries, 0, pad_to=bucket, fill=fill)
                 return self.cuda_graphs.replay(bucket, inputs)[: len(decodes)]
+        if not decodes and self.prefill_graphs is not None and len(prefills) <= self.prefill_graph_seqs:
+            bucket = self.prefill_graphs.bucket_for(sum(len(e.token_ids) for e in prefills))
+            if bucket is not None and (fill is None or not fill.entry_indices):
+                inputs = self._pack(prefills, len(prefills), prefill_pad=(self.prefill_graph_seqs, bucket))
+                return self.prefill_graphs.replay(bucket, inputs)[: sum(bool(e.sample) for e in prefills)]
         inputs = self._pack(entries, len(prefills), fill=fill)
         return self.gm(**inputs)[0]
 
-    def capture_cuda_graphs(self, max_batch: int) -> None:
-        """Capture decode steps for the bucket sizes up to ``max_batch`` (CUDA and graph-safe backends only)."""
+    def capture_cuda_graphs(self, max_batch: int, prefill_tokens: int = 0) -> None:
+        """Capture decode steps for the bucket sizes up to ``max_batch``, and prefill-only steps up to
+        ``prefill_tokens`` tokens (CUDA and graph-safe backends only; prefill graphs only without host planning)."""
         if self.device.type != "cuda" or not self.spec.cuda_graph_safe:
             return
-        self.cuda_graphs = CUDAGraphRunner(self.gm, min(max_batch, self.max_batch_size))
-
-        def inputs_for(bucket: int) -> dict[str, torch.Tensor]:
-            return self._pack([], 0, pad_to=bucket)
-
-        self.cuda_graphs.capture(inputs_for)
+        self.cuda_graphs = CUDAGraphRunner(self.gm, bucket_sizes(min(max_batch, self.max_batch_size)))
+        self.cuda_graphs.capture(lambda bucket: self._pack([], 0, pad_to=bucket))
+        sizes = prefill_bucket_sizes(min(prefill_tokens, self.max_num_tokens))
+        if sizes and self.attention_planner is None:
+            seqs = self.prefill_graph_seqs
+            self.prefill_graphs = CUDAGraphRunner(self.gm, sizes, "prefill tokens", pool=self.cuda_graphs.pool)
+            self.prefill_graphs.capture(lambda bucket: self._pack([], seqs, prefill_pad=(seqs, bucket)))
 
     def release_cuda_graphs(self) -> None:
         """Drop the captured graphs once the GPU is idle: tensor-parallel ranks do it before leaving their process
         groups, since the graphs hold the communicators' kernels (decode replays fall back to eager after it)."""
         if self.cuda_graphs is not None:
             torch.cuda.synchronize(self.device)
-            self.cuda_graphs = None
+            self.cuda_graphs = self.prefill_graphs = None
