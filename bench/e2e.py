@@ -48,10 +48,12 @@ def cuda_graph_tokens_match(engine, vocab: int) -> bool:
     engine.scheduler.block_manager.reset_prefix_cache()
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     graphed = [o.outputs[0].token_ids for o in engine.generate(prompts, params)]
-    saved, engine.runner.cuda_graphs = engine.runner.cuda_graphs, None
+    runner = engine.runner
+    saved = runner.cuda_graphs, runner.prefill_graphs
+    runner.cuda_graphs = runner.prefill_graphs = None
     engine.scheduler.block_manager.reset_prefix_cache()  # recompute the prompts exactly as the first time
     eager = [o.outputs[0].token_ids for o in engine.generate(prompts, params)]
-    engine.runner.cuda_graphs = saved
+    runner.cuda_graphs, runner.prefill_graphs = saved
     return graphed == eager
 
 
