@@ -148,14 +148,16 @@ def run_e2e(args, emit: Callable[..., dict], smoke: bool) -> bool:
     if not smoke:
         waves["triton"]["model_vs_measured"] = waves["triton"]["modelled_tok_s"] / offline_tok_s
     emit("wave", backend="triton", cuda_graphs=engine.runner.cuda_graphs is not None, **waves["triton"])
-    graphs, engine.runner.cuda_graphs = engine.runner.cuda_graphs, None  # the reference cannot be captured
+    runner = engine.runner
+    graphs = runner.cuda_graphs, runner.prefill_graphs
+    runner.cuda_graphs = runner.prefill_graphs = None  # the reference cannot be captured
     try:
         point_moe_at(engine, ops.torch_moe.default)
         waves["torch"] = wave(engine, ref_requests, isl, steps, vocab)
         emit("wave", backend="torch_moe", cuda_graphs=False, **waves["torch"])
     finally:
         point_moe_at(engine, ops.triton_moe.default)
-        engine.runner.cuda_graphs = graphs
+        runner.cuda_graphs, runner.prefill_graphs = graphs
     speedup = offline_tok_s / waves["torch"]["modelled_tok_s"]
     emit("speedup", speedup_offline=speedup,
          speedup_same_workload=waves["triton"]["B_tok_s"] / waves["torch"]["B_tok_s"],
