@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import autodeploy.custom_ops.triton  # noqa: F401  (registers the triton ops; the interpreter runs them on CPU)
-from autodeploy.executor.cuda_graphs import prefill_bucket_sizes
+from autodeploy.executor.cuda_graphs import CUDAGraphRunner, prefill_bucket_sizes
 from autodeploy.executor.model_runner import StepEntry
 from autodeploy.models.tiny import tiny_model
-from engine_utils import build_engine
+from engine_utils import build_engine, greedy, hf_greedy, random_prompts
 
 
 def test_prefill_buckets():
@@ -50,3 +50,29 @@ def test_padded_prefill_step_equals_the_unpadded_one(attn_backend):
     torch.testing.assert_close(got[:2], expected, atol=1e-5, rtol=1e-5)
     for cache, after in zip(runner.kv_caches, caches_after):  # padding wrote nothing
         assert torch.equal(cache, after)
+
+
+class _EagerPrefillGraphs:
+    """Stands in for the prefill ``CUDAGraphRunner`` on CPU: a "replay" runs the graph on the padded inputs."""
+
+    bucket_for = CUDAGraphRunner.bucket_for
+
+    def __init__(self, gm, buckets: list[int]):
+        self.gm, self.buckets, self.graphs, self.replays = gm, buckets, dict.fromkeys(buckets), []
+
+    def replay(self, bucket: int, inputs: dict) -> torch.Tensor:
+        assert inputs["input_ids"].shape == (1, bucket)
+        self.replays.append(bucket)
+        return self.gm(**inputs)[0]
+
+
+def test_engine_prefills_through_the_graph_path_equal_hf():
+    """Prefill-only steps take the padded path (chosen bucket, sampled rows trimmed); decode steps stay eager."""
+    model = tiny_model("llama")
+    engine = build_engine(model, device="cpu", attn_backend="triton", max_batch_size=4)
+    graphs = _EagerPrefillGraphs(engine.runner.gm, [16, 64])
+    engine.runner.prefill_graphs = graphs
+    prompts = random_prompts([9, 30, 5], model.config.vocab_size, seed=8)
+    outs = engine.generate(prompts, greedy(5))
+    assert graphs.replays and set(graphs.replays) <= {16, 64}
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(model, p, 5) for p in prompts]
