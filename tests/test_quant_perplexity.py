@@ -40,7 +40,7 @@ pytestmark = pytest.mark.slow  # ~2.5 min on 2 CPU cores: SmolLM2 export and thr
 @pytest.fixture(scope="module")
 def smollm2():
     """SmolLM2-135M in float32, the text's first ``TOKENS + 1`` ids, the canonical graph and its context."""
-    gguf = ModelFactory(default_model_path(), device="cpu")
+    gguf = ModelFactory(default_model_path(), device="cpu", load_eagerly=True)  # real weights, not meta
     model = gguf.build_model()
     path, text = english_text()
     ids = torch.tensor(gguf.tokenizer(text).input_ids)

@@ -3,7 +3,8 @@
 - ``module``: the user's ``PreTrainedModel``, moved to the engine's device and dtype.
 - ``checkpoint`` (safetensors folder): built with parameters on the meta device (buffers real), exported and
   transformed without weights; ``load_weights`` streams the tensors into the final graph afterwards.
-- ``gguf``: loaded (and dequantised) by transformers.
+- ``gguf``: converted once by transformers into a checkpoint folder in the cache (``gguf_cache.py``), which is
+  then loaded as a checkpoint; loaded (and dequantised) by transformers directly when the cache is off.
 - ``config`` (a bare ``config.json``): random weights built directly on the device (benchmarks).
 """
 
@@ -22,6 +23,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from ..errors import ModelLoadError, UnsupportedArchitectureError
 from .architecture import check_config, check_modules
+from .gguf_cache import cached_checkpoint
 from .source import ModelSource, resolve_source
 from .weights import fill_from_state_dict, load_safetensors_into, meta_tensor_names
 
@@ -61,7 +63,7 @@ class ModelFactory:
         load_eagerly: bool = False,
     ):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        self.source: ModelSource = resolve_source(model)
+        self.source: ModelSource = cached_checkpoint(resolve_source(model))
         self.device = resolve_device(device)
         self._dtype_request = dtype
         self.random_weights = random_weights or self.source.kind == "config"

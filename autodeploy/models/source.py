@@ -23,11 +23,14 @@ class ModelSource:
     path: Path | None = None  # folder (checkpoint/gguf) or config.json file
     gguf_file: str | None = None
     module: torch.nn.Module | None = None
+    origin: str | None = None  # what the user named, when this source stands in for it (a converted GGUF file)
 
     @property
     def name(self) -> str:
         if self.module is not None:
             return type(self.module).__name__
+        if self.origin:
+            return self.origin
         if self.gguf_file:
             return self.gguf_file
         return str(self.path)
