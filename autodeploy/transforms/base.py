@@ -144,7 +144,7 @@ class Transform(ABC):
             if info.changed:
                 canonicalize_graph(gm)
                 if self.requires_shape_prop:
-                    run_shape_prop(gm)
+                    run_shape_prop(gm, new_nodes_only=self.preserves_node_values)
             info.time_s = time.perf_counter() - start
         info.nodes_after = count_nodes(gm)
         gm.meta.setdefault(HISTORY_KEY, {})[self.name] = info
@@ -161,6 +161,9 @@ class Transform(ABC):
 
     #: shape propagation after a change; transforms whose later consumers need no ``meta["val"]`` turn it off
     requires_shape_prop: ClassVar[bool] = True
+    #: the rewrite leaves what every surviving node computes unchanged (matching, fusion, cleanup), so only the
+    #: new nodes need values; transforms that change shapes or dtypes in place (sharding) keep the full pass
+    preserves_node_values: ClassVar[bool] = False
 
     @abstractmethod
     def _apply(self, gm: GraphModule, ctx: SharedContext) -> TransformInfo:

@@ -14,5 +14,7 @@ from .base import SharedContext, Transform, TransformInfo, TransformRegistry
 
 @TransformRegistry.register("cleanup_noop_ops")
 class CleanupNoopOps(Transform):
+    preserves_node_values = True  # new nodes replace old ones; survivors compute what they did
+
     def _apply(self, gm: GraphModule, ctx: SharedContext) -> TransformInfo:
         return TransformInfo(num_matches=remove_noop_ops(gm))

@@ -37,6 +37,7 @@ def _residual_add(norm: Node) -> Node | None:
 
 @TransformRegistry.register("fuse_add_rmsnorm")
 class FuseAddRMSNorm(Transform):
+    preserves_node_values = True  # new nodes replace old ones; survivors compute what they did
     config_class = KernelBackendConfig
 
     def _apply(self, gm: GraphModule, ctx: SharedContext) -> TransformInfo:

@@ -35,6 +35,7 @@ def _packed_source(gate: Node, up: Node) -> Node | None:
 
 @TransformRegistry.register("fuse_glu")
 class FuseGLU(Transform):
+    preserves_node_values = True  # new nodes replace old ones; survivors compute what they did
     config_class = KernelBackendConfig
 
     def _apply(self, gm: GraphModule, ctx: SharedContext) -> TransformInfo:

@@ -69,6 +69,8 @@ def _node_order(gm: GraphModule) -> dict[Node, int]:
 
 @TransformRegistry.register("fuse_parallel_linears")
 class FuseParallelLinears(Transform):
+    preserves_node_values = True  # new nodes replace old ones; survivors compute what they did
+
     def _apply(self, gm: GraphModule, ctx: SharedContext) -> TransformInfo:
         groups: dict[Node, list[Node]] = defaultdict(list)
         for node in find_nodes(gm, aten.linear.default):

@@ -121,6 +121,8 @@ def _fuse_group(gm: GraphModule, group: list[Node]) -> list[int]:
 
 @TransformRegistry.register("fuse_quant_linears")
 class FuseQuantLinears(Transform):
+    preserves_node_values = True  # new nodes replace old ones; survivors compute what they did
+
     def _apply(self, gm: GraphModule, ctx: SharedContext) -> TransformInfo:
         groups: dict[tuple, list[Node]] = defaultdict(list)
         for node in find_nodes(gm, list(_layouts())):

@@ -16,6 +16,7 @@ from .graph import find_nodes
 
 @TransformRegistry.register("fuse_rope")
 class FuseRope(Transform):
+    preserves_node_values = True  # new nodes replace old ones; survivors compute what they did
     config_class = KernelBackendConfig
 
     def _apply(self, gm: GraphModule, ctx: SharedContext) -> TransformInfo:

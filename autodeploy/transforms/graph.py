@@ -67,16 +67,46 @@ def _fake_mode_of(gm: GraphModule):
     return None
 
 
-def run_shape_prop(gm: GraphModule) -> None:
-    """Refresh ``meta["val"]`` on every node with fake tensors, keeping the graph's symbolic shapes."""
+class _NewNodesFakeTensorProp(FakeTensorProp):
+    """Fake-tensor propagation that keeps every value a node already has and computes only the others."""
+
+    def run_node(self, n):
+        if n.op not in ("placeholder", "output") and "val" in n.meta:
+            return n.meta["val"]
+        return super().run_node(n)
+
+
+def _attribute_values_hold(gm: GraphModule) -> bool:
+    """Every parameter's recorded value still has its tensor's device, dtype and shape (weights loaded onto a
+    device, or sharded, since the last pass make every value downstream stale)."""
+    for node in gm.graph.nodes:
+        val = node.meta.get("val") if node.op == "get_attr" else None
+        if not isinstance(val, torch.Tensor):
+            continue
+        real = get_attr_value(gm, node)
+        if isinstance(real, torch.Tensor) and (real.device, real.dtype, tuple(real.shape)) != (
+            val.device, val.dtype, tuple(val.shape)
+        ):
+            return False
+    return True
+
+
+def run_shape_prop(gm: GraphModule, new_nodes_only: bool = False) -> None:
+    """Refresh ``meta["val"]`` on every node with fake tensors, keeping the graph's symbolic shapes.
+
+    ``new_nodes_only``: compute values only for nodes that have none. Right after a rewrite that preserves what
+    every surviving node computes (matching, fusion, cleanup), their values still hold, and this costs a fraction
+    of a full pass; a rewrite that changes shapes (sharding) needs the full one, and so does a graph whose
+    parameters moved, changed dtype or shape since the last pass (checked here)."""
     fake_mode = _fake_mode_of(gm)
     if fake_mode is None:
         return
     from ..patterns.matcher import symbolic_dispatch  # the one module allowed torch internals; imports Inductor
 
     inputs = [node_val(n) for n in placeholders(gm)]
+    prop = _NewNodesFakeTensorProp if new_nodes_only and _attribute_values_hold(gm) else FakeTensorProp
     with fake_mode, symbolic_dispatch():
-        FakeTensorProp(gm, mode=fake_mode).propagate_dont_convert_inputs(*inputs)
+        prop(gm, mode=fake_mode).propagate_dont_convert_inputs(*inputs)
 
 
 def set_graph_device(gm: GraphModule, device: torch.device) -> int:

@@ -17,6 +17,7 @@ from .base import SharedContext, Transform, TransformInfo
 
 
 class PatternTransform(Transform):
+    preserves_node_values = True  # new nodes replace old ones; survivors compute what they did
     pattern_groups: ClassVar[tuple] = ()
 
     @classmethod
