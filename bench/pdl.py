@@ -58,22 +58,18 @@ def make_layer(fmt: str) -> dict:
     }
 
 
-def linear_call(fmt: str, x: torch.Tensor, weights: tuple) -> torch.Tensor:
+def linear_call(fmt: str, x: torch.Tensor, weights: tuple, glu_activation: str | None = None) -> torch.Tensor:
     if fmt == "int4":
-        return gemv(x, W_INT4, weights[0], weights[1], weights[2], None, GROUP)
+        return gemv(x, W_INT4, weights[0], weights[1], weights[2], None, GROUP, glu_activation=glu_activation)
     if fmt == "fp8":
-        return gemv(x, W_FP8, weights[0], weights[1])
-    return gemv(x, W_DENSE, weights[0])
+        return gemv(x, W_FP8, weights[0], weights[1], glu_activation=glu_activation)
+    return gemv(x, W_DENSE, weights[0], glu_activation=glu_activation)
 
 
 def gate_up_silu(fmt: str, h: torch.Tensor, weights: tuple, fused: bool) -> torch.Tensor:
-    if not fused:
-        return ops.triton_glu_packed(linear_call(fmt, h, weights), "silu")
-    if fmt == "int4":
-        return gemv(h, W_INT4, weights[0], weights[1], weights[2], None, GROUP, glu_activation="silu")
-    if fmt == "fp8":
-        return gemv(h, W_FP8, weights[0], weights[1], glu_activation="silu")
-    return gemv(h, W_DENSE, weights[0], glu_activation="silu")
+    if fused:
+        return linear_call(fmt, h, weights, glu_activation="silu")
+    return ops.triton_glu_packed(linear_call(fmt, h, weights), "silu")
 
 
 def chain(fmt: str, layers: list[dict], x: torch.Tensor, residual: torch.Tensor, cos, sin,

@@ -28,6 +28,13 @@ def gemv_applies(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
     )
 
 
+def dense_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``[M, K]`` rows (unit last stride) -> ``[M, N]``: the GEMV where it applies, else ``F.linear``."""
+    if gemv_applies(x2, weight, x2.shape[0]):
+        return gemv(x2, W_DENSE, weight, bias=bias)
+    return F.linear(x2, weight, bias)
+
+
 @torch.library.custom_op("autodeploy::triton_linear", mutates_args=())
 def triton_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     k = x.shape[-1]
@@ -37,7 +44,7 @@ def triton_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     x2 = x.reshape(rows, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    return gemv(x2, W_DENSE, weight, bias=bias).view(*x.shape[:-1], weight.shape[0])
+    return dense_linear(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
 
 
 @triton_linear.register_fake

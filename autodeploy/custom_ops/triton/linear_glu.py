@@ -12,12 +12,11 @@ every MLP; at other counts it is the two ops.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ._common import INTERPRET
 from .gemv import W_DENSE, W_FP8, W_INT4, gemv
 from .glu import glu_packed_launch
-from .linear import GEMV_LINEAR_MAX_TOKENS, gemv_applies
+from .linear import GEMV_LINEAR_MAX_TOKENS, dense_linear, gemv_applies
 from .quant_linear import FP8_GEMV_MAX_TOKENS, INT4_GEMV_MAX_TOKENS, _rows, fp8_linear, int4_linear
 
 #: weight_format -> (the GEMV's format code, the most tokens the unfused linear sends to the GEMV)
@@ -37,8 +36,7 @@ def _fused_applies(x2: torch.Tensor, weight: torch.Tensor, weight_format: str) -
 
 def _linear(x2, weight, scales, zeros, bias, weight_format: str, group_size: int) -> torch.Tensor:
     if weight_format == "dense":
-        return gemv(x2, W_DENSE, weight, bias=bias) if gemv_applies(x2, weight, x2.shape[0]) else F.linear(
-            x2, weight, bias)
+        return dense_linear(x2, weight, bias)
     if weight_format == "fp8":
         return fp8_linear(x2, weight, scales, bias)
     return int4_linear(x2, weight, scales, zeros, bias, group_size)
