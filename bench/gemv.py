@@ -2,6 +2,7 @@
 
     PYTHONPATH=$PWD python3 bench/gemv.py --out $OUT/gemv.json     # ~4 min on an H100
     options: --fmts fp8,int4,dense,int8  --tokens 1,2,4  --workers 14 (parallel Triton compiles)
+             --variants cuda,tc (CUDA-core and tensor-core products)
 
 For Llama-3.1-8B's four linears per layer (fused qkv, o, fused gate/up, down), each format and M, every tile
 config of the grid is timed; the weights rotate over ``COPIES`` copies inside one CUDA graph so L2 holds none
@@ -39,8 +40,26 @@ GROUP = 128
 PREFILL_TOKENS = [16, 64, 256, 2048]
 
 
-def grid(fmt: str, m: int) -> list[tuple]:
-    """(block_n, block_k, split_k, warps, stages) candidates, around the bests of the first H100 sweep."""
+def tensor_core_grid(fmt: str) -> list[tuple]:
+    """(block_n, block_k, split_k, warps, stages, True): the weight tile as the left operand of a tensor-core
+    product against the activations padded to 16 rows."""
+    if fmt == "int4":
+        return []
+    block_ks = [128, 256, 512] if fmt in ("fp8", "int8") else [64, 128, 256]
+    return [(bn, bk, sk, w, s, True) for bn, bk, sk, (w, s) in
+            itertools.product([32, 64, 128], block_ks, [1, 2, 4], [(4, 3), (4, 4), (8, 3)])]
+
+
+def grid(fmt: str, m: int, variants: str = "cuda,tc") -> list[tuple]:
+    """(block_n, block_k, split_k, warps, stages[, tensor_cores]) candidates: around the bests of the first H100
+    sweep for the CUDA-core product (``cuda``), and the tensor-core one (``tc``)."""
+    tc = tensor_core_grid(fmt) if "tc" in variants else []
+    if "cuda" not in variants:
+        return tc
+    return cuda_core_grid(fmt, m) + tc
+
+
+def cuda_core_grid(fmt: str, m: int) -> list[tuple]:
     schedules = [(4, 3), (8, 3), (4, 1), (8, 1), (4, 2)]
     if fmt == "int4":
         return [(bn, bk, sk, w, s) for bn, bk, sk, (w, s) in
@@ -151,6 +170,7 @@ def main() -> None:
     parser.add_argument("--fmts", default="fp8,int4,dense")
     parser.add_argument("--tokens", default="1,2")
     parser.add_argument("--workers", type=int, default=14)
+    parser.add_argument("--variants", default="cuda,tc", help="cuda (CUDA-core product), tc (tensor cores)")
     args = parser.parse_args()
     import autodeploy.custom_ops.triton  # noqa: F401
 
@@ -158,7 +178,7 @@ def main() -> None:
     res = JsonResults(args.out, {"device": torch.cuda.get_device_name(0), "torch": torch.__version__},
                       quiet=("all", "top5"))
     t0 = time.time()
-    sweep = {(f, m): grid(f, m) for f in fmts for m in tokens}
+    sweep = {(f, m): grid(f, m, args.variants) for f in fmts for m in tokens}
     tasks = [(f, m, cfg) for (f, m), cfgs in sweep.items() for cfg in cfgs]
     chunks = [tasks[i :: args.workers] for i in range(args.workers)]
     with mp.get_context("spawn").Pool(args.workers) as pool:
@@ -193,6 +213,11 @@ def main() -> None:
                                rel_err=rel_err(gemv_call(fmt, x, ws[0], best_cfg), ref),
                                default_us=round(graph_us(lambda: [gemv_call(fmt, x, w, None) for w in ws], COPIES), 2))
                     row["all"] = [(round(u, 2), c) for u, c in results]
+                    for kind, best in (("tc", [r for r in results if len(r[1]) > 5]),
+                                       ("cuda", [r for r in results if len(r[1]) == 5])):
+                        if best:
+                            row[f"best_{kind}_us"], row[f"best_{kind}_cfg"] = round(best[0][0], 2), best[0][1]
+                            row[f"best_{kind}_rel_err"] = rel_err(gemv_call(fmt, x, ws[0], best[0][1]), ref)
                 res.add(row)
             if fmt == "int4":
                 for m in PREFILL_TOKENS:

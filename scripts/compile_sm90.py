@@ -51,11 +51,14 @@ def variants():
         (W_FP8, 1, 8, 1024, 1, 4, 2, -1), (W_FP8, 2, 16, 512, 1, 4, 2, -1), (W_INT8, 1, 16, 512, 1, 4, 3, -1),
         (W_INT4, 1, 8, 1024, 2, 4, 3, -1), (W_INT4, 2, 8, 1024, 1, 4, 3, -1),
         (W_DENSE, 1, 2, 2048, 1, 4, 1, 0), (W_FP8, 1, 8, 1024, 1, 4, 2, 0), (W_INT4, 1, 8, 1024, 1, 4, 3, 0),
+        (W_FP8, 16, 64, 256, 2, 4, 3, -1), (W_FP8, 16, 128, 512, 1, 8, 3, 0), (W_DENSE, 16, 64, 128, 1, 4, 3, -1),
+        (W_DENSE, 16, 32, 256, 4, 4, 4, 0), (W_INT8, 16, 64, 256, 1, 4, 3, -1),
     ]:
+        tensor_cores = bm == 16  # the tensor-core product pads the activations to 16 rows
         consts = dict(W_FMT=fmt, GROUP=128 if fmt == W_INT4 else 1, HAS_ZEROS=fmt == W_INT4, HAS_BIAS=True,
                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, HW_FP8=True, GLU_ACT=glu, RNE=False,
-                      USE_PDL=True)
-        yield (f"gemv fmt={fmt} M<={bm} {bn}x{bk} split={split} warps={warps} glu={glu}", _gemv_kernel,
+                      TENSOR_CORES=tensor_cores, USE_PDL=True)
+        yield (f"gemv fmt={fmt} M<={bm} {bn}x{bk} split={split} warps={warps} glu={glu} tc={tensor_cores}", _gemv_kernel,
                linear_signature(fmt, "steps_per_split", consts), consts, dict(num_warps=warps, num_stages=stages))
     for fmt, act_fp8, bm, bn, bk, split, warps, stages in [
         (W_INT4, False, 16, 64, 128, 4, 4, 4), (W_INT8, False, 16, 64, 256, 4, 4, 3), (W_FP8, True, 64, 64, 128, 1, 4, 4),

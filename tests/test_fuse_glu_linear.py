@@ -51,7 +51,9 @@ def test_linear_glu_equals_linear_then_glu(fmt, shape, dtype):
         torch.testing.assert_close(got.float(), expected.float(), **tol)
 
 
-@pytest.mark.parametrize("config", [GemvConfig(1, 64, 1, 1, 1), GemvConfig(4, 128, 3, 1, 1)])
+@pytest.mark.parametrize(
+    "config", [GemvConfig(1, 64, 1, 1, 1), GemvConfig(4, 128, 3, 1, 1), GemvConfig(16, 64, 2, 4, 1, True)]
+)
 def test_gemv_glu_tiles(config):
     """One output column a program (a block of one row widens to a gate/up pair), and split-K."""
     x, w = torch.randn(2, 300), torch.randn(34, 300) * 0.1

@@ -18,10 +18,11 @@ from autodeploy.custom_ops.triton.dequant_linear import int4_dequant_linear, int
 ops = torch.ops.autodeploy
 SHAPES = [(1, 200, 83), (3, 576, 40), (4, 300, 17)]  # (tokens, in, out): odd sizes, K not a multiple of 128
 CONFIGS = [None, GemvConfig(4, 128, 3, 1, 1)]  # the CPU default, and a split-K one with several row tiles
+TENSOR_CORE_CONFIGS = [GemvConfig(16, 64, 1, 4, 1, True), GemvConfig(32, 128, 2, 4, 1, True)]
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
-@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("config", CONFIGS + TENSOR_CORE_CONFIGS)
 def test_gemv_8_and_16_bit_weights(m, k, n, config):
     x = torch.randn(m, k) * 2
     w = torch.randn(n, k) * 0.05
@@ -67,12 +68,22 @@ def test_gemv_gpu_tiles(fmt, m, k, n):
     torch.testing.assert_close(out, ref, atol=5e-5, rtol=5e-5)
 
 
-def test_gemv_bfloat16_activations():
+@pytest.mark.parametrize("config", [None, TENSOR_CORE_CONFIGS[1]])
+def test_gemv_bfloat16_activations(config):
     x = torch.randn(2, 256, dtype=torch.bfloat16)
-    q, s = quantize_fp8_weight(torch.randn(48, 256) * 0.05)
-    out = gemv(x, W_FP8, q, s)
+    w = torch.randn(48, 256) * 0.05
+    q, s = quantize_fp8_weight(w)
+    out = gemv(x, W_FP8, q, s, config=config)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ops.torch_quant_fp8_linear(x, q, s).float(), atol=2e-2, rtol=2e-2)
+    w16 = w.to(torch.bfloat16)
+    out = gemv(x, W_DENSE, w16, config=config)
+    torch.testing.assert_close(out.float(), (x.float() @ w16.float().t()), atol=2e-2, rtol=2e-2)
+
+
+def test_gemv_tensor_cores_need_16_wide_tiles():
+    with pytest.raises(ValueError, match="16 x 16"):
+        gemv(torch.randn(1, 64), W_DENSE, torch.randn(8, 64), config=GemvConfig(8, 64, 1, 4, 1, True))
 
 
 def test_gemv_refuses_too_many_tokens():

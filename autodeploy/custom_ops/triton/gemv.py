@@ -21,6 +21,11 @@ With ``GLU_ACT`` set the weight is a packed gate/up projection ``[2I, K]`` and t
 in float32 and rounded before the product): a program's ``BLOCK_N`` rows are ``BLOCK_N / 2`` gate rows
 interleaved with their up rows, and its epilogue pairs them, so the gated activation costs no launch.
 
+With ``TENSOR_CORES`` (16-bit, fp8 and int8 weights) the product runs on the tensor cores the other way round:
+the weight tile is the left operand and the activations, padded to 16 rows, the right one
+(``[BLOCK_N, BLOCK_K] @ [BLOCK_K, 16]``), so no weight is converted on the CUDA cores: fp8 weights meet the
+activations rounded to fp8 (the same values the CUDA-core path multiplies), 16-bit ones meet them as they are.
+
 ``SPLIT_K`` programs may share a row tile's K range when the row tiles alone cannot fill the GPU; they write
 float32 partials and the last to arrive (a per-tile counter it resets) adds them in split order: deterministic,
 one launch, CUDA-graph safe (the counters are those of ``quant_linear.py``).
@@ -52,6 +57,7 @@ class GemvConfig:
     split_k: int = 1
     warps: int = 4
     stages: int = 3
+    tensor_cores: bool = False  # only for 16-bit, fp8 and int8 weights; the padded activations take 16 rows
 
 
 def gemv_config(m: int, n: int, k: int, fmt: int, device: torch.device) -> GemvConfig:
@@ -74,6 +80,15 @@ def gemv_config(m: int, n: int, k: int, fmt: int, device: torch.device) -> GemvC
     return GemvConfig(16, min(512, k_cap), 1, 4, 2)
 
 
+def tensor_core_gemv_ok(fmt: int, dtype: torch.dtype) -> bool:
+    """Whether the tensor-core product serves these weights and activations: fp8 weights always (the
+    activations are rounded to fp8), 16-bit and int8 weights with 16-bit activations (float32 ones would meet
+    TF32 on the GPU, so they keep the exact CUDA-core path; the interpreter is exact either way)."""
+    if fmt == W_FP8:
+        return True
+    return fmt in (W_DENSE, W_INT8) and (INTERPRET or dtype in (torch.bfloat16, torch.float16))
+
+
 @triton.jit
 def _dense_step(acc, w, x_rows, kk, k_ok, m_ok, x_scale, W_FMT: tl.constexpr, HW_FP8: tl.constexpr):
     """``acc [BM, BN, BK] += w [BN, BK] * x[:, kk]`` (x rounded to fp8 first for the fp8 format)."""
@@ -85,6 +100,21 @@ def _dense_step(acc, w, x_rows, kk, k_ok, m_ok, x_scale, W_FMT: tl.constexpr, HW
         else:
             xt = fp8_round(xt)
     return acc + w.to(tl.float32)[None, :, :] * xt[:, None, :]
+
+
+@triton.jit
+def _dense_step_tc(acc, w, x_rows, kk, k_ok, m_ok, x_scale, W_FMT: tl.constexpr, HW_FP8: tl.constexpr):
+    """``acc [BN, 16] += w [BN, BK] @ x[:, kk]^T`` on the tensor cores (x rounded to fp8 for the fp8 format).
+    The interpreter multiplies in exact float32 the same rounded operands."""
+    xt = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+    if W_FMT == 0:
+        xs = xt.to(tl.float32) / x_scale[:, None]
+        if HW_FP8:
+            return tl.dot(w, tl.trans(xs.to(tl.float8e4nv)), acc)
+        return tl.dot(w.to(tl.float32), tl.trans(fp8_round(xs)), acc, input_precision="ieee")
+    if HW_FP8:  # on the GPU (the flag is "not the interpreter"): 16-bit operands, float32 accumulation
+        return tl.dot(w.to(xt.dtype), tl.trans(xt), acc)
+    return tl.dot(w.to(tl.float32), tl.trans(xt.to(tl.float32)), acc, input_precision="ieee")
 
 
 @triton.jit
@@ -123,7 +153,8 @@ def _gemv_kernel(
     M, N, K, stride_xm, stride_ym, stride_wn, stride_sg, steps_per_split,
     W_FMT: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    HW_FP8: tl.constexpr, GLU_ACT: tl.constexpr, RNE: tl.constexpr, USE_PDL: tl.constexpr,
+    HW_FP8: tl.constexpr, GLU_ACT: tl.constexpr, RNE: tl.constexpr, TENSOR_CORES: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     tile = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -175,6 +206,16 @@ def _gemv_kernel(
             words = tl.load(w_rows + (k0 // 8 + word)[None, :], mask=n_ok[:, None] & w_ok[None, :], other=0)
             acc = _int4_step(acc, words, x_rows, s_ptr, z_ptr, k0, K, word, col_base, w_ok, m_ok, n_ok, offs_n,
                              stride_sg, GROUP, HAS_ZEROS, BLOCK_M, BLOCK_N, WORDS)
+        total = tl.sum(acc, 2)  # [BM, BN]
+    elif TENSOR_CORES:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc = _dense_step_tc(acc, w, x_rows, kk, k_ok, m_ok, x_scale, W_FMT, HW_FP8)
+        for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = kk < K
+            w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = _dense_step_tc(acc, w, x_rows, kk, k_ok, m_ok, x_scale, W_FMT, HW_FP8)
+        total = tl.trans(acc)  # [BM, BN]
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
         acc = _dense_step(acc, w, x_rows, kk, k_ok, m_ok, x_scale, W_FMT, HW_FP8)
@@ -183,7 +224,7 @@ def _gemv_kernel(
             k_ok = kk < K
             w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             acc = _dense_step(acc, w, x_rows, kk, k_ok, m_ok, x_scale, W_FMT, HW_FP8)
-    total = tl.sum(acc, 2)  # [BM, BN]
+        total = tl.sum(acc, 2)  # [BM, BN]
 
     if SPLIT_K > 1:
         last, total = split_k_sum(total, part_ptr, lock_ptr, tile, pid_k, SPLIT_K, BLOCK_M, BLOCK_N)
@@ -245,13 +286,16 @@ def gemv(
     if fmt == W_INT4 and cfg.block_k % INT4_CHUNK:
         raise ValueError(f"int4 gemv needs block_k to be a multiple of {INT4_CHUNK}")
     block_n = cfg.block_n if glu_activation is None else max(2, cfg.block_n)  # a gate row and its up row
+    tensor_cores = cfg.tensor_cores and tensor_core_gemv_ok(fmt, x.dtype)
+    if tensor_cores and (block_n < 16 or cfg.block_k < 16):
+        raise ValueError(f"a tensor-core gemv needs tiles of at least 16 x 16, got {block_n} x {cfg.block_k}")
     steps = triton.cdiv(k, cfg.block_k)
     per_split = triton.cdiv(steps, max(1, cfg.split_k))
     split = triton.cdiv(steps, per_split)
     tiles = triton.cdiv(n, block_n)
     if split > 1 and tiles > NUM_LOCKS:
         per_split, split = steps, 1
-    block_m = next_pow2(m)
+    block_m = 16 if tensor_cores else next_pow2(m)
     part = torch.empty(split * tiles * block_m * block_n, dtype=torch.float32, device=x.device) if split > 1 else y
     locks = _locks(x.device) if split > 1 else y
     group = int4_group(group_size, k) if fmt == W_INT4 else 1
@@ -262,7 +306,7 @@ def gemv(
         W_FMT=fmt, GROUP=group, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, HW_FP8=not INTERPRET,
         GLU_ACT=-1 if glu_activation is None else ACTIVATION_CODES[glu_activation],
-        RNE=INTERPRET and x.dtype == torch.bfloat16, num_warps=1 if INTERPRET else cfg.warps, num_stages=cfg.stages,
+        RNE=INTERPRET and x.dtype == torch.bfloat16, TENSOR_CORES=tensor_cores, num_warps=1 if INTERPRET else cfg.warps, num_stages=cfg.stages,
         **pdl_flags(x.device, m),
     )
     return y
