@@ -92,6 +92,27 @@ def gpu_state() -> dict:
     return state
 
 
+def decode_kernels(engine, replays: int = 20, top: int = 25) -> dict:
+    """The GPU kernels of ``replays`` replays of the batch-1 decode CUDA graph under torch.profiler (µs per
+    replay each, by total), their sum, and the replay's own time: the difference is the GPU's idle gaps. Under
+    programmatic dependent launch a kernel's span includes its wait for the one before, so read it with
+    ``AUTODEPLOY_PDL=0``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graph = engine.runner.cuda_graphs.graphs[1]
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    rows = [{"kernel": e.key[:100], "calls": e.count // replays, "us": round(e.device_time_total / replays, 1)}
+            for e in prof.key_averages() if e.device_time_total > 0]
+    rows.sort(key=lambda r: -r["us"])
+    out = {"kernels": rows[:top], "kernel_sum_ms": round(sum(r["us"] for r in rows) / 1e3, 3),
+           "launches": sum(r["calls"] for r in rows), "replay_ms": round(decode_replay_ms(engine), 3)}
+    print("decode kernels:", json.dumps(out), flush=True)
+    return out
+
+
 def ttft_kernels(engine, vocab: int, top: int = 20) -> list[dict]:
     """The GPU kernels (CPU ops without a GPU) of three 1024-token prefills under torch.profiler, by total time
     (ms per prefill)."""
@@ -125,6 +146,7 @@ def main() -> None:
     parser.add_argument("--profile-ttft", action="store_true", help="GPU vs wall time of the TTFT prefill steps")
     parser.add_argument("--trace-from", type=int, default=None, help="torch.profiler over 6 offline steps from here")
     parser.add_argument("--trace-ttft", action="store_true", help="torch.profiler: the TTFT steps' top kernels")
+    parser.add_argument("--trace-decode", action="store_true", help="torch.profiler: the batch-1 decode graph's kernels")
     parser.add_argument("--only", default=None, help="comma list of: decode,ttft,offline (default all)")
     args = parser.parse_args()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -164,6 +186,8 @@ def main() -> None:
         results["batch1_itl_p99_ms"] = r.itl_p99_ms
         if torch.cuda.is_available():
             results["batch1_graph_replay_ms"] = decode_replay_ms(engine)
+            if args.trace_decode:
+                results["decode_kernels"] = decode_kernels(engine)
     if "ttft" in only:
         results["gpu_before_ttft"] = gpu_state() if torch.cuda.is_available() else None
         profiler = StepProfiler(engine) if args.profile_steps or args.profile_ttft else None
@@ -190,10 +214,13 @@ def offline(engine, args, vocab: int) -> dict:
     results: dict = {}
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    profiler = StepProfiler(engine, trace_from=args.trace_from) if args.profile_steps else None
+    profiler = StepProfiler(engine, trace_from=args.trace_from, python_profile_first=True) if args.profile_steps else None
+    results["gpu_before_offline"] = gpu_state() if torch.cuda.is_available() else None
     r = run_engine_bench(engine, synthetic_requests(args.num_requests, 128, 128, vocab, seed=4), 0, name="offline")
+    results["gpu_after_offline"] = gpu_state() if torch.cuda.is_available() else None
     if profiler is not None:
         profiler.detach()
+        print("first offline step, host side:\n" + (profiler.first_step_profile or ""), flush=True)
         results["offline_steps"] = profiler.summary()
         if profiler.trace_table:
             print(profiler.trace_table)

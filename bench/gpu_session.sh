@@ -21,6 +21,8 @@ for step in "$@"; do
     e2e)       timeout 420 python3 bench/e2e.py --profile-ttft --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" | grep -v Warn | tail -40 ;;
     e2e-latency) timeout 240 python3 bench/e2e.py --skip-hf --only decode,ttft --profile-ttft --json "$OUT/e2e_latency.json" 2>&1 | tee "$OUT/e2e_latency.log" | grep -v Warn | tail -30 ;;
     ttft-trace) for only in ttft decode,ttft; do timeout 200 python3 bench/e2e.py --skip-hf --only $only --profile-ttft --trace-ttft --json "$OUT/ttft_${only/,/_}.json" 2>&1 | tee "$OUT/ttft_${only/,/_}.log" | grep -E 'optimize|ttft_1024_p50|ttft kernels|batch1_decode' | cut -c1-3000; done ;;
+    decode-trace) AUTODEPLOY_PDL=0 timeout 200 python3 bench/e2e.py --skip-hf --only decode --trace-decode --json "$OUT/decode_trace.json" 2>&1 | tee "$OUT/decode_trace.log" | grep -E 'optimize|decode kernels|batch1' | cut -c1-4000 ;;
+    offline-profile) timeout 220 python3 bench/e2e.py --skip-hf --only offline --profile-steps --trace-from 60 --json "$OUT/offline_profile.json" > "$OUT/offline_profile.log" 2>&1; grep -E 'optimize|steps=|offline_1|offline_itl|num_alloc|num_device' "$OUT/offline_profile.log"; grep -A36 'first offline step' "$OUT/offline_profile.log" | cut -c1-170; grep -A28 'Self CUDA' "$OUT/offline_profile.log" | cut -c1-220 ;;
     e2e-nohf)  timeout 300 python3 bench/e2e.py --skip-hf --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" | grep -v Warn | tail -40 ;;
     flashinfer) bash bench/flashinfer_setup.sh 2>&1 | tail -5 ;;
     e2e-flashinfer) timeout 420 python3 bench/e2e.py --skip-hf --attn-backend flashinfer --json "$OUT/e2e_flashinfer.json" 2>&1 | tee "$OUT/e2e_flashinfer.log" | grep -v Warn | tail -40 ;;

@@ -36,8 +36,9 @@ class _Timer:
 
 
 class StepProfiler:
-    def __init__(self, engine, trace_from: int | None = None, trace_steps: int = 6):
+    def __init__(self, engine, trace_from: int | None = None, trace_steps: int = 6, python_profile_first: bool = False):
         self.engine = engine
+        self.python_profile_first, self.first_step_profile = python_profile_first, None
         self.trace_from, self.trace_steps = trace_from, trace_steps
         self.trace_table: str | None = None
         self._profiler = None
@@ -60,6 +61,23 @@ class StepProfiler:
 
     def _step(self):
         self._last = None
+        if self.python_profile_first and self._index == 0:  # the host side of the first step, by function
+            import cProfile
+            import io
+            import pstats
+
+            profile = cProfile.Profile()
+            profile.enable()
+            try:
+                return self._timed_step()
+            finally:
+                profile.disable()
+                text = io.StringIO()
+                pstats.Stats(profile, stream=text).sort_stats("cumulative").print_stats(30)
+                self.first_step_profile = text.getvalue()
+        return self._timed_step()
+
+    def _timed_step(self):
         if self.trace_from is not None and self._index == self.trace_from:
             activity = "CUDA" if torch.cuda.is_available() else "CPU"
             self._profiler = torch.profiler.profile(activities=[getattr(torch.profiler.ProfilerActivity, activity)])

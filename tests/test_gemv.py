@@ -68,6 +68,17 @@ def test_gemv_gpu_tiles(fmt, m, k, n):
     torch.testing.assert_close(out, ref, atol=5e-5, rtol=5e-5)
 
 
+@pytest.mark.parametrize("k,n", [(1024, 4160), (1024, 1600)])
+def test_gemv_fp8_tensor_core_tiles(k, n):
+    """The tensor-core tiles ``gemv_config`` picks for fp8 gate/up-like and qkv-like shapes on CUDA."""
+    config = gemv_config(1, n, k, W_FP8, torch.device("cuda"))
+    assert config.tensor_cores
+    x, w = torch.randn(1, k), torch.randn(n, k) * 0.05
+    q, s = quantize_fp8_weight(w)
+    torch.testing.assert_close(gemv(x, W_FP8, q, s, config=config), ops.torch_quant_fp8_linear(x, q, s),
+                               atol=5e-5, rtol=5e-5)
+
+
 @pytest.mark.parametrize("config", [None, TENSOR_CORE_CONFIGS[1]])
 def test_gemv_bfloat16_activations(config):
     x = torch.randn(2, 256, dtype=torch.bfloat16)
