@@ -123,6 +123,17 @@ def test_attention_decode(dtype, n_q, n_kv, num_splits):
     _check_attention(batch, config=SMALL_TILES, num_splits=num_splits)
 
 
+def test_attention_prefill_more_sequences_than_one_search_block(monkeypatch):
+    """The prefill kernel finds each tile's sequence PREFILL_SEQ_BLOCK sequences at a time (one compiled variant
+    for every batch): 11 prefills over three blocks of 4, one of them empty, then decodes."""
+    import autodeploy.custom_ops.triton.cached_attention as module
+
+    monkeypatch.setattr(module, "PREFILL_SEQ_BLOCK", 4)
+    seqs = [(0, 3), (2, 5), (0, 1), (0, 9), (4, 0), (0, 2), (1, 17), (0, 4), (0, 1), (6, 3), (0, 6), (9, 1), (3, 1)]
+    batch = _paged_batch(seqs, 11, 4, 2, 16, 4, torch.float32, pad_tokens=2)
+    _check_attention(batch, config=SMALL_TILES)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n_q,n_kv", GQA)
 @pytest.mark.parametrize("config", [None, SMALL_TILES], ids=["default", "small_tiles"])

@@ -91,7 +91,9 @@ def build_runner(
 
 def warm_up(runner: ModelRunner, config: AutoDeployConfig, max_seq_len: int) -> None:
     """Eager steps of every kind (prefill, chunked prefill, mixed, decode; token counts with and without the
-    divisibility Triton specialises on), so kernel compilation happens here and not in the first requests."""
+    divisibility Triton specialises on), then prefills of 64, 128, ... up to ``max_num_tokens`` tokens (kernels
+    whose tiles follow the step's size, such as the fused MoE's, compile one variant per size class), so kernel
+    compilation happens here and not in the first requests."""
     bs = config.kv_cache.block_size
     budget = min(config.max_num_tokens, max_seq_len - 1)
     num_blocks = runner.kv_caches[0].shape[0]
@@ -100,13 +102,24 @@ def warm_up(runner: ModelRunner, config: AutoDeployConfig, max_seq_len: int) -> 
         blocks = math.ceil((start + n) / bs)
         return StepEntry([1] * n, start, [b % num_blocks for b in range(first_block, first_block + blocks)], True)
 
+    def prefill_of(tokens: int) -> list[StepEntry]:  # sequences of at most ``budget`` tokens
+        entries, first_block = [], 0
+        while tokens > 0:
+            n = min(tokens, budget)
+            entries.append(seq(n, 0, first_block))
+            first_block += math.ceil(n / bs)
+            tokens -= n
+        return entries
+
     steps = [
         ([seq(min(17, budget), 0, 0)], []),
         ([seq(min(16, budget), 0, 0), seq(min(5, budget), 0, 8)], [seq(1, 3, 16)]),
         ([seq(min(33, budget), min(16, budget), 0)], [seq(1, 7, 16), seq(1, 9, 24)]),
         ([], [seq(1, 5, 0), seq(1, 9, 8), seq(1, 2, 16)]),
-        ([seq(budget, 0, 0)], []),
     ]
+    sizes = [n for n in (1 << p for p in range(6, 31)) if n < config.max_num_tokens] + [config.max_num_tokens]
+    steps += [(prefill_of(n), []) for n in sizes]
     for prefills, decodes in steps:
         runner.execute(prefills, decodes)
-    torch.cuda.synchronize()
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize()

@@ -47,6 +47,7 @@ from ._common import LOG2E, device_sms, mma, next_pow2, pdl_enter, pdl_flags, ta
 from .kv_write import rope_write_kv, write_kv
 
 MAX_SPLITS = 64
+PREFILL_SEQ_BLOCK = 64  # sequences the prefill kernel's tile search takes per step of its loop
 NEG_INIT: tl.constexpr = tl.constexpr(-1.0e30)  # running-max start: finite, so masked rows give 0, not NaN
 
 
@@ -193,16 +194,24 @@ def _prefill_kernel(
     kvh = tl.program_id(0) // NUM_HG
     hg = tl.program_id(0) % NUM_HG
     tile = tl.program_id(1)
-    # tile -> sequence: prefix sum of the per-sequence tile counts
-    seqs = tl.arange(0, BLOCK_SEQ)
-    lens = tl.load(seq_lens_ptr + seqs, mask=seqs < num_seqs, other=0)
-    n_tiles = (lens + TOK - 1) // TOK  # [BLOCK_SEQ]
-    ends = tl.cumsum(n_tiles, 0)
-    s = tl.sum((ends <= tile).to(tl.int32), 0)
+    # tile -> sequence: prefix sums of the per-sequence tile counts, BLOCK_SEQ sequences at a time (a constant
+    # block, so no batch composition compiles a new variant); s = sequences that end at or before the tile
+    s = 0
+    tiles_before = 0  # tiles of those sequences
+    chunk_start = 0  # tiles of every sequence before the chunk
+    for first in range(0, num_seqs, BLOCK_SEQ):
+        seqs = first + tl.arange(0, BLOCK_SEQ)
+        lens = tl.load(seq_lens_ptr + seqs, mask=seqs < num_seqs, other=0)
+        n_tiles = (lens + TOK - 1) // TOK  # [BLOCK_SEQ]
+        ends = chunk_start + tl.cumsum(n_tiles, 0)
+        done = ends <= tile
+        s += tl.sum(done.to(tl.int32), 0)
+        tiles_before += tl.sum(tl.where(done, n_tiles, 0), 0)
+        chunk_start += tl.sum(n_tiles, 0)
     if s < num_seqs:
         n_new = tl.load(seq_lens_ptr + s)
         # a sequence's last (longest) tile first: heavy programs start early, light ones fill the tail
-        mt = (n_new + TOK - 1) // TOK - 1 - (tile - tl.sum(tl.where(seqs < s, n_tiles, 0), 0))
+        mt = (n_new + TOK - 1) // TOK - 1 - (tile - tiles_before)
         n_cached = tl.load(cache_lens_ptr + s)
         first_tok = tl.load(cu_ptr + s)
         total = n_cached + n_new
@@ -491,7 +500,7 @@ def cached_attention_into(
             q, k_cache, v_cache, out, seq_lens, cu_seqlens, cache_lens, page_table, sinks_arg, alibi_arg,
             num_prefill, q.stride(1), q.stride(2), out.stride(1), out.stride(2), *cache_strides, **scalars,
             G=group, HEADS=heads, NUM_HG=num_hg, TOK=tok, D=d, DV=dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
-            BLOCK_M=block_m, BLOCK_N=cfg.prefill_block_n, BLOCK_SEQ=next_pow2(num_prefill), PAGE=page, **flags,
+            BLOCK_M=block_m, BLOCK_N=cfg.prefill_block_n, BLOCK_SEQ=PREFILL_SEQ_BLOCK, PAGE=page, **flags,
             num_warps=cfg.prefill_warps, num_stages=cfg.prefill_stages,
         )
 

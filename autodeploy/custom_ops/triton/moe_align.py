@@ -50,7 +50,7 @@ def _chunk_histogram(ids_ptr, start, stop, E, SUB: tl.constexpr, E_PAD: tl.const
     return counts
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "chunk_size"])  # per-step values: no recompiles
 def _moe_count_kernel(ids_ptr, hist_ptr, M, E, chunk_size, SUB: tl.constexpr, E_PAD: tl.constexpr):
     chunk = tl.program_id(0)
     start = chunk * chunk_size
@@ -58,25 +58,25 @@ def _moe_count_kernel(ids_ptr, hist_ptr, M, E, chunk_size, SUB: tl.constexpr, E_
     tl.store(hist_ptr + chunk * E_PAD + tl.arange(0, E_PAD), counts)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "chunk_size", "num_chunks", "num_blocks"])
 def _moe_align_kernel(
     ids_ptr, hist_ptr, sorted_ptr, blk_expert_ptr, blk_rows_ptr,
     M, E, chunk_size, num_chunks, num_blocks,
     BLOCK_M: tl.constexpr, SUB: tl.constexpr, E_PAD: tl.constexpr,
-    CHUNKS_PAD: tl.constexpr, TABLE_ROWS: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    TABLE_ROWS: tl.constexpr, ONE_CHUNK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     experts = tl.arange(0, E_PAD)
     if ONE_CHUNK:
         total = _chunk_histogram(ids_ptr, 0, M, E, SUB, E_PAD)  # [E_PAD]
         before = tl.zeros((E_PAD,), tl.int32)
-    else:
-        chunks = tl.arange(0, CHUNKS_PAD)
-        hist = tl.load(
-            hist_ptr + chunks[:, None] * E_PAD + experts[None, :], mask=chunks[:, None] < num_chunks, other=0
-        )  # [CHUNKS_PAD, E_PAD]
-        total = tl.sum(hist, 0)
-        before = tl.sum(tl.where(chunks[:, None] < pid, hist, 0), 0)  # this expert's rows in earlier chunks
+    else:  # a loop over the chunks (not a [chunks, E_PAD] tile): one compiled variant for every batch size
+        total = tl.zeros((E_PAD,), tl.int32)
+        before = tl.zeros((E_PAD,), tl.int32)  # this expert's rows in earlier chunks
+        for c in range(0, num_chunks):
+            hist = tl.load(hist_ptr + c * E_PAD + experts)
+            total += hist
+            before += tl.where(c < pid, hist, 0)
     padded = (total + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     end = tl.cumsum(padded, 0)
     start = end - padded  # first row of each expert
@@ -148,7 +148,7 @@ def align_routing(
     grid = max(num_chunks, triton.cdiv(blocks, BLOCK_TABLE_ROWS))
     _moe_align_kernel[(grid,)](
         ids, hist, sorted_ids, block_expert, block_rows, m, num_experts, chunk, num_chunks, blocks,
-        BLOCK_M=block_m, SUB=sub, E_PAD=e_pad, CHUNKS_PAD=next_pow2(num_chunks),
+        BLOCK_M=block_m, SUB=sub, E_PAD=e_pad,
         TABLE_ROWS=BLOCK_TABLE_ROWS, ONE_CHUNK=one_chunk, num_warps=warps,
     )
     return SortedRouting(sorted_ids, block_expert, block_rows, block_m)
