@@ -102,7 +102,9 @@ def reference_penalised(logits: torch.Tensor, p: SamplingParams, prompt: list[in
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_greedy_is_argmax(v: int, dtype: torch.dtype):
     logits = fresh_logits(6, v, seed=v, dtype=dtype)
+    logits[0, 2] = logits[0, v - 1] = logits[0].max() + 1  # a tie: the first index wins
     out = sample(logits, [row(SamplingParams(temperature=0.0)) for _ in range(6)])
+    assert out.token_ids[0] == 2
     assert out.token_ids.dtype == torch.int64 and out.token_ids.shape == (6,)
     assert torch.equal(out.token_ids, logits.float().argmax(-1))
     assert out.logprobs is None and out.top is None

@@ -123,6 +123,16 @@ def test_attention_decode(dtype, n_q, n_kv, num_splits):
     _check_attention(batch, config=SMALL_TILES, num_splits=num_splits)
 
 
+def test_decode_key_tile_follows_the_programs_and_the_cache():
+    from autodeploy.custom_ops.triton.cached_attention import decode_block_n_for
+
+    cpu = torch.device("cpu")  # stands in for 4 multiprocessors
+    assert decode_block_n_for(1, torch.bfloat16, cpu, 64) == 32  # split over the keys
+    assert decode_block_n_for(12, torch.float8_e4m3fn, cpu, 64) == 128
+    assert decode_block_n_for(12, torch.bfloat16, cpu, 64) == 64
+    assert decode_block_n_for(100, torch.float8_e4m3fn, cpu, 64) == 64
+
+
 def test_attention_prefill_more_sequences_than_one_search_block(monkeypatch):
     """The prefill kernel finds each tile's sequence PREFILL_SEQ_BLOCK sequences at a time (one compiled variant
     for every batch): 11 prefills over three blocks of 4, one of them empty, then decodes."""

@@ -307,6 +307,9 @@ class Sampler:
                 f"[{batch.num_rows}, {batch.vocab_size}]",
                 hint="slice the logits to the vocabulary size and pass one row per request that samples",
             )
+        plain_greedy = batch.all_greedy and batch.banned is None and batch.max_logprobs is None
+        if plain_greedy and batch.repetition_penalty is None and batch.output_counts is None:
+            return SamplerOutput(logits.argmax(dim=-1))  # float32 would change no comparison: no copy of [N, V]
         x = logits.to(torch.float32, copy=True)  # [N, V]
         if batch.banned is not None:
             x.view(-1).index_fill_(0, batch.banned, float("-inf"))
