@@ -38,6 +38,7 @@ for step in "$@"; do
     gemv)      timeout 280 python3 bench/gemv.py --out "$OUT/gemv.json" 2>&1 | tee "$OUT/gemv.log" | grep '^{' | tail -60 ;;
     gemv-tc)   timeout 330 python3 bench/gemv.py --fmts fp8,dense --tokens 1 --variants tc --out "$OUT/gemv_tc.json" 2>&1 | tee "$OUT/gemv_tc.log" | grep '^{' | cut -c1-700 ;;
     offline-kv) for kv in auto fp8; do timeout 200 python3 bench/e2e.py --skip-hf --only offline --profile-steps --set kv_cache.dtype=$kv --json "$OUT/offline_kv_$kv.json" 2>&1 | tee "$OUT/offline_kv_$kv.log" | grep -E 'optimize|steps=|offline_|peak_memory|kv_cache_blocks'; done ;;
+    quant-fp8) timeout 150 python3 bench/quant.py --only fp8 --out "$OUT/quant_fp8.json" 2>&1 | tee "$OUT/quant_fp8.log" | grep '^{' | tail -10 ;;
     quant-fp8kv) timeout 200 python3 bench/quant.py --only fp8 --set kv_cache.dtype=fp8 --out "$OUT/quant_fp8kv.json" 2>&1 | tee "$OUT/quant_fp8kv.log" | grep '^{' | tail -10 ;;
     gemv-fp8)  timeout 200 python3 bench/gemv.py --fmts fp8,int8 --tokens 1 --out "$OUT/gemv_fp8.json" 2>&1 | tee "$OUT/gemv_fp8.log" | grep '^{' | cut -c1-400 ;;  # int8 = fp8 minus the activation quantization
     quant-engines) timeout 230 python3 bench/quant.py --only fp8,int4 --out "$OUT/quant.json" 2>&1 | tee "$OUT/quant.log" | grep '^{' | tail -30 ;;
