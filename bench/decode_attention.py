@@ -25,7 +25,8 @@ if SMOKE:
 
 import torch  # noqa: E402
 
-from kernels import N_KV, HEAD_DIM, kv_bytes, paged_batch  # noqa: E402  (bench/, the script's folder)
+from graph_timing import capture, replay_us  # noqa: E402  (bench/, the script's folder)
+from kernels import HEAD_DIM, kv_bytes, paged_batch  # noqa: E402
 from results import JsonResults  # noqa: E402
 from autodeploy.custom_ops.triton.cached_attention import cached_attention_into, default_config  # noqa: E402
 
@@ -42,20 +43,8 @@ def graph_us(fn) -> float:
     if SMOKE:
         fn()
         return 0.0
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(3):
-        graph.replay()
-    start.record()
-    for _ in range(20):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / 20
+    graph, _ = capture(fn)
+    return replay_us(graph)
 
 
 def main() -> None:

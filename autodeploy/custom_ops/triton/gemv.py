@@ -122,6 +122,16 @@ def _dense_step_tc(acc, w, x_rows, kk, k_ok, m_ok, x_scale, W_FMT: tl.constexpr,
 
 
 @triton.jit
+def _dense_acc(acc, w, x_rows, kk, k_ok, m_ok, x_scale, W_FMT: tl.constexpr, HW_FP8: tl.constexpr,
+               TENSOR_CORES: tl.constexpr):
+    if TENSOR_CORES:
+        out = _dense_step_tc(acc, w, x_rows, kk, k_ok, m_ok, x_scale, W_FMT, HW_FP8)
+    else:
+        out = _dense_step(acc, w, x_rows, kk, k_ok, m_ok, x_scale, W_FMT, HW_FP8)
+    return out
+
+
+@triton.jit
 def _int4_step(acc, words, x_rows, s_ptr, z_ptr, k0, K, word, col_base, w_ok, m_ok, n_ok, offs_n, stride_sg,
                GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                WORDS: tl.constexpr):
@@ -211,24 +221,21 @@ def _gemv_kernel(
             acc = _int4_step(acc, words, x_rows, s_ptr, z_ptr, k0, K, word, col_base, w_ok, m_ok, n_ok, offs_n,
                              stride_sg, GROUP, HAS_ZEROS, BLOCK_M, BLOCK_N, WORDS)
         total = tl.sum(acc, 2)  # [BM, BN]
-    elif TENSOR_CORES:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        acc = _dense_step_tc(acc, w, x_rows, kk, k_ok, m_ok, x_scale, W_FMT, HW_FP8)
-        for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            k_ok = kk < K
-            w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = _dense_step_tc(acc, w, x_rows, kk, k_ok, m_ok, x_scale, W_FMT, HW_FP8)
-        total = tl.trans(acc)  # [BM, BN]
     else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-        acc = _dense_step(acc, w, x_rows, kk, k_ok, m_ok, x_scale, W_FMT, HW_FP8)
+        if TENSOR_CORES:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc = _dense_acc(acc, w, x_rows, kk, k_ok, m_ok, x_scale, W_FMT, HW_FP8, TENSOR_CORES)
         for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             k_ok = kk < K
             w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = _dense_step(acc, w, x_rows, kk, k_ok, m_ok, x_scale, W_FMT, HW_FP8)
-        total = tl.sum(acc, 2)  # [BM, BN]
+            acc = _dense_acc(acc, w, x_rows, kk, k_ok, m_ok, x_scale, W_FMT, HW_FP8, TENSOR_CORES)
+        if TENSOR_CORES:
+            total = tl.trans(acc)  # [BM, BN]
+        else:
+            total = tl.sum(acc, 2)  # [BM, BN]
 
     if SPLIT_K > 1:
         last, total = split_k_sum(total, part_ptr, lock_ptr, tile, pid_k, SPLIT_K, BLOCK_M, BLOCK_N)
