@@ -43,6 +43,11 @@ class TokenFill:
     source_rows: list[int]
     tokens: torch.Tensor
 
+    @property
+    def rows_in_order(self) -> bool:
+        """Source row ``j`` feeds entry ``j`` for every ``j`` (a decode step after a decode step)."""
+        return self.source_rows == list(range(len(self.source_rows)))
+
 
 @dataclass
 class StepEntry:
@@ -206,8 +211,11 @@ class ModelRunner:
         inputs = self.graph_inputs(num_tokens + extra, padded_seqs, len(sample_rows))
         if fill is not None:  # tokens sampled by the previous step, still on the device
             n = len(fill.source_rows)
-            rows_dev = self.i64.device_view("fill_rows", n)
-            inputs["input_ids"].view(-1)[rows_dev] = fill.tokens[self.i64.device_view("fill_sources", n)]
+            if fill.rows_in_order and rows == fill.source_rows:  # decode after decode: one device copy
+                inputs["input_ids"].view(-1)[:n].copy_(fill.tokens[:n])
+            else:
+                rows_dev = self.i64.device_view("fill_rows", n)
+                inputs["input_ids"].view(-1)[rows_dev] = fill.tokens[self.i64.device_view("fill_sources", n)]
         return inputs
 
     def graph_inputs(self, num_tokens: int, num_seqs: int, num_logits: int) -> dict[str, torch.Tensor]:

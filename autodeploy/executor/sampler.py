@@ -126,7 +126,8 @@ class SamplingBatch:
         device: torch.device | str,
         vocab_size: int,
     ) -> SamplingBatch:
-        """Gather the rows' parameters into device tensors: two host-to-device copies, no syncs.
+        """Gather the rows' parameters into device tensors: two host-to-device copies (none when every row is
+        greedy without penalties or banned tokens), no syncs.
 
         ``prompt_token_ids`` may also be an int64 numpy array (e.g. cached per request), which saves
         converting a long prompt every step.
@@ -176,6 +177,8 @@ class SamplingBatch:
             if p.logprobs is not None:
                 max_logprobs = max(max_logprobs or 0, min(p.logprobs, v))
 
+        if greedy.all() and not rep_rows and not count_rows and not banned:  # argmax alone: nothing to upload
+            return cls(n, v, device, all_greedy=True, max_logprobs=max_logprobs)
         random_rows = ~greedy
         filtered = random_rows & ((host[:, _TOP_K] < v) | (host[:, _TOP_P] < 1.0))
         sub = host[filtered]  # [S, 7]
