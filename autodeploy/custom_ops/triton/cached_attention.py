@@ -401,7 +401,7 @@ def decode_splits(num_decode: int, programs_per_seq: int, max_ctx: int, block_n:
 
 
 def decode_block_n_for(programs: int, cache_dtype: torch.dtype, device: torch.device, default: int) -> int:
-    """The decode kernel's key tile on the GPU when no config is given, from the tile sweep of run 20
+    """The decode kernel's key tile on the GPU when no config is given, from the tile sweep of run 22
     (``bench/decode_attention.py``, H100): 32 keys when the step is split over the keys (fewer programs than
     ``decode_splits`` fills the GPU with: batch 1 at 384 tokens, 6.05 vs 6.93 µs a layer), 128 for an fp8 cache
     with up to four programs a multiprocessor (64 x 1024 tokens: 80 vs 95 µs), ``default`` otherwise."""
