@@ -78,7 +78,8 @@ def main() -> None:
                     continue
                 timings.append((round(us / ROTATE, 2), (n, w, s), round(err, 5)))
             timings.sort()
-            default = next((t for t in timings if t[1] == (base.decode_block_n, base.decode_warps, base.decode_stages)), None)
+            base_tile = (base.decode_block_n, base.decode_warps, base.decode_stages)
+            default = next((t for t in timings if t[1] == base_tile), None)
             row.update(default=default, best=timings[0] if timings else None, all=timings)
             if timings and not SMOKE:
                 row["best_GB_s"] = round(nbytes / (timings[0][0] * 1e-6) / 1e9)

@@ -146,7 +146,7 @@ def main() -> None:
     parser.add_argument("--profile-ttft", action="store_true", help="GPU vs wall time of the TTFT prefill steps")
     parser.add_argument("--trace-from", type=int, default=None, help="torch.profiler over 6 offline steps from here")
     parser.add_argument("--trace-ttft", action="store_true", help="torch.profiler: the TTFT steps' top kernels")
-    parser.add_argument("--trace-decode", action="store_true", help="torch.profiler: the batch-1 decode graph's kernels")
+    parser.add_argument("--trace-decode", action="store_true", help="torch.profiler: the batch-1 decode graph")
     parser.add_argument("--only", default=None, help="comma list of: decode,ttft,offline (default all)")
     args = parser.parse_args()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -214,7 +214,9 @@ def offline(engine, args, vocab: int) -> dict:
     results: dict = {}
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    profiler = StepProfiler(engine, trace_from=args.trace_from, python_profile_first=True) if args.profile_steps else None
+    profiler = None
+    if args.profile_steps:
+        profiler = StepProfiler(engine, trace_from=args.trace_from, python_profile_first=True)
     results["gpu_before_offline"] = gpu_state() if torch.cuda.is_available() else None
     r = run_engine_bench(engine, synthetic_requests(args.num_requests, 128, 128, vocab, seed=4), 0, name="offline")
     results["gpu_after_offline"] = gpu_state() if torch.cuda.is_available() else None

@@ -2,7 +2,8 @@
 
     PYTHONPATH=$PWD python3 bench/moe.py --out $OUT/moe.json   # ~4 min: kernels, then the 48-layer engine
     python bench/moe.py --smoke --out /tmp/moe.json              # CPU, Triton interpreter, tiny shapes
-    options: --skip-kernels, --skip-e2e, --layers N (engine depth), --sweep (a few decode tile candidates)
+    options: --skip-kernels, --skip-e2e, --layers N (engine depth), --sweep (a few decode tile candidates),
+             --tokens 1,64 (the kernel phase's token counts)
 
 One JSON line is printed per measurement (``{"phase": ..., ...}``); ``--out`` gets all of them and the device.
 
@@ -53,6 +54,10 @@ DECODE_SWEEP = [  # --sweep: decode (T = 1) tile candidates beside the default
     MoeTiles(16, 32, 128, 4, 4, 32, 128, 4, 4),
     MoeTiles(16, 64, 256, 4, 3, 64, 256, 4, 3),
     MoeTiles(16, 128, 128, 4, 4, 128, 128, 4, 4),
+    MoeTiles(16, 64, 128, 4, 4, 64, 128, 4, 4, fuse_decode_sum=False),  # GEMM 2 and the top-k sum apart
+    MoeTiles(16, 64, 128, 4, 4, 64, 128, 4, 4, sum_n=4, sum_k=256),
+    MoeTiles(16, 64, 128, 4, 4, 64, 128, 4, 4, sum_n=16, sum_k=256),
+    MoeTiles(16, 64, 128, 4, 4, 64, 128, 4, 4, sum_n=8, sum_k=512),
 ]
 
 
@@ -122,10 +127,10 @@ def bench_tokens(tokens: int, layers: list, tiles: MoeTiles | None = None, refer
     return row
 
 
-def kernels(results: JsonResults, sweep: bool) -> bool:
+def kernels(results: JsonResults, sweep: bool, token_counts: list[int]) -> bool:
     layers = [make_layer() for _ in range(ROTATE)]
     ok = True
-    for tokens in TOKENS:
+    for tokens in token_counts:
         try:
             row = bench_tokens(tokens, layers)
             ok &= row["ok"]
@@ -153,6 +158,7 @@ def main() -> int:
     parser.add_argument("--skip-reference", action="store_true", help="engine figures only: no torch_moe waves")
     parser.add_argument("--sweep", action="store_true", help="also time a few decode tile candidates")
     parser.add_argument("--layers", type=int, default=None, help="num_hidden_layers of the engine (48)")
+    parser.add_argument("--tokens", default=None, help="comma list: the kernel phase's token counts (1,64,512,4096)")
     parser.add_argument("--num-requests", type=int, default=1000)
     parser.add_argument("--ref-requests", type=int, default=256, help="one full batch for the torch_moe run")
     parser.add_argument("--max-batch-size", type=int, default=256)
@@ -163,7 +169,8 @@ def main() -> int:
                                      "torch": torch.__version__, "triton": triton.__version__, "smoke": SMOKE})
     ok = True
     if not args.skip_kernels:
-        ok &= kernels(results, args.sweep)
+        tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else TOKENS
+        ok &= kernels(results, args.sweep, tokens)
     if not args.skip_e2e:
         from moe_e2e import run_e2e
 

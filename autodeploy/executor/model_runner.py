@@ -1,10 +1,10 @@
 """Runs the cached graph on one step's batch: packs inputs, runs eagerly or replays a CUDA graph, returns logits.
 
-The runner owns the static buffers: one pinned host buffer and one device buffer per integer dtype, with fixed
-regions for every graph input (sized for ``max_num_tokens`` tokens and ``max_batch_size`` sequences). A step
-fills the host regions, copies each buffer to the device once, and calls the graph on views of the device
-buffers, whose addresses never change — so decode-only steps, and prefill-only steps of at most
-``PREFILL_GRAPH_SEQS`` sequences and ``prefill_cuda_graph_tokens`` tokens, replay CUDA graphs captured on them.
+The runner owns the step buffers (``step_buffers.py``): a step packs its integer inputs into pinned host memory
+at offsets that depend only on its shape, copies them to the device once, and calls the graph on views of the
+device buffer, whose addresses are the same for the same shape — so decode-only steps, and prefill-only steps of
+at most ``PREFILL_GRAPH_SEQS`` sequences and ``prefill_cuda_graph_tokens`` tokens, replay CUDA graphs captured
+on them.
 
 A prefill graph's step is padded to its bucket: sequences of no tokens up to ``PREFILL_GRAPH_SEQS``, then tokens
 that belong to no sequence (slot -1, never attended to) up to the bucket's count, which ``batch_info`` reports
@@ -14,6 +14,7 @@ ignored.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from ..custom_ops.step_layout import StepLayout
 from ..transforms.gather_logits import LOGITS_INDICES
 from ..transforms.insert_cached_attention import KVCacheSpec
 from .cuda_graphs import CUDAGraphRunner, bucket_sizes, prefill_bucket_sizes
+from .step_buffers import StepBuffers, step_layout
 
 logger = logging.getLogger("autodeploy.executor")
 
@@ -59,35 +61,6 @@ class StepEntry:
     sample: bool
 
 
-class _Regions:
-    """Named fixed-size regions of one flat buffer (host and device twins)."""
-
-    def __init__(self, sizes: dict[str, int], dtype: torch.dtype, device: torch.device, pin: bool):
-        self.offsets: dict[str, int] = {}
-        total = 0
-        for name, size in sizes.items():
-            self.offsets[name] = total
-            total += size
-        self.sizes = sizes
-        self.host = torch.zeros(total, dtype=dtype, pin_memory=pin)
-        self.device = torch.zeros(total, dtype=dtype, device=device) if device.type != "cpu" else self.host
-        self.used_end = 0
-
-    def host_view(self, name: str, n: int) -> torch.Tensor:
-        start = self.offsets[name]
-        self.used_end = max(self.used_end, start + n)
-        return self.host[start : start + n]
-
-    def device_view(self, name: str, n: int) -> torch.Tensor:
-        start = self.offsets[name]
-        return self.device[start : start + n]
-
-    def upload(self) -> None:
-        if self.device is not self.host and self.used_end:
-            self.device[: self.used_end].copy_(self.host[: self.used_end], non_blocking=True)
-        self.used_end = 0
-
-
 class ModelRunner:
     def __init__(
         self,
@@ -109,31 +82,7 @@ class ModelRunner:
         self.max_num_tokens = max_num_tokens
         self.max_batch_size = max_batch_size
         self.max_pages = (max_seq_len + block_size - 1) // block_size
-        pin = device.type == "cuda"
-        self.i64 = _Regions(
-            {
-                "input_ids": max_num_tokens,
-                "position_ids": max_num_tokens,
-                "slot_mapping": max_num_tokens,
-                LOGITS_INDICES: max_batch_size,
-                "fill_rows": max_batch_size,
-                "fill_sources": max_batch_size,
-            },
-            torch.int64,
-            device,
-            pin,
-        )
-        self.i32 = _Regions(
-            {
-                "seq_lens": max_batch_size,
-                "cu_seqlens": max_batch_size + 1,
-                "cache_lens": max_batch_size,
-                "page_table": max_batch_size * self.max_pages,
-            },
-            torch.int32,
-            device,
-            pin,
-        )
+        self.buffers = StepBuffers(max_num_tokens, max_batch_size, self.max_pages, device)
         self.batch_info = torch.zeros(3, dtype=torch.int32)  # stays on the host by contract
         self.cache_inputs = {}
         for i in range(len(spec.layers)):
@@ -170,68 +119,68 @@ class ModelRunner:
         seq_of_token = np.repeat(np.arange(padded_seqs), lens)
         positions = starts[seq_of_token] + (np.arange(num_tokens) - cu[:-1][seq_of_token])
 
-        pages = self.i32.host_view("page_table", padded_seqs * self.max_pages).numpy().reshape(padded_seqs, -1)
-        pages[:] = 0
-        for s, entry in enumerate(entries):
-            pages[s, : len(entry.block_ids)] = entry.block_ids
-        bs = self.block_size
-        slots = pages[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
-        slots[cu[num_seqs] :] = -1
         extra = max(0, prefill_pad[1] - num_tokens) if prefill_pad is not None else 0  # tokens of no sequence
-
-        self.i64.host_view("input_ids", num_tokens + extra).numpy()[:] = (
-            list(itertools.chain.from_iterable(e.token_ids for e in entries))
-            + [0] * (num_tokens + extra - int(cu[num_seqs]))
-        )
-        self.i64.host_view("position_ids", num_tokens + extra).numpy()[:] = np.concatenate(
-            [positions, np.zeros(extra, dtype=np.int64)])
-        self.i64.host_view("slot_mapping", num_tokens + extra).numpy()[:] = np.concatenate(
-            [slots, np.full(extra, -1, dtype=np.int64)])
-        self.i32.host_view("seq_lens", padded_seqs).numpy()[:] = lens
-        self.i32.host_view("cu_seqlens", padded_seqs + 1).numpy()[:] = cu
-        self.i32.host_view("cache_lens", padded_seqs).numpy()[:] = starts
         sample = [bool(e.sample) for e in entries] + [True] * (padded_seqs - num_seqs)
         if prefill_pad is not None:  # a fixed count of rows: the sampled entries', then row 0
             sampled = (cu[1:] - 1)[:num_seqs][np.asarray(sample[:num_seqs], dtype=bool)]
             sample_rows = np.concatenate([sampled, np.zeros(padded_seqs - len(sampled), dtype=np.int64)])
         else:
             sample_rows = (cu[1:] - 1)[np.asarray(sample, dtype=bool)]
-        self.i64.host_view(LOGITS_INDICES, len(sample_rows)).numpy()[:] = sample_rows
+        fill_rows = [int(cu[s + 1]) - 1 for s in fill.entry_indices] if fill is not None else []  # last new token
+        buffers = self.buffers
+        buffers.begin(num_tokens + extra, padded_seqs, len(sample_rows), len(fill_rows))
+
+        pages = buffers.host("page_table").numpy().reshape(padded_seqs, -1)
+        pages[:] = 0
+        for s, entry in enumerate(entries):
+            pages[s, : len(entry.block_ids)] = entry.block_ids
+        bs = self.block_size
+        slots = pages[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
+        slots[cu[num_seqs] :] = -1
+
+        buffers.host("input_ids").numpy()[:] = (
+            list(itertools.chain.from_iterable(e.token_ids for e in entries))
+            + [0] * (num_tokens + extra - int(cu[num_seqs]))
+        )
+        buffers.host("position_ids").numpy()[:] = np.concatenate([positions, np.zeros(extra, dtype=np.int64)])
+        buffers.host("slot_mapping").numpy()[:] = np.concatenate([slots, np.full(extra, -1, dtype=np.int64)])
+        buffers.host("seq_lens").numpy()[:] = lens
+        buffers.host("cu_seqlens").numpy()[:] = cu
+        buffers.host("cache_lens").numpy()[:] = starts
+        buffers.host(LOGITS_INDICES).numpy()[:] = sample_rows
         self.batch_info[0] = num_prefill
         self.batch_info[1] = int(cu[num_prefill]) + extra
         self.batch_info[2] = padded_seqs - num_prefill
         if fill is not None:
-            rows = [int(cu[s + 1]) - 1 for s in fill.entry_indices]  # the last (only) new token of each
-            self.i64.host_view("fill_rows", len(rows)).numpy()[:] = rows
-            self.i64.host_view("fill_sources", len(rows)).numpy()[:] = fill.source_rows
-        self.i64.upload()
-        self.i32.upload()
+            buffers.host("fill_rows").numpy()[:] = fill_rows
+            buffers.host("fill_sources").numpy()[:] = fill.source_rows
+        buffers.upload()
         if self.attention_planner is not None:  # backends that plan on the host before the graph runs
             self.attention_planner.plan(StepLayout(lens, starts, cu, pages, num_prefill, pad_to))
         inputs = self.graph_inputs(num_tokens + extra, padded_seqs, len(sample_rows))
         if fill is not None:  # tokens sampled by the previous step, still on the device
             n = len(fill.source_rows)
-            if fill.rows_in_order and rows == fill.source_rows:  # decode after decode: one device copy
+            if fill.rows_in_order and fill_rows == fill.source_rows:  # decode after decode: one device copy
                 inputs["input_ids"].view(-1)[:n].copy_(fill.tokens[:n])
             else:
-                rows_dev = self.i64.device_view("fill_rows", n)
-                inputs["input_ids"].view(-1)[rows_dev] = fill.tokens[self.i64.device_view("fill_sources", n)]
+                inputs["input_ids"].view(-1)[buffers.device("fill_rows")] = fill.tokens[buffers.device("fill_sources")]
         return inputs
 
     def graph_inputs(self, num_tokens: int, num_seqs: int, num_logits: int) -> dict[str, torch.Tensor]:
-        """Device views of the static buffers, shaped for this step (fixed addresses per shape)."""
-        dv64, dv32 = self.i64.device_view, self.i32.device_view
+        """Device views of the step buffer, shaped for this step (the same addresses for the same shape)."""
+        layout, _ = step_layout(num_tokens, num_seqs, num_logits, 0, self.max_pages)
+        view = functools.partial(self.buffers.device, layout=layout)
         return {
-            "input_ids": dv64("input_ids", num_tokens).view(1, num_tokens),
-            "position_ids": dv64("position_ids", num_tokens).view(1, num_tokens),
-            "seq_lens": dv32("seq_lens", num_seqs),
-            "cu_seqlens": dv32("cu_seqlens", num_seqs + 1),
-            "cache_lens": dv32("cache_lens", num_seqs),
-            "page_table": dv32("page_table", num_seqs * self.max_pages).view(num_seqs, self.max_pages),
-            "slot_mapping": dv64("slot_mapping", num_tokens),
+            "input_ids": view("input_ids").view(1, num_tokens),
+            "position_ids": view("position_ids").view(1, num_tokens),
+            "seq_lens": view("seq_lens"),
+            "cu_seqlens": view("cu_seqlens"),
+            "cache_lens": view("cache_lens"),
+            "page_table": view("page_table").view(num_seqs, self.max_pages),
+            "slot_mapping": view("slot_mapping"),
             "batch_info": self.batch_info,
             **self.cache_inputs,
-            LOGITS_INDICES: dv64(LOGITS_INDICES, num_logits),
+            LOGITS_INDICES: view(LOGITS_INDICES),
         }
 
     # ---- running ------------------------------------------------------------------------------------------

@@ -317,7 +317,8 @@ def gemv(
         W_FMT=fmt, GROUP=group, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, HW_FP8=not INTERPRET,
         GLU_ACT=-1 if glu_activation is None else ACTIVATION_CODES[glu_activation],
-        RNE=INTERPRET and x.dtype == torch.bfloat16, TENSOR_CORES=tensor_cores, num_warps=1 if INTERPRET else cfg.warps, num_stages=cfg.stages,
+        RNE=INTERPRET and x.dtype == torch.bfloat16, TENSOR_CORES=tensor_cores,
+        num_warps=1 if INTERPRET else cfg.warps, num_stages=cfg.stages,
         **pdl_flags(x.device, m),
     )
     return y
