@@ -33,6 +33,7 @@ for step in "$@"; do
     pdl)       timeout 200 python3 bench/pdl.py --out "$OUT/pdl.json" 2>&1 | tee "$OUT/pdl.log" | grep '^{' ;;
     norm-tests) timeout 200 python3 -m pytest -q tests/test_fuse_rope_attention.py -k head_norms_and_rope 2>&1 | tail -5 ;;
     kernel-tests) timeout 300 python3 -m pytest -q -x tests/test_pdl.py tests/test_triton_kernels.py -k "rope or decode or pdl" 2>&1 | tail -15 ;;
+    kernel-gpu-tests) timeout 330 python3 -m pytest -q -m gpu tests/test_gemv.py tests/test_moe_kernels.py tests/test_triton_kernels.py 2>&1 | tail -15 ;;
     pdl-tests) timeout 300 python3 -m pytest -q -m gpu tests/test_pdl.py tests/test_gemv.py tests/test_triton_kernels.py tests/test_attention_ops.py tests/test_moe_router.py tests/test_moe_kernels.py 2>&1 | tail -15 ;;
     e2e-pdl)   for pdl in 0 1; do AUTODEPLOY_PDL=$pdl timeout 160 python3 bench/e2e.py --skip-hf --only decode,ttft --profile-ttft --json "$OUT/e2e_pdl$pdl.json" 2>&1 | tee "$OUT/e2e_pdl$pdl.log" | grep -E 'optimize|batch1|ttft_1024|tokens_match'; done ;;
     gemv)      timeout 280 python3 bench/gemv.py --out "$OUT/gemv.json" 2>&1 | tee "$OUT/gemv.log" | grep '^{' | tail -60 ;;

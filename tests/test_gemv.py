@@ -121,3 +121,20 @@ def test_dequantized_int4_linear_matches_reference():
     q, s, z = quantize_int4_weight(w, 64, False)
     torch.testing.assert_close(int4_dequant_linear(x, q, s, z, bias, 64), ops.torch_quant_int4_linear(x, q, s, z, bias, 64),
                                atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(28672, 4096), (6144, 4096), (4096, 14336)])
+def test_gemv_llama_shapes_gpu(n, k):
+    """The tiles ``gemv_config`` picks on an H100 (the tensor-core product for fp8 gate/up and qkv) and an explicit
+    tensor-core config for bf16 weights, against the references."""
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda") * k**-0.5
+    q, s = quantize_fp8_weight(w)
+    got = gemv(x, W_FP8, q, s).float()
+    ref = ops.torch_quant_fp8_linear(x.float(), q, s)
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-2
+    w16 = w.to(torch.bfloat16)
+    got = gemv(x, W_DENSE, w16, config=GemvConfig(64, 128, 2, 4, 3, tensor_cores=True)).float()
+    ref = x.float() @ w16.float().t()
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-2

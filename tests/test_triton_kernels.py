@@ -418,6 +418,16 @@ def test_attention_decode_cuda_graph_replay(num_decode):
 
 
 @pytest.mark.gpu
+def test_attention_prefill_many_sequences_llama_shapes():
+    """100 prefills (two blocks of the tile search) and 30 decodes with the GPU's default tiles."""
+    gen = torch.Generator().manual_seed(3)
+    prefills = [(int(c), int(n)) for c, n in zip(torch.randint(0, 50, (100,), generator=gen),
+                                                   torch.randint(1, 40, (100,), generator=gen))]
+    batch = _paged_batch(prefills + [(200 + 7 * i, 1) for i in range(30)], 100, 32, 8, 128, 16, torch.bfloat16)
+    _check_attention(batch)
+
+
+@pytest.mark.gpu
 def test_attention_prefill_llama_shapes():
     batch = _paged_batch([(0, 1024), (256, 300)], 2, 32, 8, 128, 16, torch.bfloat16)
     _check_attention(batch)
