@@ -54,10 +54,6 @@ DECODE_SWEEP = [  # --sweep: decode (T = 1) tile candidates beside the default
     MoeTiles(16, 32, 128, 4, 4, 32, 128, 4, 4),
     MoeTiles(16, 64, 256, 4, 3, 64, 256, 4, 3),
     MoeTiles(16, 128, 128, 4, 4, 128, 128, 4, 4),
-    MoeTiles(16, 64, 128, 4, 4, 64, 128, 4, 4, fuse_decode_sum=False),  # GEMM 2 and the top-k sum apart
-    MoeTiles(16, 64, 128, 4, 4, 64, 128, 4, 4, sum_n=4, sum_k=256),
-    MoeTiles(16, 64, 128, 4, 4, 64, 128, 4, 4, sum_n=16, sum_k=256),
-    MoeTiles(16, 64, 128, 4, 4, 64, 128, 4, 4, sum_n=8, sum_k=512),
 ]
 
 

@@ -4,8 +4,8 @@
 
 The Triton interpreter checks what a kernel computes, not whether the GPU compiler accepts it: a construct the
 interpreter runs can still fail to lower to PTX. This compiles each variant that ``gemv.py``,
-``quant_linear.py``, ``dequant_linear.py``, ``moe_router.py`` and ``moe.py`` (its one-token down+sum) launch on
-CUDA (formats, split-K, the tiles of ``gemv_config``, router sizes), and the small kernels of a decode step with programmatic dependent launch on, for
+``quant_linear.py``, ``dequant_linear.py`` and ``moe_router.py`` launch on CUDA (formats, split-K, the tiles of
+``gemv_config``, router sizes), and the small kernels of a decode step with programmatic dependent launch on, for
 ``sm_90`` with Triton's own ``ptxas``, so such a failure shows up on CPU. Must run without
 ``TRITON_INTERPRET`` (the kernels are then ``JITFunction``s).
 """
@@ -27,7 +27,6 @@ from autodeploy.custom_ops.triton.dequant_linear import _int4_dequant_kernel  # 
 from autodeploy.custom_ops.triton.gemv import W_DENSE, W_FP8, W_INT4, W_INT8, _gemv_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.glu import _glu_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.kv_write import _kv_write_kernel, _rope_kv_write_kernel  # noqa: E402
-from autodeploy.custom_ops.triton.moe import _moe_down_sum_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.moe_router import _moe_router_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.quant_linear import _wq_gemm_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.rmsnorm import _rmsnorm_rows_kernel  # noqa: E402
@@ -78,12 +77,6 @@ def variants():
         signature = {"logits_ptr": "*bf16", "w_ptr": "*fp32", "ids_ptr": "*i64", "T": "i32", "E": "i32",
                      "stride_t": "i32", **{k: "constexpr" for k in consts}}
         yield f"moe_router E={experts} k={top_k}", _moe_router_kernel, signature, consts, dict(num_warps=4)
-    consts = dict(BLOCK_N=8, BLOCK_K=256, HAS_BIAS=False, RNE=False, USE_PDL=True)
-    signature = {"h_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16", "ids_ptr": "*i64",
-                 "topw_ptr": "*bf16", **dict.fromkeys(["N", "K", "E", "top_k", "stride_hm", "stride_we", "stride_wn",
-                                                        "stride_wk", "stride_be"], "i32"),
-                 **{k: "constexpr" for k in consts}}
-    yield "moe down+sum (one token)", _moe_down_sum_kernel, signature, consts, dict(num_warps=4, num_stages=3)
     yield from decode_chain_variants()
 
 

@@ -1,6 +1,6 @@
 """Triton fused mixture-of-experts: ``autodeploy::triton_moe`` (contract: ``custom_ops/moe.py``).
 
-Three to five launches (two for one token), every grid and buffer sized from tensor shapes only
+Three to five launches (three for one token), every grid and buffer sized from tensor shapes only
 (``M = T * K`` assignments, ``E`` experts), no host syncs, so decode steps capture into CUDA graphs:
 
 1. **Align** (``moe_align.py``, one launch for decode-sized batches, two above): assignments sorted by expert
@@ -22,9 +22,6 @@ Three to five launches (two for one token), every grid and buffer sized from ten
    bit-reproducible (same batch, same tokens: CUDA-graph and eager decode agree exactly), needs no zeroed
    fp32 buffer (a memset launch) nor a cast pass to the model dtype afterwards, and costs one read + write of
    ``M x H`` in the model dtype (decode: 32 KB; 4096 tokens x top-8: 268 MB, ~0.09 ms at 3 TB/s).
-   A single token (batch-1 decode) runs GEMM 2 and this sum as one launch (``_moe_down_sum_kernel``: each
-   program streams its output columns' rows of the routed experts' ``w_down`` and sums the weighted results
-   in order), with the same rounding points.
 
 Rounding follows the reference where it is free: the projection is rounded to the model dtype before the
 bias and again after it, the activation is rounded before its product with ``up`` (gpt-oss's form runs in
@@ -67,9 +64,6 @@ class MoeTiles:
     down_warps: int = 4
     down_stages: int = 4
     group_m: int = 8  # blocks per group in the program order (L2 reuse of weight tiles)
-    fuse_decode_sum: bool = True  # one token: the down projection and the top-k sum in one launch
-    sum_n: int = 8  # output columns per program of that launch
-    sum_k: int = 256
 
 
 def default_tiles(
@@ -77,7 +71,7 @@ def default_tiles(
 ) -> MoeTiles:
     rows_per_expert = num_assignments / max(1, num_experts)
     if device.type != "cuda":  # interpreter: its time goes by program, not by tile size
-        return MoeTiles(16 if rows_per_expert <= 16 else 64, 64, 64, 1, 1, 64, 64, 1, 1, 4, sum_n=16, sum_k=64)
+        return MoeTiles(16 if rows_per_expert <= 16 else 64, 64, 64, 1, 1, 64, 64, 1, 1, 4)
     if dtype == torch.float32:  # exact fp32 products (no tensor cores): small register tiles, for tests only
         block_m = 16 if rows_per_expert <= 16 else 32
         return MoeTiles(block_m, 64, 32, 4, 2, 64, 32, 4, 2)
@@ -247,42 +241,6 @@ def _moe_sum_kernel(
     tl.store(out_ptr + t * stride_ot + cols, total, mask=cols < N)
 
 
-@triton.jit
-def _moe_down_sum_kernel(
-    h_ptr, w_ptr, b_ptr, out_ptr, ids_ptr, topw_ptr, N, K, E, top_k,
-    stride_hm, stride_we, stride_wn, stride_wk, stride_be,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, RNE: tl.constexpr, USE_PDL: tl.constexpr,
-):
-    """One token: ``out = sum_j y_j`` over its valid assignments ``j``, ``y_j = h[j] @ w_down[e_j]^T`` (+ bias)
-    times the routing weight, each rounded where GEMM 2 rounds, summed in order in fp32 and rounded once, as the
-    top-k sum does. A weight-streaming product on the CUDA cores (one row, no padding to 16)."""
-    pdl_enter(USE_PDL)
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    k = tl.arange(0, BLOCK_K)
-    dtype = out_ptr.dtype.element_ty
-    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for j in range(0, top_k):
-        expert = tl.load(ids_ptr + j)
-        if (expert >= 0) & (expert < E):  # sentinel ids contribute nothing
-            e64 = expert.to(tl.int64)
-            w_rows = w_ptr + e64 * stride_we + cols.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
-            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                kk = k0 + k
-                k_ok = kk < K
-                w = tl.load(w_rows + kk[None, :] * stride_wk, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-                a = tl.load(h_ptr + j * stride_hm + kk, mask=k_ok, other=0.0)
-                acc += w.to(tl.float32) * a.to(tl.float32)[None, :]
-            y = cast_rne(tl.sum(acc, 1), dtype, RNE).to(tl.float32)
-            if HAS_BIAS:
-                bias = tl.load(b_ptr + e64 * stride_be + cols, mask=col_ok, other=0.0).to(tl.float32)
-                y = cast_rne(y + bias, dtype, RNE).to(tl.float32)
-            weight = tl.load(topw_ptr + j).to(tl.float32)
-            total += cast_rne(y * weight, dtype, RNE).to(tl.float32)
-    tl.store(out_ptr + cols, cast_rne(total, dtype, RNE), mask=col_ok)
-
-
 # ---- launcher ---------------------------------------------------------------------------------------------------
 def _act_code(activation: str, gated: bool) -> int:
     if activation == "swiglu_oai" and gated:
@@ -363,6 +321,7 @@ def moe_into(
         sorted_ids, block_expert, block_rows = routing.sorted_ids, routing.block_expert, routing.block_rows
         num_blocks, h_rows = routing.num_blocks, routing.num_blocks * tiles.block_m
     h = torch.empty((h_rows, inter), dtype=x.dtype, device=x.device)  # activations, in block order
+    y = torch.empty((m, hidden), dtype=x.dtype, device=x.device)  # weighted expert outputs, row t * K + j
     upcast, ieee = upcast_dots(x.dtype), x.dtype == torch.float32
     rne = INTERPRET and x.dtype == torch.bfloat16
     interp = {"num_warps": 1, "num_stages": 1} if INTERPRET else {}
@@ -378,16 +337,6 @@ def moe_into(
         HAS_BIAS=b_up is not None, EVEN_K=hidden % tiles.up_k == 0, UPCAST=upcast, IEEE=ieee, RNE=rne,
         DIRECT=direct, **pdl, **(interp or {"num_warps": tiles.up_warps, "num_stages": tiles.up_stages}),
     )
-    if direct and tiles.fuse_decode_sum:
-        _moe_down_sum_kernel[(triton.cdiv(hidden, tiles.sum_n),)](
-            h, w_down, b_down if b_down is not None else w_down, out, ids, topk_weights.reshape(-1),
-            hidden, inter, num_experts, top_k,
-            h.stride(0), *w_down.stride(), b_down.stride(0) if b_down is not None else 0,
-            BLOCK_N=tiles.sum_n, BLOCK_K=tiles.sum_k, HAS_BIAS=b_down is not None, RNE=rne, **pdl,
-            **(interp or {"num_warps": 4, "num_stages": 3}),
-        )
-        return
-    y = torch.empty((m, hidden), dtype=x.dtype, device=x.device)  # weighted expert outputs, row t * K + j
     _moe_down_kernel[(num_blocks * triton.cdiv(hidden, tiles.down_n),)](
         h, w_down, b_down if b_down is not None else w_down, y, sorted_ids, block_expert, block_rows,
         topk_weights.reshape(-1),
