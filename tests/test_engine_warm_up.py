@@ -30,3 +30,10 @@ def test_warm_up_prefills_every_size_class_up_to_max_num_tokens():
             assert len(entry.token_ids) <= 299  # every sequence fits max_seq_len
             assert all(0 <= b < 40 for b in entry.block_ids)
             assert len(entry.block_ids) * config.kv_cache.block_size >= len(entry.token_ids) + entry.start_pos
+
+
+def test_warm_up_steps_stay_within_max_batch_size():
+    config = AutoDeployConfig(max_num_tokens=1000, max_batch_size=2)
+    runner = RecordingRunner(num_blocks=40)
+    warm_up(runner, config, max_seq_len=100)
+    assert max(len(p) + len(d) for p, d in runner.steps) <= 2

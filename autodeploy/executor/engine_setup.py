@@ -119,7 +119,9 @@ def warm_up(runner: ModelRunner, config: AutoDeployConfig, max_seq_len: int) -> 
     ]
     sizes = [n for n in (1 << p for p in range(6, 31)) if n < config.max_num_tokens] + [config.max_num_tokens]
     steps += [(prefill_of(n), []) for n in sizes]
+    cap = config.max_batch_size  # the runner's buffers hold that many sequences a step
     for prefills, decodes in steps:
-        runner.execute(prefills, decodes)
+        prefills = prefills[:cap]
+        runner.execute(prefills, decodes[: cap - len(prefills)])
     if runner.device.type == "cuda":
         torch.cuda.synchronize()
