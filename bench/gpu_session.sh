@@ -31,16 +31,13 @@ for step in "$@"; do
     flashinfer-tests) timeout 540 python3 -m pytest -q -m gpu tests/test_flashinfer_backend.py 2>&1 | tail -15 ;;
     gpu-tests) timeout 540 python3 -m pytest -q -m gpu tests/ 2>&1 | tail -15 ;;  # FlashInfer JIT: ~60 s a variant
     pdl)       timeout 200 python3 bench/pdl.py --out "$OUT/pdl.json" 2>&1 | tee "$OUT/pdl.log" | grep '^{' ;;
-    norm-tests) timeout 200 python3 -m pytest -q tests/test_fuse_rope_attention.py -k head_norms_and_rope 2>&1 | tail -5 ;;
     kernel-tests) timeout 300 python3 -m pytest -q -x tests/test_pdl.py tests/test_triton_kernels.py -k "rope or decode or pdl" 2>&1 | tail -15 ;;
     kernel-gpu-tests) timeout 330 python3 -m pytest -q -m gpu tests/test_gemv.py tests/test_moe_kernels.py tests/test_triton_kernels.py 2>&1 | tail -15 ;;
     pdl-tests) timeout 300 python3 -m pytest -q -m gpu tests/test_pdl.py tests/test_gemv.py tests/test_triton_kernels.py tests/test_attention_ops.py tests/test_moe_router.py tests/test_moe_kernels.py 2>&1 | tail -15 ;;
     e2e-pdl)   for pdl in 0 1; do AUTODEPLOY_PDL=$pdl timeout 160 python3 bench/e2e.py --skip-hf --only decode,ttft --profile-ttft --json "$OUT/e2e_pdl$pdl.json" 2>&1 | tee "$OUT/e2e_pdl$pdl.log" | grep -E 'optimize|batch1|ttft_1024|tokens_match'; done ;;
     gemv)      timeout 280 python3 bench/gemv.py --out "$OUT/gemv.json" 2>&1 | tee "$OUT/gemv.log" | grep '^{' | tail -60 ;;
     gemv-tc)   timeout 330 python3 bench/gemv.py --fmts fp8,dense --tokens 1 --variants tc --out "$OUT/gemv_tc.json" 2>&1 | tee "$OUT/gemv_tc.log" | grep '^{' | cut -c1-700 ;;
-    offline-kv) for kv in auto fp8; do timeout 200 python3 bench/e2e.py --skip-hf --only offline --profile-steps --set kv_cache.dtype=$kv --json "$OUT/offline_kv_$kv.json" 2>&1 | tee "$OUT/offline_kv_$kv.log" | grep -E 'optimize|steps=|offline_|peak_memory|kv_cache_blocks'; done ;;
     quant-fp8) timeout 150 python3 bench/quant.py --only fp8 --out "$OUT/quant_fp8.json" 2>&1 | tee "$OUT/quant_fp8.log" | grep '^{' | tail -10 ;;
-    quant-fp8kv) timeout 200 python3 bench/quant.py --only fp8 --set kv_cache.dtype=fp8 --out "$OUT/quant_fp8kv.json" 2>&1 | tee "$OUT/quant_fp8kv.log" | grep '^{' | tail -10 ;;
     gemv-fp8)  timeout 200 python3 bench/gemv.py --fmts fp8,int8 --tokens 1 --out "$OUT/gemv_fp8.json" 2>&1 | tee "$OUT/gemv_fp8.log" | grep '^{' | cut -c1-400 ;;  # int8 = fp8 minus the activation quantization
     quant-engines) timeout 230 python3 bench/quant.py --only fp8,int4 --out "$OUT/quant.json" 2>&1 | tee "$OUT/quant.log" | grep '^{' | tail -30 ;;
     quant)     timeout 300 python3 bench/quant.py --out "$OUT/quant.json" 2>&1 | tee "$OUT/quant.log" | grep '^{' | tail -30 ;;

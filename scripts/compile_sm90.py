@@ -58,7 +58,8 @@ def variants():
         consts = dict(W_FMT=fmt, GROUP=128 if fmt == W_INT4 else 1, HAS_ZEROS=fmt == W_INT4, HAS_BIAS=True,
                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, HW_FP8=True, GLU_ACT=glu, RNE=False,
                       TENSOR_CORES=tensor_cores, USE_PDL=True)
-        yield (f"gemv fmt={fmt} M<={bm} {bn}x{bk} split={split} warps={warps} glu={glu} tc={tensor_cores}", _gemv_kernel,
+        name = f"gemv fmt={fmt} M<={bm} {bn}x{bk} split={split} warps={warps} glu={glu} tc={tensor_cores}"
+        yield (name, _gemv_kernel,
                linear_signature(fmt, "steps_per_split", consts), consts, dict(num_warps=warps, num_stages=stages))
     for fmt, act_fp8, bm, bn, bk, split, warps, stages in [
         (W_INT4, False, 16, 64, 128, 4, 4, 4), (W_INT8, False, 16, 64, 256, 4, 4, 3), (W_FP8, True, 64, 64, 128, 1, 4, 4),

@@ -29,3 +29,20 @@ def test_host_and_device_views_are_typed_regions_of_one_buffer():
     assert buffers.device("input_ids").tolist() == list(range(6))
     assert buffers.device("page_table").tolist() == [9] * 8
     assert buffers.device("seq_lens").numel() == 2 and buffers.device("fill_rows").numel() == 1
+
+
+def test_a_padded_step_finds_its_inputs_where_the_graph_was_captured():
+    """Capture packs empty steps of each bucket; a real step padded to that bucket must land at the same
+    addresses (the CUDA graph reads them), whatever its own sizes and tokens still on the device."""
+    from autodeploy.executor.model_runner import StepEntry, TokenFill
+    from autodeploy.models.tiny import tiny_model
+    from engine_utils import build_engine
+
+    runner = build_engine(tiny_model("llama"), device="cpu", max_batch_size=8).runner
+    captured = {name: t.data_ptr() for name, t in runner._pack([], 0, pad_to=4).items()
+                if isinstance(t, torch.Tensor) and t.numel()}
+    decodes = [StepEntry([5], 3, [0], True), StepEntry([0], 7, [1], True)]
+    fill = TokenFill([1], [0], torch.tensor([42]))
+    step = runner._pack(decodes, 0, pad_to=4, fill=fill)
+    assert {name: step[name].data_ptr() for name in captured} == captured
+    assert step["input_ids"][0, :2].tolist() == [5, 42] and step["seq_lens"].tolist() == [1, 1, 1, 1]

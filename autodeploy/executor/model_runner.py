@@ -14,7 +14,6 @@ ignored.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from ..custom_ops.step_layout import StepLayout
 from ..transforms.gather_logits import LOGITS_INDICES
 from ..transforms.insert_cached_attention import KVCacheSpec
 from .cuda_graphs import CUDAGraphRunner, bucket_sizes, prefill_bucket_sizes
-from .step_buffers import StepBuffers, step_layout
+from .step_buffers import StepBuffers
 
 logger = logging.getLogger("autodeploy.executor")
 
@@ -157,7 +156,7 @@ class ModelRunner:
         buffers.upload()
         if self.attention_planner is not None:  # backends that plan on the host before the graph runs
             self.attention_planner.plan(StepLayout(lens, starts, cu, pages, num_prefill, pad_to))
-        inputs = self.graph_inputs(num_tokens + extra, padded_seqs, len(sample_rows))
+        inputs = self._graph_inputs()
         if fill is not None:  # tokens sampled by the previous step, still on the device
             n = len(fill.source_rows)
             if fill.rows_in_order and fill_rows == fill.source_rows:  # decode after decode: one device copy
@@ -166,17 +165,16 @@ class ModelRunner:
                 inputs["input_ids"].view(-1)[buffers.device("fill_rows")] = fill.tokens[buffers.device("fill_sources")]
         return inputs
 
-    def graph_inputs(self, num_tokens: int, num_seqs: int, num_logits: int) -> dict[str, torch.Tensor]:
-        """Device views of the step buffer, shaped for this step (the same addresses for the same shape)."""
-        layout, _ = step_layout(num_tokens, num_seqs, num_logits, 0, self.max_pages)
-        view = functools.partial(self.buffers.device, layout=layout)
+    def _graph_inputs(self) -> dict[str, torch.Tensor]:
+        """Device views of the step just packed, shaped for the graph (the same addresses for the same shape)."""
+        view = self.buffers.device
         return {
-            "input_ids": view("input_ids").view(1, num_tokens),
-            "position_ids": view("position_ids").view(1, num_tokens),
+            "input_ids": view("input_ids").view(1, -1),
+            "position_ids": view("position_ids").view(1, -1),
             "seq_lens": view("seq_lens"),
             "cu_seqlens": view("cu_seqlens"),
             "cache_lens": view("cache_lens"),
-            "page_table": view("page_table").view(num_seqs, self.max_pages),
+            "page_table": view("page_table").view(-1, self.max_pages),
             "slot_mapping": view("slot_mapping"),
             "batch_info": self.batch_info,
             **self.cache_inputs,

@@ -66,10 +66,10 @@ class StepBuffers:
     def host(self, name: str) -> torch.Tensor:
         return self._view(self._hosts[self._turn], self._layout[name])
 
-    def device(self, name: str, layout: Layout | None = None) -> torch.Tensor:
-        """The device view of ``name`` in ``layout`` (default: the step being packed)."""
+    def device(self, name: str) -> torch.Tensor:
+        """The device view of ``name`` in the step being packed."""
         buffer = self._device if self._device is not None else self._hosts[self._turn]
-        return self._view(buffer, (layout or self._layout)[name])
+        return self._view(buffer, self._layout[name])
 
     def upload(self) -> None:
         """One copy of the packed bytes to the device, queued on the current stream."""

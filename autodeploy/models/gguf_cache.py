@@ -3,8 +3,9 @@
 transformers parses a GGUF file's metadata on every config, model and tokenizer load (five times for one engine:
 about 28 s for the embedded SmolLM2 on a 2-core CPU) and dequantises its weights each time. The first load of a
 GGUF file saves the dequantised float32 weights (``safetensors.torch.save_model``: transformers refuses to
-``save_pretrained`` a model it loaded from GGUF), its config, generation config and tokenizer under ``cache_root()/gguf/<key>`` (key: the file's resolved path, size and modification time); every later load
-of that file reads the folder as an ordinary safetensors checkpoint. The folder appears atomically (written under
+``save_pretrained`` a model it loaded from GGUF), its config, generation config and tokenizer under
+``cache_root()/gguf/<key>`` (key: the file's resolved path, size and modification time); every later load of that
+file reads the folder as an ordinary safetensors checkpoint. The folder appears atomically (written under
 a temporary name, then renamed), so concurrent first loads are safe. ``AUTODEPLOY_CACHE`` moves the cache (default
 ``$XDG_CACHE_HOME/autodeploy``, else ``~/.cache/autodeploy``); ``AUTODEPLOY_GGUF_CACHE=0`` turns it off. A cache
 that cannot be written (a read-only home) only costs the speed: the GGUF file is then read directly.

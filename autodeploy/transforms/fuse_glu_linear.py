@@ -6,9 +6,11 @@ Matches: ``triton_glu_packed(linear(x, ...), activation)`` where ``linear`` is `
 (``custom_ops/triton/linear_glu.py``) with the linear's weights: at decode sizes the GEMV computes the activation
 in its epilogue, one launch fewer per MLP. The torch backend has no such nodes, so the graph is left alone there.
 
-``formats`` defaults to ``dense``: on an H100 (``bench/pdl.py``, run 15, Llama-3.1-8B layers with PDL) the fused
-bf16 MLP saves 1.4 us a layer, while the fused fp8 one lost 0.7 us and the int4 one 18.6 us (its gate rows
-and up rows interleave, which the int4 GEMV's scale loads and tiles do not suit).
+``formats`` defaults to ``dense``: on an H100 (``bench/pdl.py``, runs 14 and 17 of docs/PERFORMANCE.md,
+Llama-3.1-8B layers with PDL) the fused bf16 MLP saves 1.3-1.4 us a layer; the fused int4 one loses 18.6 us (its
+gate rows and up rows interleave, which the int4 GEMV's scale loads and tiles do not suit); the fused fp8 one
+lost 0.7 us with older tiles and saved 0.9 us with the CUDA-core tiles of run 17, and was not timed since fp8's
+gate/up GEMV moved to the tensor cores (run 21).
 """
 
 from __future__ import annotations
