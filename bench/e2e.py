@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from autodeploy import SamplingParams, optimize
+from autodeploy.bench.decode_graph import decode_graph_profile, decode_replay_ms
 from autodeploy.bench.engine_bench import run_engine_bench
 from autodeploy.bench.hf_bench import run_hf_bench
 from autodeploy.bench.workload import synthetic_requests
@@ -57,23 +58,6 @@ def cuda_graph_tokens_match(engine, vocab: int) -> bool:
     return graphed == eager
 
 
-def decode_replay_ms(engine) -> float:
-    """Device time of one batch-1 decode CUDA-graph replay (the model forward alone, no host work)."""
-    graphs = engine.runner.cuda_graphs
-    if graphs is None or 1 not in graphs.graphs:
-        return float("nan")
-    graph = graphs.graphs[1]
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(3):
-        graph.replay()
-    start.record()
-    for _ in range(50):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 50
-
-
 def gpu_state() -> dict:
     """SM clock, power and the active clock-throttle reasons of GPU 0 (``nvidia-smi``) and the caching allocator's
     cudaMalloc/cudaFree counts, to tell a slow GPU or an allocator under pressure from slow code when a
@@ -92,23 +76,9 @@ def gpu_state() -> dict:
     return state
 
 
-def decode_kernels(engine, replays: int = 20, top: int = 25) -> dict:
-    """The GPU kernels of ``replays`` replays of the batch-1 decode CUDA graph under torch.profiler (µs per
-    replay each, by total), their sum, and the replay's own time: the difference is the GPU's idle gaps. Under
-    programmatic dependent launch a kernel's span includes its wait for the one before, so read it with
-    ``AUTODEPLOY_PDL=0``."""
-    from torch.profiler import ProfilerActivity, profile
-
-    graph = engine.runner.cuda_graphs.graphs[1]
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(replays):
-            graph.replay()
-        torch.cuda.synchronize()
-    rows = [{"kernel": e.key[:100], "calls": e.count // replays, "us": round(e.device_time_total / replays, 1)}
-            for e in prof.key_averages() if e.device_time_total > 0]
-    rows.sort(key=lambda r: -r["us"])
-    out = {"kernels": rows[:top], "kernel_sum_ms": round(sum(r["us"] for r in rows) / 1e3, 3),
-           "launches": sum(r["calls"] for r in rows), "replay_ms": round(decode_replay_ms(engine), 3)}
+def decode_kernels(engine) -> dict:
+    """The batch-1 decode graph's kernel table (``decode_graph_profile``), printed as it is measured."""
+    out = decode_graph_profile(engine.runner)
     print("decode kernels:", json.dumps(out), flush=True)
     return out
 
@@ -185,7 +155,7 @@ def main() -> None:
         results["batch1_decode_tok_s"] = 1e3 / r.itl_p50_ms
         results["batch1_itl_p99_ms"] = r.itl_p99_ms
         if torch.cuda.is_available():
-            results["batch1_graph_replay_ms"] = decode_replay_ms(engine)
+            results["batch1_graph_replay_ms"] = decode_replay_ms(engine.runner)
             if args.trace_decode:
                 results["decode_kernels"] = decode_kernels(engine)
     if "ttft" in only:

@@ -7,8 +7,9 @@ For each tensor-parallel size: build the engine (random weights from the same se
 rank's GPU; each rank keeps only its shard), greedy tokens of a few prompts (with the top-2 logprobs, so a
 divergence can be told apart from a near-tie between two tokens), then batch-1 decode tokens/s (CUDA graphs,
 ITL p50 over whole requests). Then: are TP=2's greedy tokens TP=1's, and the decode speed-up (target >= 1.6x).
-TP=N runs once per ``--all-reduce`` setting (default ``auto,nccl``: symmetric memory for small messages, then
-NCCL only), so one invocation shows what the symmetric-memory all-reduce buys.
+TP=N runs once per ``--all-reduce`` setting (default ``auto,auto-unfused,nccl``: symmetric memory for small
+messages with the all-reduce, residual add and RMSNorm in one kernel; the same in separate kernels; NCCL only),
+so one invocation shows what each buys. ``--trace-decode`` adds the decode graph's kernel table (rank 0's).
 Prints one JSON line per measurement and rewrites ``--out`` after each, so a run cut short keeps what it measured.
 NVLink multicast (NVLS) stays off: ``NCCL_NVLS_ENABLE=0`` is set here unless the caller set it.
 """
@@ -29,6 +30,7 @@ os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # before torch.distributed start
 import torch  # noqa: E402
 
 from autodeploy import SamplingParams, optimize  # noqa: E402
+from autodeploy.bench.decode_graph import decode_graph_profile, decode_replay_ms  # noqa: E402
 from autodeploy.bench.engine_bench import run_engine_bench  # noqa: E402
 from autodeploy.bench.workload import synthetic_requests  # noqa: E402
 from autodeploy.distributed.symm_all_reduce import symm_all_reduce_bytes  # noqa: E402
@@ -127,13 +129,24 @@ def config_with(model: str, overrides: dict) -> str:
     return path
 
 
+def on_every_rank(engine, fn):
+    """``fn(runner)`` on every rank at once (a CUDA graph with collectives needs them all); rank 0's result."""
+    runner = engine.runner
+    return runner.call_on_all_ranks(fn)[0] if hasattr(runner, "call_on_all_ranks") else fn(runner)
+
+
 def run_tp(
     model: str, tp: int, args: argparse.Namespace, cuda: bool, results: Results, baseline: dict | None = None,
     all_reduce: str = "auto",
 ) -> dict:
     """Build, measure and shut down one engine. With ``baseline`` (TP=1's result) the comparison rows are written
-    before the shutdown, so a rank that is slow to stop cannot lose them."""
+    before the shutdown, so a rank that is slow to stop cannot lose them. ``all_reduce``: ``auto``, ``nccl``, or
+    ``auto-unfused`` (``auto`` without ``fuse_all_reduce_rmsnorm``)."""
+    label = all_reduce
     settings = engine_settings(args, cuda)
+    all_reduce, _, variant = all_reduce.partition("-")
+    if variant == "unfused":  # the all-reduce, the residual add and the RMSNorm as separate kernels
+        settings["transforms.fuse_all_reduce_rmsnorm.enabled"] = False
     overrides = {key: value for key, value in (("num_hidden_layers", settings.pop("num_hidden_layers", None)),
                                                ("initializer_range", args.initializer_range)) if value is not None}
     if overrides:
@@ -141,7 +154,7 @@ def run_tp(
     start = time.perf_counter()
     engine = optimize(model, tensor_parallel_size=tp, all_reduce=all_reduce, **settings)
     build_s = time.perf_counter() - start
-    results.add({"measure": "build", "tp": tp, "all_reduce": all_reduce, "seconds": round(build_s, 1),
+    results.add({"measure": "build", "tp": tp, "all_reduce": label, "seconds": round(build_s, 1),
                  "kv_cache_blocks": engine.scheduler.config.num_blocks,
                  "symm_all_reduce_bytes": symm_all_reduce_bytes()})
     try:
@@ -154,14 +167,19 @@ def run_tp(
         run_engine_bench(engine, synthetic_requests(2, 64, 8, vocab, seed=1), 1, name=f"warm-up tp={tp}")
         requests = synthetic_requests(args.decode_requests, 128, args.decode_tokens, vocab, seed=2)
         report = run_engine_bench(engine, requests, 1, name=f"batch-1 decode tp={tp}")
-        decode = {"measure": "decode_batch1", "tp": tp, "all_reduce": all_reduce, "tok_s": round(1e3 / report.itl_p50_ms, 1),
+        decode = {"measure": "decode_batch1", "tp": tp, "all_reduce": label, "tok_s": round(1e3 / report.itl_p50_ms, 1),
                   "itl_p50_ms": round(report.itl_p50_ms, 3), "itl_p99_ms": round(report.itl_p99_ms, 3)}
+        if cuda and not args.eager:
+            decode["graph_replay_ms"] = round(on_every_rank(engine, decode_replay_ms), 3)
         results.add(decode)
+        if cuda and args.trace_decode and not args.eager:
+            results.add({"measure": "decode_kernels", "tp": tp, "all_reduce": label,
+                         **on_every_rank(engine, decode_graph_profile)})
         measured = {"greedy": greedy, "tok_s": decode["tok_s"]}
         if args.child:  # for the parent, before the shutdown that may hang
-            results.add({"measure": "measured", "tp": tp, "all_reduce": all_reduce, **measured})
+            results.add({"measure": "measured", "tp": tp, "all_reduce": label, **measured})
         if baseline is not None:
-            add_comparison(results, args.tp, baseline, measured, all_reduce)
+            add_comparison(results, args.tp, baseline, measured, label)
         return measured
     finally:
         stop_start = time.perf_counter()
@@ -192,8 +210,10 @@ def main() -> None:
     parser.add_argument("--child-timeout", type=float, default=240.0, help="seconds for one run in its child process")
     parser.add_argument("--dtype", default=None, help="model dtype (default bfloat16 on CUDA; float32 makes the "
                         "greedy comparison decidable: no bf16 near-ties)")
-    parser.add_argument("--all-reduce", default="auto,nccl",
-                        help="all_reduce settings to run TP=N with, in order (auto: symmetric memory for small messages)")
+    parser.add_argument("--all-reduce", default="auto,auto-unfused,nccl",
+                        help="all_reduce settings to run TP=N with, in order (auto: symmetric memory for small messages, "
+                        "fused with the add + RMSNorm after it; auto-unfused: the same, in separate kernels)")
+    parser.add_argument("--trace-decode", action="store_true", help="torch.profiler: the batch-1 decode graph's kernels")
     args = parser.parse_args()
     cuda = torch.cuda.is_available() and not args.smoke
     if not args.smoke and not cuda:

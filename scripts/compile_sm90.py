@@ -5,7 +5,7 @@
 The Triton interpreter checks what a kernel computes, not whether the GPU compiler accepts it: a construct the
 interpreter runs can still fail to lower to PTX. This compiles each variant that ``gemv.py``,
 ``quant_linear.py``, ``dequant_linear.py`` and ``moe_router.py`` launch on CUDA (formats, split-K, the tiles of
-``gemv_config``, router sizes), and the small kernels of a decode step with programmatic dependent launch on, for
+``gemv_config``, router sizes), and the small kernels of a decode step (the tensor-parallel fused all-reduce too) with programmatic dependent launch on, for
 ``sm_90`` with Triton's own ``ptxas``, so such a failure shows up on CPU. Must run without
 ``TRITON_INTERPRET`` (the kernels are then ``JITFunction``s).
 """
@@ -23,6 +23,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from autodeploy.custom_ops.triton.all_reduce_rmsnorm import _all_reduce_rmsnorm_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.dequant_linear import _int4_dequant_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.gemv import W_DENSE, W_FP8, W_INT4, W_INT8, _gemv_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.glu import _glu_kernel  # noqa: E402
@@ -89,6 +90,15 @@ def decode_chain_variants():
                  **dict.fromkeys(["n_rows", "H", "stride_x", "stride_r", "stride_o", "stride_sum"], "i32"),
                  "eps": "fp32", "w_offset": "fp32", **{k: "constexpr" for k in consts}}
     yield "rmsnorm rows, residual", _rmsnorm_rows_kernel, signature, consts, dict(num_warps=8)
+    for dtype, tl_type, world in (("bf16", tl.bfloat16, 2), ("fp32", tl.float32, 8)):
+        consts = dict(RANK=1, WORLD=world, BLOCK_H=4096, HAS_OFFSET=False, X_DTYPE=tl_type, PROD_DTYPE=tl_type,
+                      USE_PDL=True, RNE=False)
+        signature = {**dict.fromkeys(["x_ptr", "r_ptr", "w_ptr", "o_ptr", "sum_ptr"], f"*{dtype}"),
+                     **dict.fromkeys(["data_ptrs", "flag_ptrs", "state_ptr"], "*i64"),
+                     **dict.fromkeys(["n_rows", "H", "slot_elems"], "i32"), "eps": "fp32", "w_offset": "fp32",
+                     **{k: "constexpr" for k in consts}}
+        yield (f"all_reduce_rmsnorm {dtype} world={world}", _all_reduce_rmsnorm_kernel, signature, consts,
+               dict(num_warps=8))
     consts = dict(BLOCK=2048, ACT=0, RNE=False, USE_PDL=True)
     signature = {"gu_ptr": "*bf16", "o_ptr": "*bf16", "inter": "i32", "stride_gu": "i32", "stride_o": "i32",
                  **{k: "constexpr" for k in consts}}

@@ -81,6 +81,14 @@ def test_each_rank_loads_only_its_shard(llama_tp):
     assert engine.runner.call_on_all_ranks(tp_helpers.kv_heads) == [[1, 1], [1, 1]]  # 2 KV heads / 2 ranks
 
 
+def test_every_all_reduce_joins_the_add_and_norm_after_it(llama_tp):
+    """After o_proj and after the MLP, in every layer: the residual add and the next RMSNorm (the final one
+    after the last layer) run in the all-reduce's op; the greedy test above runs through it."""
+    model, engine = llama_tp
+    fused = {"all_reduce": 0, "all_reduce_add_rmsnorm": 2 * model.config.num_hidden_layers}
+    assert engine.runner.call_on_all_ranks(tp_helpers.collective_ops) == [fused, fused]
+
+
 def test_failure_in_a_worker_step_reaches_rank0(llama_tp):
     """Last on the shared engine: after it the group is broken."""
     model, engine = llama_tp

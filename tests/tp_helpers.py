@@ -25,6 +25,14 @@ def weight_hooks(runner) -> int:
     return len(getattr(runner.gm, "_autodeploy_weight_hooks", {}))
 
 
+def collective_ops(runner) -> dict[str, int]:
+    """How many all-reduces the rank's graph runs alone and how many joined the add + RMSNorm after them."""
+    targets = {"all_reduce": torch.ops.autodeploy.all_reduce.default,
+               "all_reduce_add_rmsnorm": torch.ops.autodeploy.all_reduce_add_rmsnorm.default}
+    nodes = list(runner.gm.graph.nodes)
+    return {name: sum(n.target is target for n in nodes) for name, target in targets.items()}
+
+
 def rank(runner) -> int:
     return dist.get_rank()
 

@@ -94,7 +94,8 @@ def init_distributed(
     """Join the model group (NCCL on CUDA, gloo otherwise) and create the gloo control group.
 
     ``all_reduce="auto"`` also sets up the symmetric-memory all-reduce for small CUDA messages
-    (``symm_all_reduce.py``; every rank or none).
+    (``symm_all_reduce.py``) and the all-reduce fused with the residual add and RMSNorm
+    (``fused_all_reduce.py``); each on every rank or on none.
     """
     global _control_group
     if device.type == "cuda":
@@ -117,9 +118,11 @@ def init_distributed(
         dist.all_reduce(probe)
         torch.cuda.synchronize(device)
         if all_reduce == "auto" and info.world_size > 1:
+            from .fused_all_reduce import setup_fused_all_reduce
             from .symm_all_reduce import setup_symm_all_reduce
 
             setup_symm_all_reduce(device)
+            setup_fused_all_reduce(device)
     logger.info("rank %d/%d joined (%s on %s)", info.rank, info.world_size, dist.get_backend(), device)
 
 
@@ -147,8 +150,10 @@ def destroy_distributed(timeout_s: float | None = None) -> bool:
 
 def _destroy() -> None:
     global _control_group
+    from .fused_all_reduce import teardown_fused_all_reduce
     from .symm_all_reduce import teardown_symm_all_reduce
 
+    teardown_fused_all_reduce()
     teardown_symm_all_reduce()
     _control_group = None
     if is_initialized():

@@ -56,10 +56,10 @@ def symm_all_reduce(x: torch.Tensor) -> torch.Tensor:
     return out.view(x.shape)
 
 
-def _step(ok: bool, what: str, error: BaseException | None) -> bool:
-    """Every rank's ``ok`` and'ed; the first failure is logged by the rank that saw it."""
+def agree(ok: bool, what: str, error: BaseException | None, fallback: str = "NCCL carries every all-reduce") -> bool:
+    """Every rank's ``ok`` and'ed; a failure is logged by the rank that saw it, with what happens instead."""
     if error is not None:
-        logger.warning("symmetric-memory all-reduce: %s failed (%s); NCCL carries every all-reduce", what, error)
+        logger.warning("%s failed (%s); %s", what, error, fallback)
     return bool(min_across_ranks(int(ok)))
 
 
@@ -80,13 +80,13 @@ def setup_symm_all_reduce(device: torch.device, max_bytes: int = DEFAULT_MAX_BYT
         buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
     except Exception as e:
         error = e
-    if not _step(buffer is not None, "allocating the buffer", error):
+    if not agree(buffer is not None, "symmetric-memory all-reduce: allocating the buffer", error):
         return False
     try:
         symm_mem.rendezvous(buffer, group)
     except Exception as e:
         error = e
-    if not _step(error is None, "the rendezvous", error):
+    if not agree(error is None, "symmetric-memory all-reduce: the rendezvous", error):
         return False
     _state.update(buffer=buffer, group=group, max_bytes=max_bytes)
     dtypes = [dtype for dtype in CANDIDATE_DTYPES if _self_test(device, dtype)]
@@ -111,7 +111,7 @@ def _self_test(device: torch.device, dtype: torch.dtype) -> bool:
     if error is not None and dtype != torch.bfloat16:  # an op without this dtype is expected, not a warning
         logger.info("symmetric-memory all-reduce: no %s (%s); NCCL carries it", dtype, error)
         error = None
-    return _step(ok, f"the {dtype} self-test", error)
+    return agree(ok, f"symmetric-memory all-reduce: the {dtype} self-test", error)
 
 
 def teardown_symm_all_reduce() -> None:

@@ -17,6 +17,7 @@ from . import fuse_parallel_linears  # noqa: F401
 from . import fuse_quant_linears  # noqa: F401
 from . import fuse_glu  # noqa: F401
 from . import fuse_add_rmsnorm  # noqa: F401
+from . import fuse_all_reduce_rmsnorm  # noqa: F401
 from . import fuse_rope  # noqa: F401
 from . import fuse_rope_attention  # noqa: F401
 from . import fuse_moe  # noqa: F401
