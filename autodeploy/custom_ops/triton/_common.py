@@ -26,6 +26,11 @@ except ImportError:  # a Triton without grid dependency control: pdl_flags never
 
 LOG2E = 1.4426950408889634
 
+#: arrival counters per device for kernels whose last program to arrive finishes the work of a group (split-K
+#: GEMMs and GEMVs, split decode attention): at most this many groups in one launch
+NUM_LOCKS = 4096
+_LOCKS: dict[torch.device, torch.Tensor] = {}
+
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -45,6 +50,18 @@ def upcast_dots(dtype: torch.dtype) -> bool:
     cores compute on the GPU (exact products, float32 accumulation).
     """
     return INTERPRET and dtype != torch.float32
+
+
+def split_locks(device: torch.device) -> torch.Tensor:
+    """The device's ``NUM_LOCKS`` int32 arrival counters: zeroed once, outside CUDA-graph capture; every use
+    leaves them zero again (the last program of a group resets its counter), so kernels on one stream share
+    them."""
+    locks = _LOCKS.get(device)
+    if locks is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("split counters must be allocated before CUDA-graph capture (run the op once first)")
+        locks = _LOCKS[device] = torch.zeros(NUM_LOCKS, dtype=torch.int32, device=device)
+    return locks
 
 
 @functools.cache

@@ -40,7 +40,9 @@ import triton
 import triton.language as tl
 
 from ..quant_linear import FP8_MAX, FP8_SCALE_MIN, INT4_CHUNK, int4_group
-from ._common import INTERPRET, cast_rne, fp8_round, next_pow2, pdl_enter, pdl_flags, split_k_sum
+from ._common import (
+    INTERPRET, NUM_LOCKS, cast_rne, fp8_round, next_pow2, pdl_enter, pdl_flags, split_k_sum, split_locks,
+)
 from .glu import ACTIVATION_CODES, _activate
 
 W_DENSE, W_FP8, W_INT8, W_INT4 = 3, 0, 1, 2  # the 8/4-bit codes are those of quant_linear.py
@@ -280,8 +282,6 @@ def gemv(
     config: GemvConfig | None = None,
     glu_activation: str | None = None,  # weight is a packed [gate; up]: returns act(gate) * up [M, N / 2]
 ) -> torch.Tensor:
-    from .quant_linear import NUM_LOCKS, _locks  # the split-K counters are shared with the GEMM
-
     m, k = x.shape
     n = weight.shape[0]
     if m > GEMV_MAX_TOKENS:
@@ -308,7 +308,7 @@ def gemv(
         per_split, split = steps, 1
     block_m = 16 if tensor_cores else next_pow2(m)
     part = torch.empty(split * tiles * block_m * block_n, dtype=torch.float32, device=x.device) if split > 1 else y
-    locks = _locks(x.device) if split > 1 else y
+    locks = split_locks(x.device) if split > 1 else y
     group = int4_group(group_size, k) if fmt == W_INT4 else 1
     s = scales if scales is not None else y
     _gemv_kernel[(tiles, split)](

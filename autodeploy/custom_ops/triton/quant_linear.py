@@ -40,7 +40,9 @@ import triton.language as tl
 
 from .. import quant_linear as _reference  # noqa: F401  (registers the torch op family)
 from ..quant_linear import FP8_DTYPE, FP8_MAX, FP8_SCALE_MIN, INT4_CHUNK, INT4_SLICE, int4_group
-from ._common import INTERPRET, device_sms, fp8_round, mma, next_pow2, split_k_sum, tl_dtype, upcast_dots
+from ._common import (
+    INTERPRET, NUM_LOCKS, device_sms, fp8_round, mma, next_pow2, split_k_sum, split_locks, tl_dtype, upcast_dots,
+)
 from .dequant_linear import int4_dequant_linear
 from .gemv import gemv
 
@@ -50,7 +52,6 @@ INT4_GEMV_MAX_TOKENS = 2  # int4 up to here: the GEMV (M=1: 112 vs 174 us a laye
 DEQUANT_MIN_TOKENS = 17  # int4 from here up (CUDA): dequantize + cuBLAS (M=64: 425 vs 655 us; M=16: 425 vs 180)
 SCALED_MM_MIN_ROWS = 16  # fewer rows are zero-padded to this for torch._scaled_mm
 MAX_SPLIT_K = 16
-NUM_LOCKS = 4096  # split-K counters per device (tiles of one launch)
 _FP8_MAX: tl.constexpr = tl.constexpr(FP8_MAX)
 _FP8_SCALE_MIN: tl.constexpr = tl.constexpr(FP8_SCALE_MIN)
 
@@ -195,19 +196,6 @@ def _fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK_K: tl.con
 
 
 # ---- launchers ---------------------------------------------------------------------------------------------------
-_LOCKS: dict[torch.device, torch.Tensor] = {}
-
-
-def _locks(device: torch.device) -> torch.Tensor:
-    """Split-K counters: zeroed once, outside CUDA-graph capture; every use leaves them zero again."""
-    locks = _LOCKS.get(device)
-    if locks is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("quantized linear: split-K counters must be allocated before CUDA-graph capture")
-        locks = _LOCKS[device] = torch.zeros(NUM_LOCKS, dtype=torch.int32, device=device)
-    return locks
-
-
 def _rows(x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])  # [M, K]
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
@@ -237,7 +225,7 @@ def wq_gemm(
     if split > 1 and tiles > NUM_LOCKS:
         per_split, split = chunks, 1
     part = torch.empty(split * tiles * cfg.block_n * cfg.block_m, dtype=torch.float32, device=x.device) if split > 1 else y
-    locks = _locks(x.device) if split > 1 else y
+    locks = split_locks(x.device) if split > 1 else y
     group = int4_group(group_size, k) if fmt == W_INT4 else 0
     if fmt == W_INT4 and cfg.block_k != INT4_CHUNK:
         raise ValueError(f"int4 GEMM needs block_k == {INT4_CHUNK}")
