@@ -2,6 +2,7 @@
 
     PYTHONPATH=$PWD python3 bench/gemv.py --out $OUT/gemv.json     # ~4 min on an H100
     options: --fmts fp8,int4,dense,int8  --tokens 1,2,4  --workers 14 (parallel Triton compiles)
+             --shapes llama-tp2 (one rank's linears at tensor parallel 2)
              --variants cuda,tc (CUDA-core and tensor-core products)
 
 For Llama-3.1-8B's four linears per layer (fused qkv, o, fused gate/up, down), each format and M, every tile
@@ -33,7 +34,10 @@ from autodeploy.custom_ops.quant_linear import (  # noqa: E402
     quantize_fp8_weight, quantize_int4_weight, quantize_int8_weight,
 )
 
-SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}  # (N, K)
+SHAPE_SETS = {  # (N, K) of Llama-3.1-8B's linears, whole and as one rank of two holds them (tensor parallel)
+    "llama": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
+    "llama-tp2": {"qkv": (3072, 4096), "o": (4096, 2048), "gate_up": (14336, 4096), "down": (4096, 7168)},
+}
 COPIES = 4
 COPY_BPS = 3.0e12
 GROUP = 128
@@ -67,7 +71,8 @@ def cuda_core_grid(fmt: str, m: int) -> list[tuple]:
     if fmt in ("fp8", "int8"):
         return [(bn, bk, sk, w, s) for bn, bk, sk, (w, s) in
                 itertools.product([8, 16, 32, 64] if m == 1 else [4, 8, 16], [256, 512, 1024], [1, 2], schedules)]
-    return [(bn, bk, sk, w, s) for bn, bk, sk, (w, s) in itertools.product([1, 2, 4], [512, 1024, 2048], [1], schedules)]
+    return [(bn, bk, sk, w, s) for bn, bk, sk, (w, s) in
+            itertools.product([1, 2, 4], [512, 1024, 2048], [1, 2] if m == 1 else [1], schedules)]
 
 
 def make_weights(fmt: str, n: int, k: int, copies: int) -> list[tuple]:
@@ -98,14 +103,15 @@ def gemv_call(fmt: str, x, weights: tuple, cfg: tuple | None):
     return gemv(x, code, weights[0], weights[1], config=config)
 
 
-def compile_worker(tasks: list[tuple]) -> int:
+def compile_worker(work: tuple[list[tuple], dict]) -> int:
     """Compile (into Triton's disk cache) every (fmt, m, cfg) on every shape; returns the failures."""
     import autodeploy.custom_ops.triton  # noqa: F401
 
+    tasks, shapes = work
     failures = 0
     weights = {}
     for fmt, m, cfg in tasks:
-        for name, (n, k) in SHAPES.items():
+        for name, (n, k) in shapes.items():
             if (fmt, name) not in weights:
                 weights[fmt, name] = make_weights(fmt, n, k, 1)[0]
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -171,23 +177,26 @@ def main() -> None:
     parser.add_argument("--tokens", default="1,2")
     parser.add_argument("--workers", type=int, default=14)
     parser.add_argument("--variants", default="cuda,tc", help="cuda (CUDA-core product), tc (tensor cores)")
+    parser.add_argument("--shapes", default="llama", choices=sorted(SHAPE_SETS))
     args = parser.parse_args()
+    shapes = SHAPE_SETS[args.shapes]
     import autodeploy.custom_ops.triton  # noqa: F401
 
     fmts, tokens = args.fmts.split(","), [int(t) for t in args.tokens.split(",")]
-    res = JsonResults(args.out, {"device": torch.cuda.get_device_name(0), "torch": torch.__version__},
+    res = JsonResults(args.out, {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                                 "shapes": args.shapes},
                       quiet=("all", "top5"))
     t0 = time.time()
     sweep = {(f, m): grid(f, m, args.variants) for f in fmts for m in tokens}
     tasks = [(f, m, cfg) for (f, m), cfgs in sweep.items() for cfg in cfgs]
     chunks = [tasks[i :: args.workers] for i in range(args.workers)]
     with mp.get_context("spawn").Pool(args.workers) as pool:
-        failures = sum(pool.map(compile_worker, chunks))
+        failures = sum(pool.map(compile_worker, [(chunk, shapes) for chunk in chunks]))
     res.emit("compile", configs=len(tasks), failures=failures, s=round(time.time() - t0, 1))
 
     torch.manual_seed(0)
     for fmt in fmts:
-        for name, (n, k) in SHAPES.items():
+        for name, (n, k) in shapes.items():
             ws = make_weights(fmt, n, k, COPIES)
             size = nbytes(ws[0])
             for m in tokens:

@@ -36,6 +36,7 @@ for step in "$@"; do
     pdl-tests) timeout 300 python3 -m pytest -q -m gpu tests/test_pdl.py tests/test_gemv.py tests/test_triton_kernels.py tests/test_attention_ops.py tests/test_moe_router.py tests/test_moe_kernels.py 2>&1 | tail -15 ;;
     e2e-pdl)   for pdl in 0 1; do AUTODEPLOY_PDL=$pdl timeout 160 python3 bench/e2e.py --skip-hf --only decode,ttft --profile-ttft --json "$OUT/e2e_pdl$pdl.json" 2>&1 | tee "$OUT/e2e_pdl$pdl.log" | grep -E 'optimize|batch1|ttft_1024|tokens_match'; done ;;
     gemv)      timeout 280 python3 bench/gemv.py --out "$OUT/gemv.json" 2>&1 | tee "$OUT/gemv.log" | grep '^{' | tail -60 ;;
+    gemv-tp2)  timeout 240 python3 bench/gemv.py --fmts dense --tokens 1 --variants cuda --shapes llama-tp2 --out "$OUT/gemv_tp2.json" 2>&1 | tee "$OUT/gemv_tp2.log" | grep '^{' | cut -c1-600 ;;
     gemv-tc)   timeout 330 python3 bench/gemv.py --fmts fp8,dense --tokens 1 --variants tc --out "$OUT/gemv_tc.json" 2>&1 | tee "$OUT/gemv_tc.log" | grep '^{' | cut -c1-700 ;;
     quant-fp8) timeout 150 python3 bench/quant.py --only fp8 --out "$OUT/quant_fp8.json" 2>&1 | tee "$OUT/quant_fp8.log" | grep '^{' | tail -10 ;;
     gemv-fp8)  timeout 200 python3 bench/gemv.py --fmts fp8,int8 --tokens 1 --out "$OUT/gemv_fp8.json" 2>&1 | tee "$OUT/gemv_fp8.log" | grep '^{' | cut -c1-400 ;;  # int8 = fp8 minus the activation quantization
@@ -48,7 +49,7 @@ for step in "$@"; do
     compile-profile) timeout 240 python3 bench/compile_backend.py --configs inductor,autodeploy --batches 16 --profile --out "$OUT/compile_profile.json" 2>&1 | tee "$OUT/compile_profile.log" | grep '^{' ;;
     compile-recompile) TORCH_LOGS=perf_hints timeout 240 python3 bench/compile_backend.py --configs autodeploy --batches 1,16 --profile --out "$OUT/compile_recompile.json" 2>&1 | tee "$OUT/compile_recompile.log" | grep -E '^\{|cudagraph' | cut -c1-1500 ;;
     tp-tests)  NCCL_NVLS_ENABLE=0 timeout 240 python3 -m pytest -q -m gpu tests/test_symm_all_reduce.py 2>&1 | tail -15 ;;
-    tp-fp32)   NCCL_NVLS_ENABLE=0 timeout 200 python3 bench/tp.py --dtype float32 --layers 8 --decode-tokens 16 --child-timeout 90 --out "$OUT/tp_fp32.json" 2>&1 | tee "$OUT/tp_fp32.log" | grep '^{' | cut -c1-600 ;;
+    tp-fp32)   NCCL_NVLS_ENABLE=0 timeout 200 python3 bench/tp.py --dtype float32 --layers 8 --decode-tokens 16 --child-timeout 90 --all-reduce auto --out "$OUT/tp_fp32.json" 2>&1 | tee "$OUT/tp_fp32.log" | grep '^{' | cut -c1-600 ;;
     tp)        NCCL_NVLS_ENABLE=0 timeout 580 python3 bench/tp.py --initializer-range 0.2 --all-reduce auto,auto-unfused --trace-decode --out "$OUT/tp.json" 2>&1 | tee "$OUT/tp.log" | grep '^{' ;;
     *) echo "unknown step $step" ;;
   esac
