@@ -211,9 +211,10 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="model dtype (default bfloat16 on CUDA; float32 makes the "
                         "greedy comparison decidable: no bf16 near-ties)")
     parser.add_argument("--all-reduce", default="auto,auto-unfused,nccl",
-                        help="all_reduce settings to run TP=N with, in order (auto: symmetric memory for small messages, "
-                        "fused with the add + RMSNorm after it; auto-unfused: the same, in separate kernels)")
-    parser.add_argument("--trace-decode", action="store_true", help="torch.profiler: the batch-1 decode graph's kernels")
+                        help="all_reduce settings to run TP=N with, in order (auto: symmetric memory for small "
+                        "messages, fused with the add + RMSNorm after it; auto-unfused: the same, in separate kernels)")
+    parser.add_argument("--trace-decode", action="store_true",
+                        help="torch.profiler: the batch-1 decode graph's kernels")
     args = parser.parse_args()
     cuda = torch.cuda.is_available() and not args.smoke
     if not args.smoke and not cuda:

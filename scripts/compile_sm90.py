@@ -5,7 +5,8 @@
 The Triton interpreter checks what a kernel computes, not whether the GPU compiler accepts it: a construct the
 interpreter runs can still fail to lower to PTX. This compiles each variant that ``gemv.py``,
 ``quant_linear.py``, ``dequant_linear.py`` and ``moe_router.py`` launch on CUDA (formats, split-K, the tiles of
-``gemv_config``, router sizes), and the small kernels of a decode step (the tensor-parallel fused all-reduce too) with programmatic dependent launch on, for
+``gemv_config``, router sizes), and the small kernels of a decode step (the tensor-parallel fused all-reduce and
+the decode attention too) with programmatic dependent launch on, for
 ``sm_90`` with Triton's own ``ptxas``, so such a failure shows up on CPU. Must run without
 ``TRITON_INTERPRET`` (the kernels are then ``JITFunction``s).
 """
@@ -131,7 +132,7 @@ def decode_chain_variants():
     for split, block_n in ((True, 32), (False, 64)):  # split: the last program to arrive merges the partials
         consts = dict(G=4, HEADS=4, NUM_HG=1, D=128, DV=128, BLOCK_D=128, BLOCK_DV=128, BLOCK_H=16, BLOCK_N=block_n,
                       PAGE=16, HAS_WINDOW=False, HAS_CHUNK=False, HAS_CAP=False, HAS_ALIBI=False, HAS_SINKS=split,
-                      SPLIT=split, UPCAST=False, IEEE=False, USE_PDL=True)
+                      SPLIT=split, BLOCK_S=64 if split else 1, UPCAST=False, IEEE=False, USE_PDL=True)
         ints = ["first_seq", "num_splits", "n_q", "stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_kb",
                 "stride_ks", "stride_kh", "stride_vb", "stride_vs", "stride_vh", "stride_pt"]
         signature = {**dict.fromkeys(["q_ptr", "kc_ptr", "vc_ptr", "o_ptr"], "*bf16"),

@@ -68,7 +68,8 @@ def _fused_rank(rank: int, world: int, init_file: str, errors) -> None:
         shared = torch.Generator(device=device).manual_seed(100)  # the same residual and weight on every rank
         for call in range(300):  # back to back: both parities many times, the row count changing
             rows, hidden, dtype = [(1, 4096, torch.bfloat16), (37, 4096, torch.bfloat16), (128, 4096, torch.bfloat16),
-                                   (3, 1000, torch.float32), (5, 2048, torch.float16), (4096, 1024, torch.bfloat16)][call % 6]
+                                   (3, 1000, torch.float32), (5, 2048, torch.float16),
+                                   (4096, 1024, torch.bfloat16)][call % 6]  # the last one: NCCL + add + norm
             x = torch.randn(rows, hidden, generator=gen, device=device).to(dtype)
             residual = torch.randn(rows, hidden, generator=shared, device=device).to(dtype)
             weight = torch.rand(hidden, generator=shared, device=device).to(dtype)
@@ -115,7 +116,8 @@ def _run_ranks(target) -> None:
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
 
 
-TWO_GPUS = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+TWO_GPUS = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                              reason="needs 2 CUDA GPUs")
 
 
 @TWO_GPUS

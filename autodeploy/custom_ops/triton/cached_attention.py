@@ -296,7 +296,7 @@ def _decode_kernel(
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_CAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_SINKS: tl.constexpr,
-    SPLIT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_S: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pdl_enter(USE_PDL)
     b = tl.program_id(0)
@@ -349,20 +349,23 @@ def _decode_kernel(
         tl.debug_barrier()  # every thread's partial is written before the counter is released
         group = b * tl.num_programs(1) + tl.program_id(1)
         last = tl.atomic_add(lock_ptr + group, 1) == num_splits - 1
-        if last:
-            m_i = tl.full((BLOCK_H,), NEG_INIT, dtype=tl.float32)
-            for sp in range(num_splits):
-                m_i = tl.maximum(m_i, tl.load(part_ml_ptr + (first_part + sp) * 2, mask=row_ok, other=NEG_INIT,
-                                              cache_modifier=".cg"))
+        if last:  # splits past the keys wrote nothing worth reading: merge the active ones only
+            n_active = (ctx - k_first + span - 1) // span
+            offs_s = tl.arange(0, BLOCK_S)
+            ml_ptrs = part_ml_ptr + (first_part[:, None] + offs_s[None, :]) * 2  # [BLOCK_H, BLOCK_S]
+            ml_ok = row_ok[:, None] & (offs_s[None, :] < n_active)
+            m_s = tl.load(ml_ptrs, mask=ml_ok, other=NEG_INIT, cache_modifier=".cg")
+            m_i = tl.max(m_s, 1)
+            w = tl.exp2(m_s - m_i[:, None])
+            l_i = tl.sum(w * tl.load(ml_ptrs + 1, mask=ml_ok, other=0.0, cache_modifier=".cg"), 1)
             acc = tl.zeros((BLOCK_H, BLOCK_DV), dtype=tl.float32)
-            l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
-            for sp in range(num_splits):
-                scale = tl.exp2(tl.load(part_ml_ptr + (first_part + sp) * 2, mask=row_ok, other=NEG_INIT,
-                                        cache_modifier=".cg") - m_i)
-                l_i += scale * tl.load(part_ml_ptr + (first_part + sp) * 2 + 1, mask=row_ok, other=0.0,
-                                       cache_modifier=".cg")
-                acc += scale[:, None] * tl.load(part_acc_ptr + (first_part + sp)[:, None] * DV + offs_dv[None, :],
-                                                mask=dv_ok, other=0.0, cache_modifier=".cg")
+            acc_ptrs = part_acc_ptr + first_part[:, None] * DV + offs_dv[None, :]
+            nxt = tl.load(acc_ptrs, mask=dv_ok & (offs_dv[None, :] * 0 < n_active), other=0.0, cache_modifier=".cg")
+            for sp in range(n_active):  # the next split's partial is loaded before this one is added
+                cur = nxt
+                more = dv_ok & (offs_dv[None, :] * 0 + sp + 1 < n_active)
+                nxt = tl.load(acc_ptrs + (sp + 1) * DV, mask=more, other=0.0, cache_modifier=".cg")
+                acc += tl.sum(tl.where(offs_s[None, :] == sp, w, 0.0), 1)[:, None] * cur
             tl.atomic_xchg(lock_ptr + group, 0)  # zero again for the next launch (CUDA graphs replay it)
     if last:
         out = _finish(acc, m_i, l_i, sinks_ptr, head, row_ok, HAS_SINKS)
@@ -524,7 +527,8 @@ def cached_attention_into(
             sinks_arg, alibi_arg, num_prefill, splits, n_q,
             q.stride(1), q.stride(2), out.stride(1), out.stride(2), *cache_strides, **scalars,
             G=group, HEADS=heads, NUM_HG=num_hg, D=d, DV=dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
-            BLOCK_H=max(16, next_pow2(heads)), BLOCK_N=block_n, PAGE=page, SPLIT=split, **flags,
+            BLOCK_H=max(16, next_pow2(heads)), BLOCK_N=block_n, PAGE=page, SPLIT=split, BLOCK_S=next_pow2(splits),
+            **flags,
             num_warps=cfg.decode_warps, num_stages=cfg.decode_stages, **pdl_flags(q.device, num_decode),
         )
     if kv_scale != 1.0:
