@@ -50,6 +50,7 @@ for step in "$@"; do
     compile-recompile) TORCH_LOGS=perf_hints timeout 240 python3 bench/compile_backend.py --configs autodeploy --batches 1,16 --profile --out "$OUT/compile_recompile.json" 2>&1 | tee "$OUT/compile_recompile.log" | grep -E '^\{|cudagraph' | cut -c1-1500 ;;
     tp-tests)  NCCL_NVLS_ENABLE=0 timeout 240 python3 -m pytest -q -m gpu tests/test_symm_all_reduce.py 2>&1 | tail -15 ;;
     tp-fp32)   NCCL_NVLS_ENABLE=0 timeout 200 python3 bench/tp.py --dtype float32 --layers 8 --decode-tokens 16 --child-timeout 90 --all-reduce auto --out "$OUT/tp_fp32.json" 2>&1 | tee "$OUT/tp_fp32.log" | grep '^{' | cut -c1-600 ;;
+    tp-fp32-full) NCCL_NVLS_ENABLE=0 timeout 330 python3 bench/tp.py --dtype float32 --decode-tokens 16 --child-timeout 200 --all-reduce auto --out "$OUT/tp_fp32_full.json" 2>&1 | tee "$OUT/tp_fp32_full.log" | grep '^{' | grep -v -e '"measure": "greedy"' -e '"measure": "measured"' | cut -c1-600 ;;
     tp)        NCCL_NVLS_ENABLE=0 timeout 580 python3 bench/tp.py --initializer-range 0.2 --all-reduce auto,auto-unfused --trace-decode --out "$OUT/tp.json" 2>&1 | tee "$OUT/tp.log" | grep '^{' ;;
     *) echo "unknown step $step" ;;
   esac

@@ -15,15 +15,14 @@ One call runs up to three launches, all sized from tensor shapes and the host-si
    tiles are visited in three ranges: the sliding-window edge (masked), the interior (no mask), the causal
    diagonal (masked). K/V rows are gathered through the page table per key, so any page size works with any
    ``BLOCK_N``.
-3. ``_decode_kernel`` — one query token per sequence, flash-decoding: grid
+3. ``_decode_kernel`` (+ ``_decode_reduce_kernel``) — one query token per sequence, flash-decoding: grid
    ``(num_decode, Nkv * head_groups, num_splits)``; the G query heads of a KV head are the rows of one
    ``tl.dot`` (padded to 16), and each split walks ``cdiv(ctx, num_splits)`` keys (rounded to ``BLOCK_N``;
    the chunk is computed on the device from ``cache_lens``). ``num_splits`` comes from shapes only: enough
    programs to give every multiprocessor about two (``2 * SMs / (num_decode * Nkv)``), at most 64 and at most
    the page table's capacity in ``BLOCK_N`` tiles; when the batch alone fills the GPU it is 1 and the kernel
-   writes the output directly (no partials). Split, each program writes an un-normalised fp32 partial with its
-   running max and sum, and the last split of a (sequence, head group) to arrive (an arrival counter, zero
-   again afterwards) rescales and merges all of them and adds the sinks: one launch either way.
+   writes the output directly (no partials, no reduction launch). Partials are un-normalised fp32
+   accumulators with their running max and sum; the reduction rescales them and adds the sinks.
 
 A chunk size (chunked local attention) bounds the keys from below like a window does: a row at position ``p``
 sees keys from ``max(p - window + 1, p - p % chunk)``, so the three key ranges and the decode split are the same.
@@ -44,9 +43,7 @@ import triton.language as tl
 
 from .. import cached_attention as _reference  # noqa: F401  (registers the torch op family)
 from ..cached_attention import FP8_CACHE_DTYPES
-from ._common import (
-    LOG2E, NUM_LOCKS, device_sms, mma, next_pow2, pdl_enter, pdl_flags, split_locks, tanh, upcast_dots,
-)
+from ._common import LOG2E, device_sms, mma, next_pow2, pdl_enter, pdl_flags, tanh, upcast_dots
 from .kv_write import rope_write_kv, write_kv
 
 MAX_SPLITS = 64
@@ -285,7 +282,7 @@ def _prefill_kernel(
 
 @triton.jit(do_not_specialize=["first_seq", "num_splits"])  # per-step values: no recompiles
 def _decode_kernel(
-    q_ptr, kc_ptr, vc_ptr, o_ptr, part_acc_ptr, part_ml_ptr, lock_ptr,
+    q_ptr, kc_ptr, vc_ptr, o_ptr, part_acc_ptr, part_ml_ptr,
     seq_lens_ptr, cu_ptr, cache_lens_ptr, pt_ptr, sinks_ptr, alibi_ptr,
     first_seq, num_splits, n_q,
     stride_qt, stride_qh, stride_ot, stride_oh,
@@ -296,7 +293,7 @@ def _decode_kernel(
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_CAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_SINKS: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_S: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
+    SPLIT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pdl_enter(USE_PDL)
     b = tl.program_id(0)
@@ -339,38 +336,53 @@ def _decode_kernel(
         True, False, False, False, HAS_CAP, HAS_ALIBI, UPCAST, IEEE,
     )
     offs_dv = tl.arange(0, BLOCK_DV)
-    dv_ok = row_ok[:, None] & (offs_dv[None, :] < DV)
-    last = True
-    if SPLIT:  # partials out; the last split of this (sequence, head group) to arrive merges them all
-        first_part = (b * n_q + head).to(tl.int64) * num_splits  # [BLOCK_H]
-        tl.store(part_acc_ptr + (first_part + split)[:, None] * DV + offs_dv[None, :], acc, mask=dv_ok)
-        tl.store(part_ml_ptr + (first_part + split) * 2, m_i, mask=row_ok)
-        tl.store(part_ml_ptr + (first_part + split) * 2 + 1, l_i, mask=row_ok)
-        tl.debug_barrier()  # every thread's partial is written before the counter is released
-        group = b * tl.num_programs(1) + tl.program_id(1)
-        last = tl.atomic_add(lock_ptr + group, 1) == num_splits - 1
-        if last:  # splits past the keys wrote nothing worth reading: merge the active ones only
-            n_active = (ctx - k_first + span - 1) // span
-            offs_s = tl.arange(0, BLOCK_S)
-            ml_ptrs = part_ml_ptr + (first_part[:, None] + offs_s[None, :]) * 2  # [BLOCK_H, BLOCK_S]
-            ml_ok = row_ok[:, None] & (offs_s[None, :] < n_active)
-            m_s = tl.load(ml_ptrs, mask=ml_ok, other=NEG_INIT, cache_modifier=".cg")
-            m_i = tl.max(m_s, 1)
-            w = tl.exp2(m_s - m_i[:, None])
-            l_i = tl.sum(w * tl.load(ml_ptrs + 1, mask=ml_ok, other=0.0, cache_modifier=".cg"), 1)
-            acc = tl.zeros((BLOCK_H, BLOCK_DV), dtype=tl.float32)
-            acc_ptrs = part_acc_ptr + first_part[:, None] * DV + offs_dv[None, :]
-            nxt = tl.load(acc_ptrs, mask=dv_ok & (offs_dv[None, :] * 0 < n_active), other=0.0, cache_modifier=".cg")
-            for sp in range(n_active):  # the next split's partial is loaded before this one is added
-                cur = nxt
-                more = dv_ok & (offs_dv[None, :] * 0 + sp + 1 < n_active)
-                nxt = tl.load(acc_ptrs + (sp + 1) * DV, mask=more, other=0.0, cache_modifier=".cg")
-                acc += tl.sum(tl.where(offs_s[None, :] == sp, w, 0.0), 1)[:, None] * cur
-            tl.atomic_xchg(lock_ptr + group, 0)  # zero again for the next launch (CUDA graphs replay it)
-    if last:
+    if SPLIT:
+        part = (b * n_q + head).to(tl.int64) * num_splits + split  # [BLOCK_H]
+        dv_ok = row_ok[:, None] & (offs_dv[None, :] < DV)
+        tl.store(part_acc_ptr + part[:, None] * DV + offs_dv[None, :], acc, mask=dv_ok)
+        tl.store(part_ml_ptr + part * 2, m_i, mask=row_ok)
+        tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_ok)
+    else:
         out = _finish(acc, m_i, l_i, sinks_ptr, head, row_ok, HAS_SINKS)
-        tl.store(o_ptr + tok * stride_ot + head[:, None] * stride_oh + offs_dv[None, :],
-                 out.to(o_ptr.dtype.element_ty), mask=dv_ok)
+        tl.store(
+            o_ptr + tok * stride_ot + head[:, None] * stride_oh + offs_dv[None, :],
+            out.to(o_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & (offs_dv[None, :] < DV),
+        )
+
+
+@triton.jit(do_not_specialize=["first_seq", "num_splits"])
+def _decode_reduce_kernel(
+    part_acc_ptr, part_ml_ptr, o_ptr, seq_lens_ptr, cu_ptr, sinks_ptr,
+    first_seq, num_splits, n_q, stride_ot, stride_oh,
+    DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SINKS: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    pdl_enter(USE_PDL)
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = first_seq + b
+    n_new = tl.load(seq_lens_ptr + s)
+    if n_new > 0:
+        tok = (tl.load(cu_ptr + s) + n_new - 1).to(tl.int64)
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        s_ok = offs_s < num_splits
+        part = (b * n_q + h).to(tl.int64) * num_splits + offs_s  # [BLOCK_S]
+        m = tl.load(part_ml_ptr + part * 2, mask=s_ok, other=float("-inf"))
+        l = tl.load(part_ml_ptr + part * 2 + 1, mask=s_ok, other=0.0)
+        m_max = tl.max(m, 0)
+        if HAS_SINKS:
+            sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
+            m_max = tl.maximum(m_max, sink)
+        w = tl.exp2(m - m_max)  # [BLOCK_S]
+        denom = tl.sum(w * l, 0)
+        if HAS_SINKS:
+            denom += tl.exp2(sink - m_max)
+        acc_mask = s_ok[:, None] & (offs_dv[None, :] < DV)
+        acc = tl.load(part_acc_ptr + part[:, None] * DV + offs_dv[None, :], mask=acc_mask, other=0.0)  # [S, DV]
+        out = tl.sum(acc * w[:, None], 0) / denom
+        tl.store(o_ptr + tok * stride_ot + h * stride_oh + offs_dv, out.to(o_ptr.dtype.element_ty), mask=offs_dv < DV)
 
 
 # ---- launchers --------------------------------------------------------------------------------------------------
@@ -514,23 +526,25 @@ def cached_attention_into(
         max_ctx = page_table.shape[1] * page
         splits = num_splits or decode_splits(num_decode, n_kv * num_hg, max_ctx, block_n, q.device)
         split = splits > 1
-        locks = split_locks(q.device)  # allocated on the first call, before any capture
         if split:
-            if num_decode * n_kv * num_hg > NUM_LOCKS:
-                raise ValueError(f"a split decode step serves at most {NUM_LOCKS} (sequence, head group) programs")
             part_acc = torch.empty((num_decode, n_q, splits, dv), dtype=torch.float32, device=q.device)
             part_ml = torch.empty((num_decode, n_q, splits, 2), dtype=torch.float32, device=q.device)
         else:
             part_acc = part_ml = out
         _decode_kernel[(num_decode, n_kv * num_hg, splits)](
-            q, k_cache, v_cache, out, part_acc, part_ml, locks, seq_lens, cu_seqlens, cache_lens, page_table,
+            q, k_cache, v_cache, out, part_acc, part_ml, seq_lens, cu_seqlens, cache_lens, page_table,
             sinks_arg, alibi_arg, num_prefill, splits, n_q,
             q.stride(1), q.stride(2), out.stride(1), out.stride(2), *cache_strides, **scalars,
             G=group, HEADS=heads, NUM_HG=num_hg, D=d, DV=dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
-            BLOCK_H=max(16, next_pow2(heads)), BLOCK_N=block_n, PAGE=page, SPLIT=split, BLOCK_S=next_pow2(splits),
-            **flags,
+            BLOCK_H=max(16, next_pow2(heads)), BLOCK_N=block_n, PAGE=page, SPLIT=split, **flags,
             num_warps=cfg.decode_warps, num_stages=cfg.decode_stages, **pdl_flags(q.device, num_decode),
         )
+        if split:
+            _decode_reduce_kernel[(num_decode, n_q)](
+                part_acc, part_ml, out, seq_lens, cu_seqlens, sinks_arg, num_prefill, splits, n_q,
+                out.stride(1), out.stride(2), DV=dv, BLOCK_DV=block_dv, BLOCK_S=next_pow2(splits),
+                HAS_SINKS=sinks is not None, num_warps=4, **pdl_flags(q.device, num_decode),
+            )
     if kv_scale != 1.0:
         out.mul_(kv_scale)
     return out
