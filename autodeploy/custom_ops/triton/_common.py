@@ -26,8 +26,8 @@ except ImportError:  # a Triton without grid dependency control: pdl_flags never
 
 LOG2E = 1.4426950408889634
 
-#: arrival counters per device for kernels whose last program to arrive finishes the work of a group (split-K
-#: GEMMs and GEMVs, split decode attention): at most this many groups in one launch
+#: arrival counters per device for kernels whose last program to arrive finishes the work of a group (the split-K
+#: GEMM and GEMV): at most this many groups in one launch
 NUM_LOCKS = 4096
 _LOCKS: dict[torch.device, torch.Tensor] = {}
 
