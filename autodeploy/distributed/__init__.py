@@ -9,7 +9,8 @@
 - ``launch``: ``spawn_workers`` starts ranks ``1..N-1`` next to the calling process (rank 0);
 - ``channel`` + ``worker``: rank 0's ``RunnerProxy`` sends each step to the workers' ``serve_steps`` loops.
 
-This package sits below everything else: it knows the model runner only by its ``execute`` method.
+This package sits below everything else but the ops: it knows the model runner only by its ``execute`` method,
+and ``fused_all_reduce`` launches a kernel of ``custom_ops`` (the add + RMSNorm it fuses).
 """
 
 from . import collectives, fused_all_reduce  # noqa: F401  (registers autodeploy::all_reduce / all_gather / ...)

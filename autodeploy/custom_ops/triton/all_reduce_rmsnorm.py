@@ -9,8 +9,9 @@ residual add and the next RMSNorm. Here one kernel does all three over buffers t
 2. it raises its flag in every peer's flag table (a release store at system scope, after a block barrier) and
    waits until every peer's same program has raised its flag in this rank's table (acquire);
 3. it sums the slots of all ranks in rank order in float32 (every rank gets the same bits), rounds to the
-   dtype (what the all-reduce would return), adds the residual and normalises as ``triton_fused_add_rmsnorm``
-   does, bit for bit.
+   dtype (what the all-reduce would return), adds the residual and normalises with the roundings of
+   ``triton_fused_add_rmsnorm`` (the sum is equal bit for bit; the normalised row may differ in the last bit,
+   the sum of squares being reduced in another order).
 
 Contract of the buffers (the memory-ordering argument):
 
