@@ -153,6 +153,8 @@ def main() -> int:
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--skip-reference", action="store_true", help="engine figures only: no torch_moe waves")
     parser.add_argument("--sweep", action="store_true", help="also time a few decode tile candidates")
+    parser.add_argument("--trace-decode", action="store_true",
+                        help="torch.profiler: the engine's batch-1 decode graph (run with AUTODEPLOY_PDL=0)")
     parser.add_argument("--layers", type=int, default=None, help="num_hidden_layers of the engine (48)")
     parser.add_argument("--tokens", default=None, help="comma list: the kernel phase's token counts (1,64,512,4096)")
     parser.add_argument("--num-requests", type=int, default=1000)

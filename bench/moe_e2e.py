@@ -4,7 +4,7 @@
    the depth); every MoE must be ``triton_moe``.
 2. ``decode``: batch-1 decode tok/s (ITL median, CUDA graphs) against the roofline ``3.0 TB/s / bytes of the
    parameters a token reads`` (attention, norms, router, top-8 experts of every layer, LM head); target 70%.
-   ``replay_ms`` is the captured step alone (no host work).
+   ``replay_ms`` is the captured step alone (no host work); ``--trace-decode`` adds its kernel table.
 3. ``offline``: ``--num-requests`` x 128/128, all submitted at once (target: >= 3x the reference's).
 4. ``wave``: the reference needs ~0.6 s per step (a host sync per expert, 48 layers; no CUDA graphs), so a
    1000-request run would take ~6 minutes. With every request the same length the offline run is a train of
@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 from autodeploy import optimize
+from autodeploy.bench.decode_graph import decode_graph_profile, decode_replay_ms
 from autodeploy.bench.engine_bench import run_engine_bench
 from autodeploy.bench.workload import synthetic_requests
 from autodeploy.transforms import get_history
@@ -74,23 +75,6 @@ def point_moe_at(engine, target) -> int:
     return len(nodes)
 
 
-def replay_ms(engine, bucket: int = 1) -> float | None:
-    """Device time of one captured decode step of ``bucket`` sequences."""
-    graphs = engine.runner.cuda_graphs
-    if graphs is None or bucket not in graphs.graphs:
-        return None
-    graph = graphs.graphs[bucket]
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(3):
-        graph.replay()
-    start.record()
-    for _ in range(20):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 20
-
-
 def wave(engine, requests: int, isl: int, decode_steps: int, vocab: int) -> dict:
     """One wave of ``requests`` x ``isl``/``decode_steps + 1`` in two measured parts (see the module doc)."""
     a = run_engine_bench(engine, synthetic_requests(requests, isl, 1, vocab, seed=21), 0, name="wave A").elapsed_s
@@ -127,12 +111,15 @@ def run_e2e(args, emit: Callable[..., dict], smoke: bool) -> bool:
 
     roof_tok_s = COPY_BPS / active_param_bytes(cfg)
     r = run_engine_bench(engine, synthetic_requests(3, 128, 16 if smoke else 256, vocab, seed=2), 1, name="decode")
-    tok_s, replay = 1e3 / r.itl_p50_ms, replay_ms(engine)
+    tok_s = 1e3 / r.itl_p50_ms
+    replay = decode_replay_ms(engine.runner, replays=20) if engine.runner.cuda_graphs is not None else None
     pct = 100 * tok_s / roof_tok_s
     emit("decode", batch=1, tok_s=tok_s, itl_p50_ms=r.itl_p50_ms, replay_ms=replay,
          active_param_GB=active_param_bytes(cfg) / 1e9, roofline_tok_s=roof_tok_s, pct_roofline=pct,
          pct_roofline_replay=100 * (1e3 / replay) / roof_tok_s if replay else None, target_pct=DECODE_TARGET_PCT,
          meets_target=pct >= DECODE_TARGET_PCT)
+    if getattr(args, "trace_decode", False) and replay is not None:  # read with AUTODEPLOY_PDL=0 (spans)
+        emit("decode_kernels", **decode_graph_profile(engine.runner, top=30))
 
     n = 4 if smoke else args.num_requests
     r = run_engine_bench(engine, synthetic_requests(n, 128, 8 if smoke else 128, vocab, seed=4), 0, name="offline")
