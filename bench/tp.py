@@ -167,8 +167,9 @@ def run_tp(
         run_engine_bench(engine, synthetic_requests(2, 64, 8, vocab, seed=1), 1, name=f"warm-up tp={tp}")
         requests = synthetic_requests(args.decode_requests, 128, args.decode_tokens, vocab, seed=2)
         report = run_engine_bench(engine, requests, 1, name=f"batch-1 decode tp={tp}")
-        decode = {"measure": "decode_batch1", "tp": tp, "all_reduce": label, "tok_s": round(1e3 / report.itl_p50_ms, 1),
-                  "itl_p50_ms": round(report.itl_p50_ms, 3), "itl_p99_ms": round(report.itl_p99_ms, 3)}
+        decode = {"measure": "decode_batch1", "tp": tp, "all_reduce": label,
+                  "tok_s": round(1e3 / report.itl_p50_ms, 1), "itl_p50_ms": round(report.itl_p50_ms, 3),
+                  "itl_p99_ms": round(report.itl_p99_ms, 3)}
         if cuda and not args.eager:
             decode["graph_replay_ms"] = round(on_every_rank(engine, decode_replay_ms), 3)
         results.add(decode)
