@@ -44,11 +44,6 @@ class TokenFill:
     source_rows: list[int]
     tokens: torch.Tensor
 
-    @property
-    def rows_in_order(self) -> bool:
-        """Source row ``j`` feeds entry ``j`` for every ``j`` (a decode step after a decode step)."""
-        return self.source_rows == list(range(len(self.source_rows)))
-
 
 @dataclass
 class StepEntry:
@@ -159,7 +154,7 @@ class ModelRunner:
         inputs = self._graph_inputs()
         if fill is not None:  # tokens sampled by the previous step, still on the device
             n = len(fill.source_rows)
-            if fill.rows_in_order and fill_rows == fill.source_rows:  # decode after decode: one device copy
+            if fill_rows == fill.source_rows == list(range(n)):  # decode after decode: row j takes token j
                 inputs["input_ids"].view(-1)[:n].copy_(fill.tokens[:n])
             else:
                 inputs["input_ids"].view(-1)[buffers.device("fill_rows")] = fill.tokens[buffers.device("fill_sources")]

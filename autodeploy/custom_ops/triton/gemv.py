@@ -28,7 +28,7 @@ activations rounded to fp8 (the same values the CUDA-core path multiplies), 16-b
 
 ``SPLIT_K`` programs may share a row tile's K range when the row tiles alone cannot fill the GPU; they write
 float32 partials and the last to arrive (a per-tile counter it resets) adds them in split order: deterministic,
-one launch, CUDA-graph safe (the counters are those of ``quant_linear.py``).
+one launch, CUDA-graph safe (the counters are ``_common.split_locks``, shared with the GEMM).
 """
 
 from __future__ import annotations
@@ -72,9 +72,9 @@ def gemv_config(m: int, n: int, k: int, fmt: int, device: torch.device) -> GemvC
     if fmt == W_INT4:
         return GemvConfig(8, min(1024, k_cap), split, 4, 3)
     if fmt == W_DENSE:
-        if m == 1 and k <= 2048 and 4096 <= n <= 8192:  # o_proj of one rank at TP=2: 8.8 vs 10.1 µs (run 30)
+        if m == 1 and k <= 2048 and 4096 <= n <= 8192:  # short rows, 4-8K of them (run 30: TP=2 o_proj 8.8 vs 10.1 µs)
             return GemvConfig(4, 512, 1, 4, 2)
-        if m == 1 and 4096 < k < 8192:  # down_proj of one rank at TP=2: 22.4 vs 24.2 µs (run 30)
+        if m == 1 and 4096 < k < 8192:  # rows of 4-8K (run 30: TP=2 down_proj 22.4 vs 24.2 µs)
             return GemvConfig(1, 1024, 1, 4, 2)
         if m == 1:
             return GemvConfig(2, min(2048, k_cap), 1, 8 if k >= 8192 else 4, 1)
