@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD python3 bench/gemv.py --out $OUT/gemv.json     # ~4 min on an H100
     options: --fmts fp8,int4,dense,int8  --tokens 1,2,4  --workers 14 (parallel Triton compiles)
-             --shapes llama-tp2 (one rank's linears at tensor parallel 2)
+             --shapes llama-tp2 (one rank's linears at tensor parallel 2), qwen3-moe (the MoE model's dense linears)
              --variants cuda,tc (CUDA-core and tensor-core products)
 
 For Llama-3.1-8B's four linears per layer (fused qkv, o, fused gate/up, down), each format and M, every tile
@@ -34,9 +34,10 @@ from autodeploy.custom_ops.quant_linear import (  # noqa: E402
     quantize_fp8_weight, quantize_int4_weight, quantize_int8_weight,
 )
 
-SHAPE_SETS = {  # (N, K) of Llama-3.1-8B's linears, whole and as one rank of two holds them (tensor parallel)
+SHAPE_SETS = {  # (N, K) of Llama-3.1-8B's linears, whole and as one rank of two holds them; Qwen3-30B-A3B's dense ones
     "llama": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
     "llama-tp2": {"qkv": (3072, 4096), "o": (4096, 2048), "gate_up": (14336, 4096), "down": (4096, 7168)},
+    "qwen3-moe": {"qkv": (5120, 2048), "o": (2048, 4096), "router": (128, 2048), "lm_head": (151936, 2048)},
 }
 COPIES = 4
 COPY_BPS = 3.0e12

@@ -37,6 +37,7 @@ for step in "$@"; do
     e2e-pdl)   for pdl in 0 1; do AUTODEPLOY_PDL=$pdl timeout 160 python3 bench/e2e.py --skip-hf --only decode,ttft --profile-ttft --json "$OUT/e2e_pdl$pdl.json" 2>&1 | tee "$OUT/e2e_pdl$pdl.log" | grep -E 'optimize|batch1|ttft_1024|tokens_match'; done ;;
     gemv)      timeout 280 python3 bench/gemv.py --out "$OUT/gemv.json" 2>&1 | tee "$OUT/gemv.log" | grep '^{' | tail -60 ;;
     gemv-tp2)  timeout 240 python3 bench/gemv.py --fmts dense --tokens 1 --variants cuda --shapes llama-tp2 --out "$OUT/gemv_tp2.json" 2>&1 | tee "$OUT/gemv_tp2.log" | grep '^{' | cut -c1-600 ;;
+    gemv-moe)  timeout 300 python3 bench/gemv.py --fmts dense --tokens 1 --shapes qwen3-moe --out "$OUT/gemv_moe.json" 2>&1 | tee "$OUT/gemv_moe.log" | grep '^{' | cut -c1-600 ;;
     gemv-tc)   timeout 330 python3 bench/gemv.py --fmts fp8,dense --tokens 1 --variants tc --out "$OUT/gemv_tc.json" 2>&1 | tee "$OUT/gemv_tc.log" | grep '^{' | cut -c1-700 ;;
     quant-fp8) timeout 150 python3 bench/quant.py --only fp8 --out "$OUT/quant_fp8.json" 2>&1 | tee "$OUT/quant_fp8.log" | grep '^{' | tail -10 ;;
     gemv-fp8)  timeout 200 python3 bench/gemv.py --fmts fp8,int8 --tokens 1 --out "$OUT/gemv_fp8.json" 2>&1 | tee "$OUT/gemv_fp8.log" | grep '^{' | cut -c1-400 ;;  # int8 = fp8 minus the activation quantization

@@ -30,7 +30,7 @@ from autodeploy.custom_ops.triton.dequant_linear import _int4_dequant_kernel  # 
 from autodeploy.custom_ops.triton.gemv import W_DENSE, W_FP8, W_INT4, W_INT8, _gemv_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.glu import _glu_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.kv_write import _kv_write_kernel, _rope_kv_write_kernel  # noqa: E402
-from autodeploy.custom_ops.triton.moe_router import _moe_router_kernel  # noqa: E402
+from autodeploy.custom_ops.triton.moe_router import _moe_router_kernel, router_launch  # noqa: E402
 from autodeploy.custom_ops.triton.quant_linear import _wq_gemm_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.rmsnorm import _rmsnorm_rows_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.rope import _rope_kernel  # noqa: E402
@@ -76,11 +76,14 @@ def variants():
     signature = {"q_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "w_ptr": "*bf16", "N": "i32", "K": "i32",
                  "stride_qn": "i32", "stride_sg": "i32", "stride_wn": "i32", **{k: "constexpr" for k in consts}}
     yield "int4_dequant 16x2", _int4_dequant_kernel, signature, consts, dict(num_warps=4)
-    for experts, top_k, rows in [(128, 8, 16), (8, 2, 16), (256, 8, 8)]:
-        consts = dict(TOP_K=top_k, NORMALIZE=True, ROWS=rows, BLOCK_E=experts, BLOCK_K=top_k, USE_PDL=True)
-        signature = {"logits_ptr": "*bf16", "w_ptr": "*fp32", "ids_ptr": "*i64", "T": "i32", "E": "i32",
+    for experts, top_k, rows, weights in [(128, 8, 16, "*fp32"), (128, 8, 1, "*bf16"), (8, 2, 16, "*fp32"),
+                                          (256, 8, 8, "*bf16")]:
+        consts = dict(TOP_K=top_k, NORMALIZE=True, ROWS=rows, BLOCK_E=experts, BLOCK_K=top_k, RNE=False,
+                      USE_PDL=True)
+        signature = {"logits_ptr": "*bf16", "w_ptr": weights, "ids_ptr": "*i64", "T": "i32", "E": "i32",
                      "stride_t": "i32", **{k: "constexpr" for k in consts}}
-        yield f"moe_router E={experts} k={top_k}", _moe_router_kernel, signature, consts, dict(num_warps=4)
+        launch = dict(num_warps=router_launch(rows, experts)[1])
+        yield f"moe_router E={experts} k={top_k} rows={rows}", _moe_router_kernel, signature, consts, launch
     yield from decode_chain_variants()
 
 

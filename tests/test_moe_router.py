@@ -38,8 +38,20 @@ def test_triton_router_16_bit_logits_and_ties():
     assert ops.triton_moe_router(tied, 3, True)[1].tolist() == [[0, 1, 2]]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_router_weights_in_the_model_dtype(dtype):
+    """The weights' cast happens once, from the float32 (renormalised) values, as HF's ``.to(dtype)`` does."""
+    logits = torch.randn(6, 40)  # float32: 16-bit logits tie, and torch.topk orders ties as it likes
+    ref_w, ref_ids = ops.torch_moe_router(logits, 5, True, dtype)
+    assert ref_w.dtype == dtype
+    weights, ids = ops.triton_moe_router(logits, 5, True, dtype)
+    assert weights.dtype == dtype and torch.equal(ids, ref_ids)
+    assert torch.equal(weights, ref_w)
+
+
 def test_router_opcheck():
     torch.library.opcheck(ops.triton_moe_router.default, (torch.randn(3, 16), 4, True))
+    torch.library.opcheck(ops.triton_moe_router.default, (torch.randn(3, 16), 4, True, torch.bfloat16))
 
 
 @pytest.mark.parametrize("model_type,normalised", [("mixtral", True), ("qwen3_moe", False), ("qwen2_moe", False)])
@@ -61,6 +73,22 @@ def test_qwen3_moe_with_renormalisation():
         absent=[aten.topk.default, aten.softmax.int], reexport=False,
     )
     assert history["fuse_moe_router"].details["renormalised"] == model.config.num_hidden_layers
+
+
+def test_the_weights_cast_of_a_16_bit_model_is_fused():
+    """bf16 Qwen3-MoE casts the renormalised weights to bf16 (a copy launch per layer): the router writes bf16."""
+    model = tiny_model("qwen3_moe", norm_topk_prob=True).to(torch.bfloat16)
+    layers = model.config.num_hidden_layers
+    gm, history = check_transforms(
+        model, ["cleanup_noop_ops", "match_moe", "fuse_moe_router"], overrides={"fuse_moe_router": {"backend": "triton"}},
+        absent=[aten.topk.default], reexport=False, atol=2e-2, rtol=2e-2,
+    )
+    assert history["fuse_moe_router"].details["casts"] == layers
+    routers = [n for n in gm.graph.nodes if n.target == ops.triton_moe_router.default]
+    assert [n.args[3] for n in routers] == [torch.bfloat16] * layers
+    for router in routers:
+        weights = next(u for u in router.users if u.args[1] == 0)
+        assert all(u.target == ops.torch_moe.default for u in weights.users)
 
 
 def test_engine_with_the_fused_router_equals_hf():

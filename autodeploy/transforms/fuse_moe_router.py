@@ -2,9 +2,10 @@
 
 Matches: ``topk(softmax(logits, -1), k)`` (largest first, last dim) whose softmax is float32 and feeds nothing
 else, with the optional renormalisation ``values / values.sum(-1, keepdim=True)`` (Mixtral; Qwen-MoE with
-``norm_topk_prob``). Emits ``triton_moe_router(logits, k, normalize)`` (``custom_ops/triton/moe_router.py``: one
-launch instead of softmax, top-k, sum and divide) whose weights and ids replace the values (or their
-renormalised form) and indices. On ``torch`` (``auto`` without CUDA) the graph is left alone.
+``norm_topk_prob``), and the cast of the weights to the model dtype that HF applies before the experts (when it is
+all they feed). Emits ``triton_moe_router(logits, k, normalize, dtype)`` (``custom_ops/triton/moe_router.py``: one
+launch instead of softmax, top-k, sum, divide and cast) whose weights and ids replace the values (or their
+renormalised, cast form) and indices. On ``torch`` (``auto`` without CUDA) the graph is left alone.
 
 Limits: a 16-bit softmax (a bf16 Mixtral's router) is kept: its rounded probabilities tie often, and which of
 tied experts ``torch.topk`` returns is not specified, so the swap could change the experts a token gets.
@@ -24,6 +25,7 @@ from .graph import find_nodes, is_op, node_val
 
 aten = torch.ops.aten
 SOFTMAX = (aten.softmax.int, aten._softmax.default)
+CASTS = (aten.to.dtype, aten._to_copy.default)
 
 
 def _last_dim(dim: int, node: Node) -> bool:
@@ -64,6 +66,19 @@ def _renormalised(values: Node | None) -> Node | None:
     return div if keepdim and len(dims) == 1 and dims[0] in last else None
 
 
+def _cast(weights: Node | None) -> Node | None:
+    """The dtype cast that is all the router's weights feed (same device and layout), or ``None``."""
+    if weights is None or len(weights.users) != 1:
+        return None
+    cast = next(iter(weights.users))
+    if not is_op(cast, CASTS) or cast.args[0] is not weights:
+        return None
+    src, out = node_val(weights), node_val(cast)
+    if src is None or out is None or out.device != src.device or out.shape != src.shape:
+        return None
+    return cast if out.dtype in (torch.float32, torch.bfloat16, torch.float16) else None
+
+
 @TransformRegistry.register("fuse_moe_router")
 class FuseMoeRouter(Transform):
     config_class = KernelBackendConfig
@@ -72,26 +87,33 @@ class FuseMoeRouter(Transform):
         op = kernel_op("torch_moe_router", self.config.backend, ctx.device)
         if op is torch.ops.autodeploy.torch_moe_router.default:
             return TransformInfo(num_matches=0, details={"backend": "torch"})
-        graph, fused, normalised = gm.graph, 0, 0
+        graph, fused, normalised, casts = gm.graph, 0, 0, 0
         for topk in find_nodes(gm, aten.topk.default):
             found = _router(topk)
             if found is None:
                 continue
             logits, k, values, indices, renorm = found
+            cast = _cast(renorm if renorm is not None else values)
+            dtype = node_val(cast).dtype if cast is not None else torch.float32
             with graph.inserting_before(topk):
-                router = graph.call_function(op, (logits, k, renorm is not None))
+                router = graph.call_function(op, (logits, k, renorm is not None, dtype))
                 weights = graph.call_function(operator.getitem, (router, 0))
                 ids = graph.call_function(operator.getitem, (router, 1))
             if indices is not None:
                 indices.replace_all_uses_with(ids)
-            if renorm is not None:
+            if cast is not None:
+                cast.replace_all_uses_with(weights)
+                casts += 1
+            elif renorm is not None:
                 renorm.replace_all_uses_with(weights)
-                normalised += 1
             elif values is not None:
                 values.replace_all_uses_with(weights)
+            normalised += renorm is not None
             softmax = topk.args[0]
-            for node in (renorm, renorm.args[1] if renorm is not None else None, values, indices, topk, softmax):
+            total = renorm.args[1] if renorm is not None else None
+            for node in (cast, renorm, total, values, indices, topk, softmax):
                 if node is not None and not node.users:
                     graph.erase_node(node)
             fused += 1
-        return TransformInfo(num_matches=fused, details={"backend": "triton", "renormalised": normalised})
+        details = {"backend": "triton", "renormalised": normalised, "casts": casts}
+        return TransformInfo(num_matches=fused, details=details)

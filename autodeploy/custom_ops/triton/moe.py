@@ -1,6 +1,6 @@
 """Triton fused mixture-of-experts: ``autodeploy::triton_moe`` (contract: ``custom_ops/moe.py``).
 
-Three to five launches (three for one token), every grid and buffer sized from tensor shapes only
+Two to five launches (two for one token), every grid and buffer sized from tensor shapes only
 (``M = T * K`` assignments, ``E`` experts), no host syncs, so decode steps capture into CUDA graphs:
 
 1. **Align** (``moe_align.py``, one launch for decode-sized batches, two above): assignments sorted by expert
@@ -22,6 +22,8 @@ Three to five launches (three for one token), every grid and buffer sized from t
    bit-reproducible (same batch, same tokens: CUDA-graph and eager decode agree exactly), needs no zeroed
    fp32 buffer (a memset launch) nor a cast pass to the model dtype afterwards, and costs one read + write of
    ``M x H`` in the model dtype (decode: 32 KB; 4096 tokens x top-8: 268 MB, ~0.09 ms at 3 TB/s).
+   For a single token GEMM 2 does it: the last of a column tile's ``K`` programs to finish (an arrival counter
+   of ``_common.split_locks``) sums their rows, so batch-1 decode runs two launches.
 
 Rounding follows the reference where it is free: the projection is rounded to the model dtype before the
 bias and again after it, the activation is rounded before its product with ``up`` (gpt-oss's form runs in
@@ -43,7 +45,9 @@ import triton
 import triton.language as tl
 
 from .. import moe as _reference  # noqa: F401  (registers the torch op family)
-from ._common import INTERPRET, cast_rne, mma, next_pow2, pdl_enter, pdl_flags, upcast_dots
+from ._common import (
+    INTERPRET, NUM_LOCKS, cast_rne, mma, next_pow2, pdl_enter, pdl_flags, split_locks, upcast_dots,
+)
 from .moe_align import CHUNK, ONE_CHUNK_MAX, align_routing
 from .glu import ACTIVATION_CODES, _activate
 
@@ -64,6 +68,7 @@ class MoeTiles:
     down_warps: int = 4
     down_stages: int = 4
     group_m: int = 8  # blocks per group in the program order (L2 reuse of weight tiles)
+    sum_in_down: bool = True  # one token: the last GEMM-2 program of a column tile does the top-k sum
 
 
 def default_tiles(
@@ -185,12 +190,12 @@ def _moe_up_kernel(
 
 @triton.jit
 def _moe_down_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr, sorted_ptr, blk_expert_ptr, blk_rows_ptr, topw_ptr,
+    h_ptr, w_ptr, b_ptr, y_ptr, sorted_ptr, blk_expert_ptr, blk_rows_ptr, topw_ptr, out_ptr, lock_ptr,
     N, K, E, num_blocks,
     stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, RNE: tl.constexpr,
-    DIRECT: tl.constexpr, USE_PDL: tl.constexpr,
+    DIRECT: tl.constexpr, SUM_LAST: tl.constexpr, K_PAD: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pdl_enter(USE_PDL)
     pid_m, pid_n = _tile_of(tl.program_id(0), num_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -222,6 +227,28 @@ def _moe_down_kernel(
         weight = tl.load(topw_ptr + assign, mask=row_ok, other=0.0).to(tl.float32)
         y_ptrs = y_ptr + assign[:, None].to(tl.int64) * stride_ym + cols[None, :]
         tl.store(y_ptrs, cast_rne(y * weight[:, None], dtype, RNE), mask=row_ok[:, None] & col_ok[None, :])
+    if SUM_LAST:  # one token, block j = assignment j: the last of the column tile's blocks sums them
+        _sum_when_last(y_ptr, sorted_ptr, out_ptr, lock_ptr, pid_n, N, E, num_blocks, stride_ym,
+                       BLOCK_N, K_PAD, RNE)
+
+
+@triton.jit
+def _sum_when_last(y_ptr, ids_ptr, out_ptr, lock_ptr, pid_n, N, E, top_k, stride_ym,
+                   BLOCK_N: tl.constexpr, K_PAD: tl.constexpr, RNE: tl.constexpr):
+    """The top-k sum of ``_moe_sum_kernel`` for one token's column tile ``pid_n``, by the last of its ``top_k``
+    programs to arrive (the count in ``lock_ptr[pid_n]``, which it resets): every block counts itself, a
+    sentinel's too, after its rows are written; the last reads them past L1."""
+    tl.debug_barrier()  # every thread's rows are written before the count is released
+    arrived = tl.atomic_add(lock_ptr + pid_n, 1)
+    if arrived == top_k - 1:
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        j = tl.arange(0, K_PAD)
+        ids = tl.load(ids_ptr + j, mask=j < top_k, other=-1)
+        valid = (ids >= 0) & (ids < E)
+        y_ptrs = y_ptr + j.to(tl.int64)[:, None] * stride_ym + cols[None, :]
+        y = tl.load(y_ptrs, mask=valid[:, None] & (cols < N)[None, :], other=0.0, cache_modifier=".cg")
+        tl.store(out_ptr + cols, cast_rne(tl.sum(y.to(tl.float32), 0), out_ptr.dtype.element_ty, RNE), mask=cols < N)
+        tl.atomic_xchg(lock_ptr + pid_n, 0)
 
 
 @triton.jit
@@ -337,15 +364,21 @@ def moe_into(
         HAS_BIAS=b_up is not None, EVEN_K=hidden % tiles.up_k == 0, UPCAST=upcast, IEEE=ieee, RNE=rne,
         DIRECT=direct, **pdl, **(interp or {"num_warps": tiles.up_warps, "num_stages": tiles.up_stages}),
     )
-    _moe_down_kernel[(num_blocks * triton.cdiv(hidden, tiles.down_n),)](
+    down_tiles = triton.cdiv(hidden, tiles.down_n)
+    sum_last = direct and tiles.sum_in_down and down_tiles <= NUM_LOCKS
+    locks = split_locks(x.device) if sum_last else y
+    _moe_down_kernel[(num_blocks * down_tiles,)](
         h, w_down, b_down if b_down is not None else w_down, y, sorted_ids, block_expert, block_rows,
-        topk_weights.reshape(-1),
+        topk_weights.reshape(-1), out, locks,
         hidden, inter, num_experts, num_blocks,
         h.stride(0), *w_down.stride(), b_down.stride(0) if b_down is not None else 0, y.stride(0),
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.down_n, BLOCK_K=tiles.down_k, GROUP_M=tiles.group_m,
         HAS_BIAS=b_down is not None, EVEN_K=inter % tiles.down_k == 0, UPCAST=upcast, IEEE=ieee, RNE=rne,
-        DIRECT=direct, **pdl, **(interp or {"num_warps": tiles.down_warps, "num_stages": tiles.down_stages}),
+        DIRECT=direct, SUM_LAST=sum_last, K_PAD=next_pow2(top_k),
+        **pdl, **(interp or {"num_warps": tiles.down_warps, "num_stages": tiles.down_stages}),
     )
+    if sum_last:
+        return
     block_n = min(next_pow2(hidden), max(256, 4096 // next_pow2(top_k)))
     _moe_sum_kernel[(t, triton.cdiv(hidden, block_n))](
         y, ids, out, hidden, num_experts, top_k, y.stride(0), out.stride(0),
