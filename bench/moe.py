@@ -54,6 +54,7 @@ DECODE_SWEEP = [  # --sweep: decode (T = 1) tile candidates beside the default
     MoeTiles(16, 64, 128, 4, 4, 64, 128, 4, 4, sum_in_down=False),  # the top-k sum as its own launch
     MoeTiles(16, 128, 128, 4, 4, 64, 128, 4, 4),
     MoeTiles(16, 128, 128, 4, 4, 128, 128, 4, 4),
+    MoeTiles(16, 128, 128, 4, 4, 128, 128, 4, 4, sum_in_down=False),
     MoeTiles(16, 128, 256, 8, 3, 64, 128, 4, 4),
     MoeTiles(16, 128, 128, 8, 4, 64, 256, 4, 3),
     MoeTiles(16, 64, 128, 4, 4, 32, 256, 4, 3),
@@ -160,6 +161,8 @@ def main() -> int:
     parser.add_argument("--sweep", action="store_true", help="also time a few decode tile candidates")
     parser.add_argument("--trace-decode", action="store_true",
                         help="torch.profiler: the engine's batch-1 decode graph (run with AUTODEPLOY_PDL=0)")
+    parser.add_argument("--decode-tiles", action="store_const", const=DECODE_SWEEP, default=None,
+                        help="time the engine's batch-1 decode graph with each decode tile candidate too")
     parser.add_argument("--layers", type=int, default=None, help="num_hidden_layers of the engine (48)")
     parser.add_argument("--tokens", default=None, help="comma list: the kernel phase's token counts (1,64,512,4096)")
     parser.add_argument("--num-requests", type=int, default=1000)

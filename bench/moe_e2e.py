@@ -6,6 +6,8 @@
    parameters a token reads`` (attention, norms, router, top-8 experts of every layer, LM head); target 70%.
    ``replay_ms`` is the captured step alone (no host work); ``--trace-decode`` adds its kernel table.
 3. ``offline``: ``--num-requests`` x 128/128, all submitted at once (target: >= 3x the reference's).
+   ``--decode-tiles`` then times the batch-1 decode graph again with each candidate of ``moe.py``'s sweep as the
+   one-token MoE tiles (the graph captured anew for each).
 4. ``wave``: the reference needs ~0.6 s per step (a host sync per expert, 48 layers; no CUDA graphs), so a
    1000-request run would take ~6 minutes. With every request the same length the offline run is a train of
    identical waves of ``--max-batch-size`` requests, so for each backend one wave is measured in two parts on
@@ -22,6 +24,7 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import asdict
 from typing import Callable
 
 import torch
@@ -30,6 +33,8 @@ from autodeploy import optimize
 from autodeploy.bench.decode_graph import decode_graph_profile, decode_replay_ms
 from autodeploy.bench.engine_bench import run_engine_bench
 from autodeploy.bench.workload import synthetic_requests
+from autodeploy.custom_ops.triton import moe as moe_kernels
+from autodeploy.custom_ops.triton.moe import MoeTiles
 from autodeploy.transforms import get_history
 
 ops = torch.ops.autodeploy
@@ -86,6 +91,18 @@ def wave(engine, requests: int, isl: int, decode_steps: int, vocab: int) -> dict
             "decode_step_ms": 1e3 * step, "wave_128_128_s": full_s, "modelled_tok_s": requests * isl / full_s}
 
 
+def replay_with_tiles(runner, tiles: MoeTiles) -> float:
+    """The batch-1 decode replay (ms) with every one-token MoE launched with ``tiles``: the graph of batch 1 is
+    captured again (the decode graphs of other sizes are dropped); the defaults come back afterwards."""
+    default = moe_kernels.default_tiles
+    moe_kernels.default_tiles = lambda m, e, dtype, device: tiles if m <= e * 16 else default(m, e, dtype, device)
+    try:
+        runner.capture_cuda_graphs(1)
+        return decode_replay_ms(runner)
+    finally:
+        moe_kernels.default_tiles = default
+
+
 def run_e2e(args, emit: Callable[..., dict], smoke: bool) -> bool:
     path, cfg = model_config(args.layers, smoke)
     start = time.perf_counter()
@@ -126,6 +143,11 @@ def run_e2e(args, emit: Callable[..., dict], smoke: bool) -> bool:
     emit("offline", backend="triton", requests=n, isl=128, osl=8 if smoke else 128, tok_s=r.output_tok_per_s,
          elapsed_s=r.elapsed_s, itl_p50_ms=r.itl_p50_ms, ttft_p50_ms=r.ttft_p50_ms, peak_gib=r.peak_memory_gib)
     offline_tok_s = r.output_tok_per_s
+    if getattr(args, "decode_tiles", None):
+        experts, top_k = cfg["num_experts"], cfg["num_experts_per_tok"]
+        default = moe_kernels.default_tiles(top_k, experts, torch.bfloat16, torch.device("cuda"))
+        for tiles in [default, *args.decode_tiles]:
+            emit("decode_tiles", tiles=asdict(tiles), replay_ms=replay_with_tiles(engine.runner, tiles))
     if getattr(args, "skip_reference", False):
         engine.shutdown()
         return ok
