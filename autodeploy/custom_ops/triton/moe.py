@@ -16,7 +16,10 @@ Two to five launches (two for one token), every grid and buffer sized from tenso
    adds the bias and applies the activation (silu, gelu, gelu_tanh, relu, relu2, gpt-oss's clamped
    ``swiglu_oai``). Output ``h [rows, I]`` in the model dtype, in sorted order.
 3. **GEMM 2** (``_moe_down_kernel``): ``h @ w_down[e]^T`` (+ bias), times the assignment's routing weight in
-   fp32, stored to ``y[t * K + j]`` (model dtype).
+   fp32, stored to ``y[t * K + j]`` (model dtype). Under programmatic dependent launch it reads the routing
+   (from L2) and its first weight tile before ``pdl_enter``: the routing is written before GEMM 1 starts, and
+   GEMM 2 cannot launch before every GEMM-1 program has waited for that writer (``pdl_enter`` waits, then
+   releases the next kernel), so only ``h`` must wait.
 4. **Top-k sum** (``_moe_sum_kernel``): ``out[t] = sum_j y[t * K + j]`` over the valid ``j`` in fp32, in
    order, rounded once. A deterministic second pass rather than fp32 atomics in GEMM 2: the output is
    bit-reproducible (same batch, same tokens: CUDA-graph and eager decode agree exactly), needs no zeroed
@@ -69,6 +72,7 @@ class MoeTiles:
     down_stages: int = 4
     group_m: int = 8  # blocks per group in the program order (L2 reuse of weight tiles)
     sum_in_down: bool = True  # one token: the last GEMM-2 program of a column tile does the top-k sum
+    down_prefetch: bool = True  # GEMM 2 reads the routing and its first weight tile before waiting for GEMM 1
 
 
 def default_tiles(
@@ -102,24 +106,25 @@ def _tile_of(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _block(pid_m, sorted_ptr, blk_expert_ptr, blk_rows_ptr, E, BLOCK_M: tl.constexpr, DIRECT: tl.constexpr):
+def _block(pid_m, sorted_ptr, blk_expert_ptr, blk_rows_ptr, E, BLOCK_M: tl.constexpr, DIRECT: tl.constexpr,
+           CACHE: tl.constexpr = ""):
     """Block ``pid_m``: its expert (-1: nothing to do), valid-row mask, assignment and buffer row of each row.
 
     ``DIRECT`` (one token, no alignment launch): block ``b`` is assignment ``b`` alone and ``sorted_ptr`` points
-    at the routed expert ids themselves.
+    at the routed expert ids themselves. ``CACHE=".cg"`` reads them from L2 (before ``pdl_enter``).
     """
     r = tl.arange(0, BLOCK_M)
     if DIRECT:
-        routed = tl.load(sorted_ptr + pid_m)
+        routed = tl.load(sorted_ptr + pid_m, cache_modifier=CACHE)
         expert = tl.where((routed >= 0) & (routed < E), routed, -1).to(tl.int32)
         row_ok = r < 1
         assign = pid_m + r * 0
         rows = pid_m + r
     else:
-        expert = tl.load(blk_expert_ptr + pid_m)
-        row_ok = r < tl.load(blk_rows_ptr + pid_m)
+        expert = tl.load(blk_expert_ptr + pid_m, cache_modifier=CACHE)
+        row_ok = r < tl.load(blk_rows_ptr + pid_m, cache_modifier=CACHE)
         rows = pid_m * BLOCK_M + r
-        assign = tl.load(sorted_ptr + rows, mask=row_ok, other=0)
+        assign = tl.load(sorted_ptr + rows, mask=row_ok, other=0, cache_modifier=CACHE)
     return expert, row_ok, assign, rows
 
 
@@ -195,30 +200,40 @@ def _moe_down_kernel(
     stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, RNE: tl.constexpr,
-    DIRECT: tl.constexpr, SUM_LAST: tl.constexpr, K_PAD: tl.constexpr, USE_PDL: tl.constexpr,
+    DIRECT: tl.constexpr, SUM_LAST: tl.constexpr, K_PAD: tl.constexpr, PREFETCH: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
-    pdl_enter(USE_PDL)
     pid_m, pid_n = _tile_of(tl.program_id(0), num_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
-    expert, row_ok, assign, rows = _block(pid_m, sorted_ptr, blk_expert_ptr, blk_rows_ptr, E, BLOCK_M, DIRECT)
+    if PREFETCH:  # the routing is the op's input, final once GEMM 1 (which waits for its writer) has started
+        expert, row_ok, assign, rows = _block(pid_m, sorted_ptr, blk_expert_ptr, blk_rows_ptr, E, BLOCK_M,
+                                              DIRECT, ".cg")
+    else:
+        pdl_enter(USE_PDL)
+        expert, row_ok, assign, rows = _block(pid_m, sorted_ptr, blk_expert_ptr, blk_rows_ptr, E, BLOCK_M, DIRECT)
+    e64 = expert.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    k = tl.arange(0, BLOCK_K)
+    a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + k[None, :]
+    w_ptrs = w_ptr + e64 * stride_we + cols[None, :].to(tl.int64) * stride_wn + k[:, None] * stride_wk
+    if PREFETCH:  # the first weight tile streams in while GEMM 1 drains
+        w = tl.load(w_ptrs, mask=(k < K)[:, None] & (col_ok & (cols * 0 + expert >= 0))[None, :], other=0.0)
+        pdl_enter(USE_PDL)
     if expert >= 0:
-        e64 = expert.to(tl.int64)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        k = tl.arange(0, BLOCK_K)
-        a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + k[None, :]
-        w_ptrs = w_ptr + e64 * stride_we + cols[None, :].to(tl.int64) * stride_wn + k[:, None] * stride_wk
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kk in range(tl.cdiv(K, BLOCK_K)):
+            k_ok = k < K - kk * BLOCK_K
             if EVEN_K:
                 a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-                w = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
             else:
-                k_ok = k < K - kk * BLOCK_K
                 a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            if not PREFETCH:
                 w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             acc = mma(a, w, acc, UPCAST, IEEE)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K * stride_wk
+            if PREFETCH:  # the next tile (none after the last)
+                w = tl.load(w_ptrs, mask=(k < K - (kk + 1) * BLOCK_K)[:, None] & col_ok[None, :], other=0.0)
         dtype = y_ptr.dtype.element_ty
         y = cast_rne(acc, dtype, RNE).to(tl.float32)
         if HAS_BIAS:
@@ -374,7 +389,7 @@ def moe_into(
         h.stride(0), *w_down.stride(), b_down.stride(0) if b_down is not None else 0, y.stride(0),
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.down_n, BLOCK_K=tiles.down_k, GROUP_M=tiles.group_m,
         HAS_BIAS=b_down is not None, EVEN_K=inter % tiles.down_k == 0, UPCAST=upcast, IEEE=ieee, RNE=rne,
-        DIRECT=direct, SUM_LAST=sum_last, K_PAD=next_pow2(top_k),
+        DIRECT=direct, SUM_LAST=sum_last, K_PAD=next_pow2(top_k), PREFETCH=tiles.down_prefetch,
         **pdl, **(interp or {"num_warps": tiles.down_warps, "num_stages": tiles.down_stages}),
     )
     if sum_last:
