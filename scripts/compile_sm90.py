@@ -3,9 +3,9 @@
     python scripts/compile_sm90.py        # prints one line per kernel variant; exit status 1 if any fails
 
 The Triton interpreter checks what a kernel computes, not whether the GPU compiler accepts it: a construct the
-interpreter runs can still fail to lower to PTX. This compiles each variant that ``gemv.py``,
-``quant_linear.py``, ``dequant_linear.py`` and ``moe_router.py`` launch on CUDA (formats, split-K, the tiles of
-``gemv_config``, router sizes), and the small kernels of a decode step (the tensor-parallel fused all-reduce and
+interpreter runs can still fail to lower to PTX. This compiles each variant that ``gemv.py`` (with the add +
+RMSNorm prologue too), ``quant_linear.py``, ``dequant_linear.py``, ``moe.py`` and ``moe_router.py`` launch on CUDA
+(formats, split-K, the tiles of ``gemv_config``, router sizes, the MoE's one-token and aligned GEMMs), and the small kernels of a decode step (the tensor-parallel fused all-reduce and
 the decode attention too) with programmatic dependent launch on, for
 ``sm_90`` with Triton's own ``ptxas``, so such a failure shows up on CPU. Must run without
 ``TRITON_INTERPRET`` (the kernels are then ``JITFunction``s).
@@ -30,6 +30,7 @@ from autodeploy.custom_ops.triton.dequant_linear import _int4_dequant_kernel  # 
 from autodeploy.custom_ops.triton.gemv import W_DENSE, W_FP8, W_INT4, W_INT8, _gemv_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.glu import _glu_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.kv_write import _kv_write_kernel, _rope_kv_write_kernel  # noqa: E402
+from autodeploy.custom_ops.triton.moe import _moe_down_kernel, _moe_up_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.moe_router import _moe_router_kernel, router_launch  # noqa: E402
 from autodeploy.custom_ops.triton.quant_linear import _wq_gemm_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.rmsnorm import _rmsnorm_rows_kernel  # noqa: E402
@@ -47,23 +48,61 @@ def linear_signature(fmt: int, last_int: str, consts: dict) -> dict:
     return {**dict(zip(LINEAR_ARGS, types)), last_int: "i32", **{k: "constexpr" for k in consts}}
 
 
+def gemv_signature(fmt: int, consts: dict) -> dict:
+    """``_gemv_kernel``'s: the linear's arguments with the add + RMSNorm prologue's after the split counters."""
+    base = linear_signature(fmt, "steps_per_split", consts)
+    names = list(base)
+    norm = {"r_ptr": "*bf16", "nw_ptr": "*bf16", "normed_ptr": "*bf16", "summed_ptr": "*bf16", "eps": "fp32",
+            "w_offset": "fp32"}
+    return {**{k: base[k] for k in names[:8]}, **norm, **{k: base[k] for k in names[8:]}}
+
+
+def moe_variants():
+    """The fused MoE's grouped GEMMs: one token (direct) and aligned blocks, GEMM 2 with and without its
+    pre-wait routing reads and the top-k sum."""
+    up = ["x_ptr", "w_ptr", "b_ptr", "h_ptr", "sorted_ptr", "blk_expert_ptr", "blk_rows_ptr", "H", "U", "I", "E",
+          "top_k", "num_blocks", "stride_xt", "stride_we", "stride_wn", "stride_wk", "stride_be", "stride_hm"]
+    up_types = ["*bf16"] * 4 + ["*i64", "*i32", "*i32"] + ["i32"] * 12
+    down = ["h_ptr", "w_ptr", "b_ptr", "y_ptr", "sorted_ptr", "blk_expert_ptr", "blk_rows_ptr", "topw_ptr", "out_ptr",
+            "lock_ptr", "N", "K", "E", "num_blocks", "stride_hm", "stride_we", "stride_wn", "stride_wk", "stride_be",
+            "stride_ym"]
+    down_types = ["*bf16"] * 4 + ["*i64", "*i32", "*i32", "*bf16", "*bf16", "*i32"] + ["i32"] * 10
+    for direct in (True, False):
+        consts = dict(BLOCK_M=16, BLOCK_N=64, COLS=32, BLOCK_K=128, GROUP_M=8, GATED=True, INTERLEAVED=False,
+                      ACT=0, CLAMP=False, HAS_BIAS=False, EVEN_K=True, UPCAST=False, IEEE=False, RNE=False,
+                      DIRECT=direct, USE_PDL=True)
+        signature = {**dict(zip(up, up_types)), "limit": "fp32", "alpha": "fp32", **{k: "constexpr" for k in consts}}
+        yield f"moe_up direct={direct}", _moe_up_kernel, signature, consts, dict(num_warps=4, num_stages=4)
+        for prefetch, sum_last in [(True, False), (False, False), (True, direct)]:
+            consts = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, HAS_BIAS=False, EVEN_K=True, UPCAST=False,
+                          IEEE=False, RNE=False, DIRECT=direct, SUM_LAST=sum_last, K_PAD=8, PREFETCH=prefetch,
+                          USE_PDL=True)
+            signature = {**dict(zip(down, down_types)), **{k: "constexpr" for k in consts}}
+            name = f"moe_down direct={direct} prefetch={prefetch} sum_last={sum_last}"
+            yield name, _moe_down_kernel, signature, consts, dict(num_warps=4, num_stages=4)
+
+
 def variants():
     """(name, kernel, signature, constexprs, options) of every variant checked."""
-    for fmt, bm, bn, bk, split, warps, stages, glu in [
+    yield from moe_variants()
+    for fmt, bm, bn, bk, split, warps, stages, glu, norm in [
+        (W_DENSE, 1, 4, 512, 1, 4, 2, -1, True), (W_DENSE, 1, 2, 2048, 1, 4, 1, 0, True),
+        (W_DENSE, 16, 32, 256, 4, 4, 4, -1, True),
+    ] + [(*v, False) for v in [
         (W_DENSE, 1, 2, 2048, 1, 4, 1, -1), (W_DENSE, 1, 2, 2048, 1, 8, 1, -1), (W_DENSE, 2, 4, 512, 1, 4, 3, -1),
         (W_FP8, 1, 8, 1024, 1, 4, 2, -1), (W_FP8, 2, 16, 512, 1, 4, 2, -1), (W_INT8, 1, 16, 512, 1, 4, 3, -1),
         (W_INT4, 1, 8, 1024, 2, 4, 3, -1), (W_INT4, 2, 8, 1024, 1, 4, 3, -1),
         (W_DENSE, 1, 2, 2048, 1, 4, 1, 0), (W_FP8, 1, 8, 1024, 1, 4, 2, 0), (W_INT4, 1, 8, 1024, 1, 4, 3, 0),
         (W_FP8, 16, 64, 256, 2, 4, 3, -1), (W_FP8, 16, 128, 512, 1, 8, 3, 0), (W_DENSE, 16, 64, 128, 1, 4, 3, -1),
         (W_DENSE, 16, 32, 256, 4, 4, 4, 0), (W_INT8, 16, 64, 256, 1, 4, 3, -1),
-    ]:
+    ]]:
         tensor_cores = bm == 16  # the tensor-core product pads the activations to 16 rows
         consts = dict(W_FMT=fmt, GROUP=128 if fmt == W_INT4 else 1, HAS_ZEROS=fmt == W_INT4, HAS_BIAS=True,
                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, HW_FP8=True, GLU_ACT=glu, RNE=False,
-                      TENSOR_CORES=tensor_cores, USE_PDL=True)
-        name = f"gemv fmt={fmt} M<={bm} {bn}x{bk} split={split} warps={warps} glu={glu} tc={tensor_cores}"
-        yield (name, _gemv_kernel,
-               linear_signature(fmt, "steps_per_split", consts), consts, dict(num_warps=warps, num_stages=stages))
+                      TENSOR_CORES=tensor_cores, NORM=norm, NORM_H=2048 if norm else 1, NORM_OFFSET=False,
+                      NORM_PROD=tl.bfloat16, USE_PDL=True)
+        name = f"gemv fmt={fmt} M<={bm} {bn}x{bk} split={split} warps={warps} glu={glu} tc={tensor_cores} norm={norm}"
+        yield (name, _gemv_kernel, gemv_signature(fmt, consts), consts, dict(num_warps=warps, num_stages=stages))
     for fmt, act_fp8, bm, bn, bk, split, warps, stages in [
         (W_INT4, False, 16, 64, 128, 4, 4, 4), (W_INT8, False, 16, 64, 256, 4, 4, 3), (W_FP8, True, 64, 64, 128, 1, 4, 4),
     ]:

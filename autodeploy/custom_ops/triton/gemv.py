@@ -26,6 +26,11 @@ the weight tile is the left operand and the activations, padded to 16 rows, the 
 (``[BLOCK_N, BLOCK_K] @ [BLOCK_K, 16]``), so no weight is converted on the CUDA cores: fp8 weights meet the
 activations rounded to fp8 (the same values the CUDA-core path multiplies), 16-bit ones meet them as they are.
 
+With ``NORM`` (one row, 16-bit or float32 weights) ``x`` is the input of an add + RMSNorm (``rmsnorm.py``): every
+program forms ``x + residual`` and its ``1 / rms`` from the whole row after the wait, normalises each activation
+tile as it multiplies it (the values the add + RMSNorm launch stores, recomputed from L2), and the first program
+writes the normalised row and the sum for the graph's other readers: the launch before the GEMV is gone.
+
 ``SPLIT_K`` programs may share a row tile's K range when the row tiles alone cannot fill the GPU; they write
 float32 partials and the last to arrive (a per-tile counter it resets) adds them in split order: deterministic,
 one launch, CUDA-graph safe (the counters are ``_common.split_locks``, shared with the GEMM).
@@ -41,12 +46,14 @@ import triton.language as tl
 
 from ..quant_linear import FP8_MAX, FP8_SCALE_MIN, INT4_CHUNK, int4_group
 from ._common import (
-    INTERPRET, NUM_LOCKS, cast_rne, fp8_round, next_pow2, pdl_enter, pdl_flags, split_k_sum, split_locks,
+    INTERPRET, NUM_LOCKS, cast_rne, fp8_round, next_pow2, pdl_enter, pdl_flags, split_k_sum, split_locks, tl_dtype,
 )
 from .glu import ACTIVATION_CODES, _activate
+from .rmsnorm import add_rmsnorm_row, normed_chunk
 
 W_DENSE, W_FP8, W_INT8, W_INT4 = 3, 0, 1, 2  # the 8/4-bit codes are those of quant_linear.py
 GEMV_MAX_TOKENS = 4  # what the kernel takes; quant_linear.py sends it fewer where it is the fastest path
+NORM_MAX_K = 16384  # the longest row the add + RMSNorm prologue holds in registers
 _FP8_MAX: tl.constexpr = tl.constexpr(FP8_MAX)
 _FP8_SCALE_MIN: tl.constexpr = tl.constexpr(FP8_SCALE_MIN)
 _MAGIC: tl.constexpr = tl.constexpr(0x4B000000)  # float bits of 2^23: OR-ing a code < 2^23 in gives 2^23 + code
@@ -100,9 +107,9 @@ def tensor_core_gemv_ok(fmt: int, dtype: torch.dtype) -> bool:
 
 
 @triton.jit
-def _dense_step(acc, w, x_rows, kk, k_ok, m_ok, x_scale, W_FMT: tl.constexpr, HW_FP8: tl.constexpr):
-    """``acc [BM, BN, BK] += w [BN, BK] * x[:, kk]`` (x rounded to fp8 first for the fp8 format)."""
-    xt = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+def _dense_step(acc, w, xt, x_scale, W_FMT: tl.constexpr, HW_FP8: tl.constexpr):
+    """``acc [BM, BN, BK] += w [BN, BK] * xt [BM, BK]`` (x rounded to fp8 first for the fp8 format)."""
+    xt = xt.to(tl.float32)
     if W_FMT == 0:
         xt = xt / x_scale[:, None]
         if HW_FP8:
@@ -113,10 +120,9 @@ def _dense_step(acc, w, x_rows, kk, k_ok, m_ok, x_scale, W_FMT: tl.constexpr, HW
 
 
 @triton.jit
-def _dense_step_tc(acc, w, x_rows, kk, k_ok, m_ok, x_scale, W_FMT: tl.constexpr, HW_FP8: tl.constexpr):
-    """``acc [BN, 16] += w [BN, BK] @ x[:, kk]^T`` on the tensor cores (x rounded to fp8 for the fp8 format).
+def _dense_step_tc(acc, w, xt, x_scale, W_FMT: tl.constexpr, HW_FP8: tl.constexpr):
+    """``acc [BN, 16] += w [BN, BK] @ xt^T`` on the tensor cores (x rounded to fp8 for the fp8 format).
     The interpreter multiplies in exact float32 the same rounded operands."""
-    xt = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
     if W_FMT == 0:
         xs = xt.to(tl.float32) / x_scale[:, None]
         if HW_FP8:
@@ -128,12 +134,19 @@ def _dense_step_tc(acc, w, x_rows, kk, k_ok, m_ok, x_scale, W_FMT: tl.constexpr,
 
 
 @triton.jit
-def _dense_acc(acc, w, x_rows, kk, k_ok, m_ok, x_scale, W_FMT: tl.constexpr, HW_FP8: tl.constexpr,
-               TENSOR_CORES: tl.constexpr):
-    if TENSOR_CORES:
-        out = _dense_step_tc(acc, w, x_rows, kk, k_ok, m_ok, x_scale, W_FMT, HW_FP8)
+def _dense_acc(acc, w, x_rows, kk, k_ok, m_ok, x_scale, x_ptr, r_ptr, nw_ptr, rstd, w_offset,
+               W_FMT: tl.constexpr, HW_FP8: tl.constexpr, TENSOR_CORES: tl.constexpr,
+               NORM: tl.constexpr, NORM_OFFSET: tl.constexpr, NORM_PROD: tl.constexpr):
+    if NORM:  # one row: x + residual normalised here, as the add + RMSNorm launch would have stored it
+        row = normed_chunk(x_ptr, r_ptr, nw_ptr, kk, k_ok, rstd, w_offset, x_ptr.dtype.element_ty,
+                           NORM_OFFSET, NORM_PROD)
+        xt = tl.where(m_ok[:, None], row[None, :], 0.0).to(x_ptr.dtype.element_ty)
     else:
-        out = _dense_step(acc, w, x_rows, kk, k_ok, m_ok, x_scale, W_FMT, HW_FP8)
+        xt = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+    if TENSOR_CORES:
+        out = _dense_step_tc(acc, w, xt, x_scale, W_FMT, HW_FP8)
+    else:
+        out = _dense_step(acc, w, xt, x_scale, W_FMT, HW_FP8)
     return out
 
 
@@ -170,10 +183,12 @@ def _int4_step(acc, words, x_rows, s_ptr, z_ptr, k0, K, word, col_base, w_ok, m_
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, lock_ptr,
+    r_ptr, nw_ptr, normed_ptr, summed_ptr, eps, w_offset,
     M, N, K, stride_xm, stride_ym, stride_wn, stride_sg, steps_per_split,
     W_FMT: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     HW_FP8: tl.constexpr, GLU_ACT: tl.constexpr, RNE: tl.constexpr, TENSOR_CORES: tl.constexpr,
+    NORM: tl.constexpr, NORM_H: tl.constexpr, NORM_OFFSET: tl.constexpr, NORM_PROD: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -208,6 +223,10 @@ def _gemv_kernel(
         w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
     pdl_enter(USE_PDL)
 
+    rstd = 1.0
+    if NORM:  # the add + RMSNorm of the one row, its statistics from the whole row; one program stores it
+        rstd = add_rmsnorm_row(x_ptr, r_ptr, nw_ptr, normed_ptr, summed_ptr, K, eps, w_offset,
+                               (tile == 0) & (pid_k == 0), NORM_H, NORM_OFFSET, NORM_PROD)
     x_scale = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
     if W_FMT == 0:  # per-token fp8 scale over the whole row
         amax = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
@@ -232,12 +251,14 @@ def _gemv_kernel(
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-        acc = _dense_acc(acc, w, x_rows, kk, k_ok, m_ok, x_scale, W_FMT, HW_FP8, TENSOR_CORES)
+        acc = _dense_acc(acc, w, x_rows, kk, k_ok, m_ok, x_scale, x_ptr, r_ptr, nw_ptr, rstd, w_offset,
+                         W_FMT, HW_FP8, TENSOR_CORES, NORM, NORM_OFFSET, NORM_PROD)
         for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             k_ok = kk < K
             w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = _dense_acc(acc, w, x_rows, kk, k_ok, m_ok, x_scale, W_FMT, HW_FP8, TENSOR_CORES)
+            acc = _dense_acc(acc, w, x_rows, kk, k_ok, m_ok, x_scale, x_ptr, r_ptr, nw_ptr, rstd, w_offset,
+                         W_FMT, HW_FP8, TENSOR_CORES, NORM, NORM_OFFSET, NORM_PROD)
         if TENSOR_CORES:
             total = tl.trans(acc)  # [BM, BN]
         else:
@@ -275,6 +296,34 @@ def _gemv_epilogue(total, x_scale, s_ptr, b_ptr, y_ptr, tile, offs_m, offs_n, m_
         tl.store(y_ptrs, cast_rne(total, out_ty, RNE), mask=m_ok[:, None] & n_ok[None, :])
 
 
+@dataclass(frozen=True)
+class AddRmsNorm:
+    """The add + RMSNorm in front of a one-row GEMV (``triton_fused_add_rmsnorm``'s arguments and outputs): the
+    GEMV multiplies ``rmsnorm(x + residual)`` and one program writes ``normed`` and ``summed``."""
+
+    residual: torch.Tensor  # [1, K], x's dtype
+    weight: torch.Tensor  # [K]
+    eps: float
+    weight_offset: float
+    normed: torch.Tensor  # [1, K] contiguous, written
+    summed: torch.Tensor  # [1, K] contiguous, written
+
+
+def _norm_args(norm: AddRmsNorm | None, x: torch.Tensor, fmt: int) -> tuple[tuple, dict]:
+    if norm is None:
+        return (x, x, x, x, 0.0, 0.0), dict(NORM=False, NORM_H=1, NORM_OFFSET=False, NORM_PROD=tl.float32)
+    m, k = x.shape
+    tensors = (norm.residual, norm.normed, norm.summed)
+    if fmt != W_DENSE or m != 1 or k > NORM_MAX_K or any(t.dtype != x.dtype or t.shape != x.shape for t in tensors):
+        raise ValueError(f"gemv with an add + RMSNorm takes one row of 16-bit or float32 weights of <= {NORM_MAX_K} "
+                         f"columns, every row tensor in x's dtype and shape; got {tuple(x.shape)}, format {fmt}")
+    if any(t.stride(-1) != 1 for t in (*tensors, norm.weight)):
+        raise ValueError("gemv with an add + RMSNorm needs unit-stride rows")
+    prod = torch.promote_types(x.dtype, norm.weight.dtype)
+    args = (norm.residual, norm.weight, norm.normed, norm.summed, float(norm.eps), float(norm.weight_offset))
+    return args, dict(NORM=True, NORM_H=next_pow2(k), NORM_OFFSET=bool(norm.weight_offset), NORM_PROD=tl_dtype(prod))
+
+
 def gemv(
     x: torch.Tensor,  # [M, K], unit last stride, M <= GEMV_MAX_TOKENS
     fmt: int,
@@ -285,11 +334,13 @@ def gemv(
     group_size: int = 0,
     config: GemvConfig | None = None,
     glu_activation: str | None = None,  # weight is a packed [gate; up]: returns act(gate) * up [M, N / 2]
+    norm: AddRmsNorm | None = None,  # x is the add + RMSNorm's input: the product is of its output
 ) -> torch.Tensor:
     m, k = x.shape
     n = weight.shape[0]
     if m > GEMV_MAX_TOKENS:
         raise ValueError(f"gemv serves at most {GEMV_MAX_TOKENS} tokens, got {m}")
+    norm_args, norm_flags = _norm_args(norm, x, fmt)
     if glu_activation is not None and (n % 2 or glu_activation not in ACTIVATION_CODES):
         raise ValueError(f"gemv with a gated activation needs an even number of weight rows (got {n}) and one "
                          f"of {sorted(ACTIVATION_CODES)} (got {glu_activation!r})")
@@ -316,12 +367,12 @@ def gemv(
     group = int4_group(group_size, k) if fmt == W_INT4 else 1
     s = scales if scales is not None else y
     _gemv_kernel[(tiles, split)](
-        x, weight, s, zeros if zeros is not None else s, bias if bias is not None else s, y, part, locks,
+        x, weight, s, zeros if zeros is not None else s, bias if bias is not None else s, y, part, locks, *norm_args,
         m, n, k, x.stride(0), y.stride(0), weight.stride(0), scales.stride(0) if fmt == W_INT4 else 0, per_split,
         W_FMT=fmt, GROUP=group, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, HW_FP8=not INTERPRET,
         GLU_ACT=-1 if glu_activation is None else ACTIVATION_CODES[glu_activation],
-        RNE=INTERPRET and x.dtype == torch.bfloat16, TENSOR_CORES=tensor_cores,
+        RNE=INTERPRET and x.dtype == torch.bfloat16, TENSOR_CORES=tensor_cores, **norm_flags,
         num_warps=1 if INTERPRET else cfg.warps, num_stages=cfg.stages,
         **pdl_flags(x.device, m),
     )

@@ -106,25 +106,25 @@ def _tile_of(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _block(pid_m, sorted_ptr, blk_expert_ptr, blk_rows_ptr, E, BLOCK_M: tl.constexpr, DIRECT: tl.constexpr,
-           CACHE: tl.constexpr = ""):
-    """Block ``pid_m``: its expert (-1: nothing to do), valid-row mask, assignment and buffer row of each row.
+def _block(pid_m, sorted_ptr, blk_expert_ptr, blk_rows_ptr, E, BLOCK_M: tl.constexpr, DIRECT: tl.constexpr):
+    """Block ``pid_m``: its expert (-1: nothing to do), valid-row mask, assignment and buffer row of each row,
+    read from L2 (``.cg``: GEMM 2 reads them before ``pdl_enter``).
 
     ``DIRECT`` (one token, no alignment launch): block ``b`` is assignment ``b`` alone and ``sorted_ptr`` points
-    at the routed expert ids themselves. ``CACHE=".cg"`` reads them from L2 (before ``pdl_enter``).
+    at the routed expert ids themselves.
     """
     r = tl.arange(0, BLOCK_M)
     if DIRECT:
-        routed = tl.load(sorted_ptr + pid_m, cache_modifier=CACHE)
+        routed = tl.load(sorted_ptr + pid_m, cache_modifier=".cg")
         expert = tl.where((routed >= 0) & (routed < E), routed, -1).to(tl.int32)
         row_ok = r < 1
         assign = pid_m + r * 0
         rows = pid_m + r
     else:
-        expert = tl.load(blk_expert_ptr + pid_m, cache_modifier=CACHE)
-        row_ok = r < tl.load(blk_rows_ptr + pid_m, cache_modifier=CACHE)
+        expert = tl.load(blk_expert_ptr + pid_m, cache_modifier=".cg")
+        row_ok = r < tl.load(blk_rows_ptr + pid_m, cache_modifier=".cg")
         rows = pid_m * BLOCK_M + r
-        assign = tl.load(sorted_ptr + rows, mask=row_ok, other=0, cache_modifier=CACHE)
+        assign = tl.load(sorted_ptr + rows, mask=row_ok, other=0, cache_modifier=".cg")
     return expert, row_ok, assign, rows
 
 
@@ -204,12 +204,11 @@ def _moe_down_kernel(
     USE_PDL: tl.constexpr,
 ):
     pid_m, pid_n = _tile_of(tl.program_id(0), num_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
-    if PREFETCH:  # the routing is the op's input, final once GEMM 1 (which waits for its writer) has started
-        expert, row_ok, assign, rows = _block(pid_m, sorted_ptr, blk_expert_ptr, blk_rows_ptr, E, BLOCK_M,
-                                              DIRECT, ".cg")
-    else:
+    if not PREFETCH:
         pdl_enter(USE_PDL)
-        expert, row_ok, assign, rows = _block(pid_m, sorted_ptr, blk_expert_ptr, blk_rows_ptr, E, BLOCK_M, DIRECT)
+    # with PREFETCH before the wait: the routing is the op's input, final once GEMM 1 (which waits for its writer)
+    # has started
+    expert, row_ok, assign, rows = _block(pid_m, sorted_ptr, blk_expert_ptr, blk_rows_ptr, E, BLOCK_M, DIRECT)
     e64 = expert.to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N

@@ -32,6 +32,39 @@ def _normalize(xf, rstd, w, w_offset, X_DTYPE: tl.constexpr, PROD_DTYPE: tl.cons
 
 
 @triton.jit
+def add_rmsnorm_row(x_ptr, r_ptr, w_ptr, o_ptr, sum_ptr, H, eps, w_offset, store,
+                    BLOCK_H: tl.constexpr, HAS_OFFSET: tl.constexpr, PROD_DTYPE: tl.constexpr):
+    """Inside another kernel (the decode GEMV's prologue): ``1 / rms`` of one row ``x + residual``, the sum rounded
+    to ``sum_ptr``'s dtype first; with ``store`` the sum and the normalised row are written as
+    ``_rmsnorm_rows_kernel`` writes them."""
+    cols = tl.arange(0, BLOCK_H)
+    ok = cols < H
+    sum_ty = sum_ptr.dtype.element_ty
+    added = tl.load(x_ptr + cols, mask=ok, other=0.0).to(tl.float32) + tl.load(r_ptr + cols, mask=ok, other=0.0).to(
+        tl.float32)
+    xf = added.to(sum_ty).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, 0) / H + eps)
+    if store:
+        tl.store(sum_ptr + cols, xf.to(sum_ty), mask=ok)
+        w = tl.load(w_ptr + cols, mask=ok, other=0.0)
+        y = _normalize(xf, rstd, w, w_offset, sum_ty, PROD_DTYPE, HAS_OFFSET)
+        tl.store(o_ptr + cols, y.to(o_ptr.dtype.element_ty), mask=ok)
+    return rstd
+
+
+@triton.jit
+def normed_chunk(x_ptr, r_ptr, w_ptr, cols, ok, rstd, w_offset, OUT_DTYPE: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                 PROD_DTYPE: tl.constexpr):
+    """Elements ``cols`` of the row ``add_rmsnorm_row`` normalised (``rstd`` from it), in ``OUT_DTYPE``: what it
+    stores there, recomputed from ``x``, the residual and the weight (the sum's dtype is ``OUT_DTYPE``)."""
+    added = tl.load(x_ptr + cols, mask=ok, other=0.0).to(tl.float32) + tl.load(r_ptr + cols, mask=ok, other=0.0).to(
+        tl.float32)
+    xf = added.to(OUT_DTYPE).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0)
+    return _normalize(xf, rstd, w, w_offset, OUT_DTYPE, PROD_DTYPE, HAS_OFFSET).to(OUT_DTYPE)
+
+
+@triton.jit
 def _rmsnorm_rows_kernel(
     x_ptr, r_ptr, w_ptr, o_ptr, sum_ptr,
     n_rows, H, stride_x, stride_r, stride_o, stride_sum, eps, w_offset,
