@@ -55,10 +55,10 @@ DECODE_SWEEP = [  # --sweep / --decode-tiles: decode (T = 1) candidates beside t
     MoeTiles(16, 64, 128, 4, 4, 64, 128, 4, 4, sum_in_down=False, down_prefetch=False),
     MoeTiles(16, 64, 128, 4, 4, 64, 128, 4, 4, down_prefetch=False),
     MoeTiles(16, 128, 128, 8, 4, 64, 256, 4, 3, sum_in_down=False),
-    MoeTiles(16, 128, 128, 8, 4, 64, 256, 4, 3),
-    MoeTiles(16, 128, 128, 8, 4, 64, 256, 4, 3, sum_in_down=False, down_prefetch=False),
-    MoeTiles(16, 64, 128, 4, 4, 32, 256, 4, 3, sum_in_down=False),
-    MoeTiles(16, 64, 128, 4, 4, 32, 256, 4, 3),
+    MoeTiles(16, 64, 128, 4, 4, 32, 1024, 8, 1, sum_in_down=False),  # GEMM 2: all of a row read before the wait
+    MoeTiles(16, 64, 128, 4, 4, 16, 1024, 4, 1, sum_in_down=False),
+    MoeTiles(16, 64, 128, 4, 4, 32, 1024, 4, 1, sum_in_down=False),
+    MoeTiles(16, 64, 128, 4, 4, 64, 1024, 8, 1, sum_in_down=False),
 ]
 
 

@@ -3,11 +3,11 @@
     python scripts/compile_sm90.py        # prints one line per kernel variant; exit status 1 if any fails
 
 The Triton interpreter checks what a kernel computes, not whether the GPU compiler accepts it: a construct the
-interpreter runs can still fail to lower to PTX. This compiles each variant that ``gemv.py`` (with the add +
-RMSNorm prologue too), ``quant_linear.py``, ``dequant_linear.py``, ``moe.py`` and ``moe_router.py`` launch on CUDA
-(formats, split-K, the tiles of ``gemv_config``, router sizes, the MoE's one-token and aligned GEMMs), and the small kernels of a decode step (the tensor-parallel fused all-reduce and
-the decode attention too) with programmatic dependent launch on, for
-``sm_90`` with Triton's own ``ptxas``, so such a failure shows up on CPU. Must run without
+interpreter runs can still fail to lower to PTX. This compiles each variant that ``gemv.py`` (with the add + RMSNorm
+prologue too), ``quant_linear.py``, ``dequant_linear.py``, ``moe.py`` and ``moe_router.py`` launch on CUDA (formats,
+split-K, the tiles of ``gemv_config``, router sizes, the MoE's one-token and aligned GEMMs), and the small kernels
+of a decode step (the tensor-parallel fused all-reduce and the decode attention too) with programmatic dependent
+launch on, for ``sm_90`` with Triton's own ``ptxas``, so such a failure shows up on CPU. Must run without
 ``TRITON_INTERPRET`` (the kernels are then ``JITFunction``s).
 """
 

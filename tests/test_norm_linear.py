@@ -20,8 +20,10 @@ def _unfused(x, residual, norm_weight, eps, offset, weight, bias, act):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape,act,offset", [((1, 1, 200), None, 0.0), ((1, 96), "silu", 0.0),
-                                              ((1, 1, 130), None, 1.0), ((3, 96), None, 0.0), ((2, 5, 96), "silu", 0.0)])
+@pytest.mark.parametrize("shape,act,offset", [
+    ((1, 1, 200), None, 0.0), ((1, 96), "silu", 0.0), ((1, 1, 130), None, 1.0), ((3, 96), None, 0.0),
+    ((2, 5, 96), "silu", 0.0),
+])
 def test_op_equals_add_rmsnorm_then_linear(dtype, shape, act, offset):
     """One row takes the fused GEMV (the same normalised values, so the same products); more rows the two ops."""
     k = shape[-1]
@@ -85,6 +87,24 @@ def test_transform_fuses_the_norms_into_the_linears_after_them():
         reexport=False,
     )
     assert history["fuse_add_rmsnorm_linear"].num_matches == 2 * layers
+
+
+def test_transform_leaves_linears_with_many_rows():
+    """Only linears of at most ``max_out_features`` rows take the norm (every GEMV program reads the whole row)."""
+    from autodeploy.models.tiny import tiny_model
+    from transform_harness import check_transforms
+
+    model = tiny_model("llama")
+    rows = {model.config.intermediate_size * 2, model.config.vocab_size}  # gate/up, LM head; qkv is wider than o
+    limit = min(rows) - 1
+    overrides = {name: {"backend": "triton"} for name in TRITON}
+    _, history = check_transforms(
+        model, ["cleanup_noop_ops", "match_rmsnorm", "match_glu", "fuse_parallel_linears", "fuse_glu",
+                "fuse_add_rmsnorm", "gemv_linears", "fuse_glu_linear", "fuse_add_rmsnorm_linear"],
+        overrides={**overrides, "fuse_add_rmsnorm_linear": {"max_out_features": limit}}, reexport=False,
+    )
+    qkv_rows = (model.config.num_attention_heads + 2 * model.config.num_key_value_heads) * model.config.head_dim
+    assert history["fuse_add_rmsnorm_linear"].num_matches == (model.config.num_hidden_layers - 1) * (qkv_rows <= limit)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen3_moe"])
