@@ -4,8 +4,8 @@ Matches: ``triton_fused_add_rmsnorm`` whose normalised output feeds (directly, o
 ``[-1, H]``) a ``triton_linear`` or a dense ``triton_linear_glu`` (so this runs after ``gemv_linears`` and
 ``fuse_glu_linear``) of at most ``max_out_features`` weight rows. Emits ``triton_add_rmsnorm_linear``
 (``custom_ops/triton/norm_linear.py``) in the norm's place; its normalised row and sum replace the norm's for every
-other reader (the MoE experts beside the router, the next layer's add). At one token the GEMV normalises the row in its prologue: one launch fewer. The torch backend
-has no such nodes, so the graph is left alone there.
+other reader (the MoE experts beside the router, the next layer's add). At one token the GEMV normalises the row in
+its prologue: one launch fewer. The torch backend has no such nodes, so the graph is left alone there.
 
 Every program of the GEMV reads the whole row three times (``x``, the residual, the norm weight) to form its
 statistics, so the fusion pays only where programs are few: a router. On an H100 (run 33) fusing every norm cost
