@@ -28,6 +28,7 @@ from dataclasses import asdict
 from typing import Callable
 
 import torch
+import yaml
 
 from autodeploy import optimize
 from autodeploy.bench.decode_graph import decode_graph_profile, decode_replay_ms
@@ -114,6 +115,7 @@ def run_e2e(args, emit: Callable[..., dict], smoke: bool) -> bool:
         max_num_tokens=args.max_num_tokens,
         max_seq_len=512,
         **({"transforms.fuse_moe.backend": "triton"} if smoke else {}),
+        **{k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in getattr(args, "set", []))},
     )
     if torch.cuda.is_available():
         torch.cuda.synchronize()
