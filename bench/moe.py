@@ -51,14 +51,10 @@ ROTATE = 2 if SMOKE else 4
 COPY_BPS, MMA_FLOPS = 3.0e12, 795e12  # H100 copy bandwidth (measured) and dense bf16 rate
 REL_TOL = 1e-2
 DECODE_SWEEP = [  # --sweep / --decode-tiles: decode (T = 1) candidates beside the default
-    MoeTiles(16, 64, 128, 4, 4, 64, 128, 4, 4, sum_in_down=False),  # the top-k sum as its own launch
-    MoeTiles(16, 64, 128, 4, 4, 64, 128, 4, 4, sum_in_down=False, down_prefetch=False),
-    MoeTiles(16, 64, 128, 4, 4, 64, 128, 4, 4, down_prefetch=False),
-    MoeTiles(16, 128, 128, 8, 4, 64, 256, 4, 3, sum_in_down=False),
-    MoeTiles(16, 64, 128, 4, 4, 32, 1024, 8, 1, sum_in_down=False),  # GEMM 2: all of a row read before the wait
-    MoeTiles(16, 64, 128, 4, 4, 16, 1024, 4, 1, sum_in_down=False),
-    MoeTiles(16, 64, 128, 4, 4, 32, 1024, 4, 1, sum_in_down=False),
-    MoeTiles(16, 64, 128, 4, 4, 64, 1024, 8, 1, sum_in_down=False),
+    MoeTiles(16, 128, 128, 4, 4, 128, 128, 4, 4),
+    MoeTiles(16, 128, 128, 8, 4, 64, 256, 4, 3),
+    MoeTiles(16, 64, 128, 4, 4, 32, 256, 4, 3),
+    MoeTiles(16, 256, 64, 8, 4, 64, 128, 4, 4),
 ]
 
 

@@ -58,28 +58,21 @@ def gemv_signature(fmt: int, consts: dict) -> dict:
 
 
 def moe_variants():
-    """The fused MoE's grouped GEMMs: one token (direct) and aligned blocks, GEMM 2 with and without its
-    pre-wait routing reads and the top-k sum."""
+    """The fused MoE's grouped GEMMs: one token (direct) and aligned blocks."""
     up = ["x_ptr", "w_ptr", "b_ptr", "h_ptr", "sorted_ptr", "blk_expert_ptr", "blk_rows_ptr", "H", "U", "I", "E",
           "top_k", "num_blocks", "stride_xt", "stride_we", "stride_wn", "stride_wk", "stride_be", "stride_hm"]
     up_types = ["*bf16"] * 4 + ["*i64", "*i32", "*i32"] + ["i32"] * 12
-    down = ["h_ptr", "w_ptr", "b_ptr", "y_ptr", "sorted_ptr", "blk_expert_ptr", "blk_rows_ptr", "topw_ptr", "out_ptr",
-            "lock_ptr", "N", "K", "E", "num_blocks", "stride_hm", "stride_we", "stride_wn", "stride_wk", "stride_be",
-            "stride_ym"]
-    down_types = ["*bf16"] * 4 + ["*i64", "*i32", "*i32", "*bf16", "*bf16", "*i32"] + ["i32"] * 10
+    down = ["h_ptr", "w_ptr", "b_ptr", "y_ptr", "sorted_ptr", "blk_expert_ptr", "blk_rows_ptr", "topw_ptr", "N", "K",
+            "E", "num_blocks", "stride_hm", "stride_we", "stride_wn", "stride_wk", "stride_be", "stride_ym"]
+    down_types = ["*bf16"] * 4 + ["*i64", "*i32", "*i32", "*bf16"] + ["i32"] * 10
     for direct in (True, False):
-        consts = dict(BLOCK_M=16, BLOCK_N=64, COLS=32, BLOCK_K=128, GROUP_M=8, GATED=True, INTERLEAVED=False,
-                      ACT=0, CLAMP=False, HAS_BIAS=False, EVEN_K=True, UPCAST=False, IEEE=False, RNE=False,
-                      DIRECT=direct, USE_PDL=True)
+        common = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, HAS_BIAS=False, EVEN_K=True, UPCAST=False,
+                      IEEE=False, RNE=False, DIRECT=direct, USE_PDL=True)
+        consts = dict(common, COLS=32, GATED=True, INTERLEAVED=False, ACT=0, CLAMP=False)
         signature = {**dict(zip(up, up_types)), "limit": "fp32", "alpha": "fp32", **{k: "constexpr" for k in consts}}
         yield f"moe_up direct={direct}", _moe_up_kernel, signature, consts, dict(num_warps=4, num_stages=4)
-        for prefetch, sum_last in [(True, False), (False, False), (True, direct)]:
-            consts = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, HAS_BIAS=False, EVEN_K=True, UPCAST=False,
-                          IEEE=False, RNE=False, DIRECT=direct, SUM_LAST=sum_last, K_PAD=8, PREFETCH=prefetch,
-                          USE_PDL=True)
-            signature = {**dict(zip(down, down_types)), **{k: "constexpr" for k in consts}}
-            name = f"moe_down direct={direct} prefetch={prefetch} sum_last={sum_last}"
-            yield name, _moe_down_kernel, signature, consts, dict(num_warps=4, num_stages=4)
+        signature = {**dict(zip(down, down_types)), **{k: "constexpr" for k in common}}
+        yield f"moe_down direct={direct}", _moe_down_kernel, signature, common, dict(num_warps=4, num_stages=4)
 
 
 def variants():

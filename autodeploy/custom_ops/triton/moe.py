@@ -1,6 +1,6 @@
 """Triton fused mixture-of-experts: ``autodeploy::triton_moe`` (contract: ``custom_ops/moe.py``).
 
-Two to five launches (two for one token), every grid and buffer sized from tensor shapes only
+Three to five launches (three for one token), every grid and buffer sized from tensor shapes only
 (``M = T * K`` assignments, ``E`` experts), no host syncs, so decode steps capture into CUDA graphs:
 
 1. **Align** (``moe_align.py``, one launch for decode-sized batches, two above): assignments sorted by expert
@@ -16,17 +16,12 @@ Two to five launches (two for one token), every grid and buffer sized from tenso
    adds the bias and applies the activation (silu, gelu, gelu_tanh, relu, relu2, gpt-oss's clamped
    ``swiglu_oai``). Output ``h [rows, I]`` in the model dtype, in sorted order.
 3. **GEMM 2** (``_moe_down_kernel``): ``h @ w_down[e]^T`` (+ bias), times the assignment's routing weight in
-   fp32, stored to ``y[t * K + j]`` (model dtype). Under programmatic dependent launch it reads the routing
-   (from L2) and its first weight tile before ``pdl_enter``: the routing is written before GEMM 1 starts, and
-   GEMM 2 cannot launch before every GEMM-1 program has waited for that writer (``pdl_enter`` waits, then
-   releases the next kernel), so only ``h`` must wait.
+   fp32, stored to ``y[t * K + j]`` (model dtype).
 4. **Top-k sum** (``_moe_sum_kernel``): ``out[t] = sum_j y[t * K + j]`` over the valid ``j`` in fp32, in
    order, rounded once. A deterministic second pass rather than fp32 atomics in GEMM 2: the output is
    bit-reproducible (same batch, same tokens: CUDA-graph and eager decode agree exactly), needs no zeroed
    fp32 buffer (a memset launch) nor a cast pass to the model dtype afterwards, and costs one read + write of
    ``M x H`` in the model dtype (decode: 32 KB; 4096 tokens x top-8: 268 MB, ~0.09 ms at 3 TB/s).
-   For a single token GEMM 2 does it: the last of a column tile's ``K`` programs to finish (an arrival counter
-   of ``_common.split_locks``) sums their rows, so batch-1 decode runs two launches.
 
 Rounding follows the reference where it is free: the projection is rounded to the model dtype before the
 bias and again after it, the activation is rounded before its product with ``up`` (gpt-oss's form runs in
@@ -48,9 +43,7 @@ import triton
 import triton.language as tl
 
 from .. import moe as _reference  # noqa: F401  (registers the torch op family)
-from ._common import (
-    INTERPRET, NUM_LOCKS, cast_rne, mma, next_pow2, pdl_enter, pdl_flags, split_locks, upcast_dots,
-)
+from ._common import INTERPRET, cast_rne, mma, next_pow2, pdl_enter, pdl_flags, upcast_dots
 from .moe_align import CHUNK, ONE_CHUNK_MAX, align_routing
 from .glu import ACTIVATION_CODES, _activate
 
@@ -71,8 +64,6 @@ class MoeTiles:
     down_warps: int = 4
     down_stages: int = 4
     group_m: int = 8  # blocks per group in the program order (L2 reuse of weight tiles)
-    sum_in_down: bool = True  # one token: the last GEMM-2 program of a column tile does the top-k sum
-    down_prefetch: bool = True  # GEMM 2 reads the routing and its first weight tile before waiting for GEMM 1
 
 
 def default_tiles(
@@ -107,24 +98,23 @@ def _tile_of(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _block(pid_m, sorted_ptr, blk_expert_ptr, blk_rows_ptr, E, BLOCK_M: tl.constexpr, DIRECT: tl.constexpr):
-    """Block ``pid_m``: its expert (-1: nothing to do), valid-row mask, assignment and buffer row of each row,
-    read from L2 (``.cg``: GEMM 2 reads them before ``pdl_enter``).
+    """Block ``pid_m``: its expert (-1: nothing to do), valid-row mask, assignment and buffer row of each row.
 
     ``DIRECT`` (one token, no alignment launch): block ``b`` is assignment ``b`` alone and ``sorted_ptr`` points
     at the routed expert ids themselves.
     """
     r = tl.arange(0, BLOCK_M)
     if DIRECT:
-        routed = tl.load(sorted_ptr + pid_m, cache_modifier=".cg")
+        routed = tl.load(sorted_ptr + pid_m)
         expert = tl.where((routed >= 0) & (routed < E), routed, -1).to(tl.int32)
         row_ok = r < 1
         assign = pid_m + r * 0
         rows = pid_m + r
     else:
-        expert = tl.load(blk_expert_ptr + pid_m, cache_modifier=".cg")
-        row_ok = r < tl.load(blk_rows_ptr + pid_m, cache_modifier=".cg")
+        expert = tl.load(blk_expert_ptr + pid_m)
+        row_ok = r < tl.load(blk_rows_ptr + pid_m)
         rows = pid_m * BLOCK_M + r
-        assign = tl.load(sorted_ptr + rows, mask=row_ok, other=0, cache_modifier=".cg")
+        assign = tl.load(sorted_ptr + rows, mask=row_ok, other=0)
     return expert, row_ok, assign, rows
 
 
@@ -195,44 +185,35 @@ def _moe_up_kernel(
 
 @triton.jit
 def _moe_down_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr, sorted_ptr, blk_expert_ptr, blk_rows_ptr, topw_ptr, out_ptr, lock_ptr,
+    h_ptr, w_ptr, b_ptr, y_ptr, sorted_ptr, blk_expert_ptr, blk_rows_ptr, topw_ptr,
     N, K, E, num_blocks,
     stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, RNE: tl.constexpr,
-    DIRECT: tl.constexpr, SUM_LAST: tl.constexpr, K_PAD: tl.constexpr, PREFETCH: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    DIRECT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_enter(USE_PDL)
     pid_m, pid_n = _tile_of(tl.program_id(0), num_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
-    if not PREFETCH:
-        pdl_enter(USE_PDL)
-    # with PREFETCH before the wait: the routing is the op's input, final once GEMM 1 (which waits for its writer)
-    # has started
     expert, row_ok, assign, rows = _block(pid_m, sorted_ptr, blk_expert_ptr, blk_rows_ptr, E, BLOCK_M, DIRECT)
-    e64 = expert.to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    k = tl.arange(0, BLOCK_K)
-    a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + k[None, :]
-    w_ptrs = w_ptr + e64 * stride_we + cols[None, :].to(tl.int64) * stride_wn + k[:, None] * stride_wk
-    if PREFETCH:  # the first weight tile streams in while GEMM 1 drains
-        w = tl.load(w_ptrs, mask=(k < K)[:, None] & (col_ok & (cols * 0 + expert >= 0))[None, :], other=0.0)
-        pdl_enter(USE_PDL)
     if expert >= 0:
+        e64 = expert.to(tl.int64)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        k = tl.arange(0, BLOCK_K)
+        a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + k[None, :]
+        w_ptrs = w_ptr + e64 * stride_we + cols[None, :].to(tl.int64) * stride_wn + k[:, None] * stride_wk
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kk in range(tl.cdiv(K, BLOCK_K)):
-            k_ok = k < K - kk * BLOCK_K
             if EVEN_K:
                 a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                w = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
             else:
+                k_ok = k < K - kk * BLOCK_K
                 a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            if not PREFETCH:
                 w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             acc = mma(a, w, acc, UPCAST, IEEE)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K * stride_wk
-            if PREFETCH:  # the next tile (none after the last)
-                w = tl.load(w_ptrs, mask=(k < K - (kk + 1) * BLOCK_K)[:, None] & col_ok[None, :], other=0.0)
         dtype = y_ptr.dtype.element_ty
         y = cast_rne(acc, dtype, RNE).to(tl.float32)
         if HAS_BIAS:
@@ -241,28 +222,6 @@ def _moe_down_kernel(
         weight = tl.load(topw_ptr + assign, mask=row_ok, other=0.0).to(tl.float32)
         y_ptrs = y_ptr + assign[:, None].to(tl.int64) * stride_ym + cols[None, :]
         tl.store(y_ptrs, cast_rne(y * weight[:, None], dtype, RNE), mask=row_ok[:, None] & col_ok[None, :])
-    if SUM_LAST:  # one token, block j = assignment j: the last of the column tile's blocks sums them
-        _sum_when_last(y_ptr, sorted_ptr, out_ptr, lock_ptr, pid_n, N, E, num_blocks, stride_ym,
-                       BLOCK_N, K_PAD, RNE)
-
-
-@triton.jit
-def _sum_when_last(y_ptr, ids_ptr, out_ptr, lock_ptr, pid_n, N, E, top_k, stride_ym,
-                   BLOCK_N: tl.constexpr, K_PAD: tl.constexpr, RNE: tl.constexpr):
-    """The top-k sum of ``_moe_sum_kernel`` for one token's column tile ``pid_n``, by the last of its ``top_k``
-    programs to arrive (the count in ``lock_ptr[pid_n]``, which it resets): every block counts itself, a
-    sentinel's too, after its rows are written; the last reads them past L1."""
-    tl.debug_barrier()  # every thread's rows are written before the count is released
-    arrived = tl.atomic_add(lock_ptr + pid_n, 1)
-    if arrived == top_k - 1:
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        j = tl.arange(0, K_PAD)
-        ids = tl.load(ids_ptr + j, mask=j < top_k, other=-1)
-        valid = (ids >= 0) & (ids < E)
-        y_ptrs = y_ptr + j.to(tl.int64)[:, None] * stride_ym + cols[None, :]
-        y = tl.load(y_ptrs, mask=valid[:, None] & (cols < N)[None, :], other=0.0, cache_modifier=".cg")
-        tl.store(out_ptr + cols, cast_rne(tl.sum(y.to(tl.float32), 0), out_ptr.dtype.element_ty, RNE), mask=cols < N)
-        tl.atomic_xchg(lock_ptr + pid_n, 0)
 
 
 @triton.jit
@@ -378,21 +337,15 @@ def moe_into(
         HAS_BIAS=b_up is not None, EVEN_K=hidden % tiles.up_k == 0, UPCAST=upcast, IEEE=ieee, RNE=rne,
         DIRECT=direct, **pdl, **(interp or {"num_warps": tiles.up_warps, "num_stages": tiles.up_stages}),
     )
-    down_tiles = triton.cdiv(hidden, tiles.down_n)
-    sum_last = direct and tiles.sum_in_down and down_tiles <= NUM_LOCKS
-    locks = split_locks(x.device) if sum_last else y
-    _moe_down_kernel[(num_blocks * down_tiles,)](
+    _moe_down_kernel[(num_blocks * triton.cdiv(hidden, tiles.down_n),)](
         h, w_down, b_down if b_down is not None else w_down, y, sorted_ids, block_expert, block_rows,
-        topk_weights.reshape(-1), out, locks,
+        topk_weights.reshape(-1),
         hidden, inter, num_experts, num_blocks,
         h.stride(0), *w_down.stride(), b_down.stride(0) if b_down is not None else 0, y.stride(0),
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.down_n, BLOCK_K=tiles.down_k, GROUP_M=tiles.group_m,
         HAS_BIAS=b_down is not None, EVEN_K=inter % tiles.down_k == 0, UPCAST=upcast, IEEE=ieee, RNE=rne,
-        DIRECT=direct, SUM_LAST=sum_last, K_PAD=next_pow2(top_k), PREFETCH=tiles.down_prefetch,
-        **pdl, **(interp or {"num_warps": tiles.down_warps, "num_stages": tiles.down_stages}),
+        DIRECT=direct, **pdl, **(interp or {"num_warps": tiles.down_warps, "num_stages": tiles.down_stages}),
     )
-    if sum_last:
-        return
     block_n = min(next_pow2(hidden), max(256, 4096 // next_pow2(top_k)))
     _moe_sum_kernel[(t, triton.cdiv(hidden, block_n))](
         y, ids, out, hidden, num_experts, top_k, y.stride(0), out.stride(0),
