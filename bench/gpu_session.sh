@@ -46,7 +46,7 @@ for step in "$@"; do
     moe)       timeout 420 python3 bench/moe.py --out "$OUT/moe.json" 2>&1 | tee "$OUT/moe.log" | grep '^{' | tail -20 ;;
     moe-decode) timeout 150 python3 bench/moe.py --skip-e2e --tokens 1 --sweep --out "$OUT/moe_decode.json" 2>&1 | tee "$OUT/moe_decode.log" | grep '^{' | cut -c1-260 ;;
     moe-trace) AUTODEPLOY_PDL=0 timeout 240 python3 bench/moe.py --skip-kernels --skip-reference --num-requests 16 --trace-decode --out "$OUT/moe_trace.json" 2>&1 | tee "$OUT/moe_trace.log" | grep '^{' | cut -c1-4000 ;;
-    moe-tiles) timeout 300 python3 bench/moe.py --skip-kernels --skip-reference --num-requests 16 --decode-tiles --out "$OUT/moe_tiles.json" 2>&1 | tee "$OUT/moe_tiles.log" | grep '^{' | cut -c1-400 ;;
+    moe-tiles) timeout 300 python3 bench/moe.py --skip-kernels --skip-reference --num-requests 16 --decode-tiles --gemv-variants --out "$OUT/moe_tiles.json" 2>&1 | tee "$OUT/moe_tiles.log" | grep '^{' | cut -c1-400 ;;
     moe-decode-ab) for fuse in true false; do timeout 200 python3 bench/moe.py --skip-kernels --skip-reference --num-requests 16 --set transforms.fuse_add_rmsnorm_linear.enabled=$fuse --out "$OUT/moe_norm_$fuse.json" 2>&1 | tee "$OUT/moe_norm_$fuse.log" | grep -E '"phase": "(build|decode)"' | cut -c1-300; done ;;
     moe-e2e)   timeout 240 python3 bench/moe.py --skip-kernels --skip-reference --out "$OUT/moe_e2e.json" 2>&1 | tee "$OUT/moe_e2e.log" | grep '^{' | tail -20 ;;
     compile-backend) timeout 290 python3 bench/compile_backend.py --out "$OUT/compile_backend.json" 2>&1 | tee "$OUT/compile_backend.log" | grep '^{' ;;

@@ -158,6 +158,8 @@ def main() -> int:
                         help="torch.profiler: the engine's batch-1 decode graph (run with AUTODEPLOY_PDL=0)")
     parser.add_argument("--decode-tiles", action="store_const", const=DECODE_SWEEP, default=None,
                         help="time the engine's batch-1 decode graph with each decode tile candidate too")
+    parser.add_argument("--gemv-variants", action="store_true",
+                        help="time the engine's batch-1 decode graph with other GEMV tiles too (moe_e2e.GEMV_VARIANTS)")
     parser.add_argument("--set", action="append", default=[], help="engine config override key=value (YAML value)")
     parser.add_argument("--layers", type=int, default=None, help="num_hidden_layers of the engine (48)")
     parser.add_argument("--tokens", default=None, help="comma list: the kernel phase's token counts (1,64,512,4096)")

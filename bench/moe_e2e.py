@@ -7,7 +7,8 @@
    ``replay_ms`` is the captured step alone (no host work); ``--trace-decode`` adds its kernel table.
 3. ``offline``: ``--num-requests`` x 128/128, all submitted at once (target: >= 3x the reference's).
    ``--decode-tiles`` then times the batch-1 decode graph again with each candidate of ``moe.py``'s sweep as the
-   one-token MoE tiles (the graph captured anew for each).
+   one-token MoE tiles (the graph captured anew for each); ``--gemv-variants`` the same with other decode GEMV
+   tiles (``GEMV_VARIANTS``).
 4. ``wave``: the reference needs ~0.6 s per step (a host sync per expert, 48 layers; no CUDA graphs), so a
    1000-request run would take ~6 minutes. With every request the same length the offline run is a train of
    identical waves of ``--max-batch-size`` requests, so for each backend one wave is measured in two parts on
@@ -34,7 +35,10 @@ from autodeploy import optimize
 from autodeploy.bench.decode_graph import decode_graph_profile, decode_replay_ms
 from autodeploy.bench.engine_bench import run_engine_bench
 from autodeploy.bench.workload import synthetic_requests
+from autodeploy.custom_ops.triton import gemv as gemv_kernels
 from autodeploy.custom_ops.triton import moe as moe_kernels
+from autodeploy.custom_ops.triton._common import next_pow2
+from autodeploy.custom_ops.triton.gemv import W_DENSE, GemvConfig
 from autodeploy.custom_ops.triton.moe import MoeTiles
 from autodeploy.transforms import get_history
 
@@ -90,6 +94,31 @@ def wave(engine, requests: int, isl: int, decode_steps: int, vocab: int) -> dict
     full_s = a + (isl - 1) * step  # a 128/128 wave: the prefill steps give token 1, then 127 decode steps
     return {"requests": requests, "A_s": a, "B_s": b_run.elapsed_s, "B_tok_s": b_run.output_tok_per_s,
             "decode_step_ms": 1e3 * step, "wave_128_128_s": full_s, "modelled_tok_s": requests * isl / full_s}
+
+
+def _whole_row(m, n, k, fmt, device):  # every program's weights read before it waits for the kernel before
+    return GemvConfig(4, next_pow2(k), 1, 4, 1) if m == 1 and fmt == W_DENSE and k <= 4096 else None
+
+
+def _isolated_bests(m, n, k, fmt, device):  # run 33's bench/gemv.py --shapes qwen3-moe bests for o and the LM head
+    if m == 1 and fmt == W_DENSE and n >= 65536:
+        return GemvConfig(4, 2048, 2, 8, 1)
+    return GemvConfig(4, 2048, 1, 4, 1) if m == 1 and fmt == W_DENSE and k == 4096 else None
+
+
+GEMV_VARIANTS = {"whole_row": _whole_row, "isolated_bests": _isolated_bests}
+
+
+def replay_with_gemv(runner, choose) -> float:
+    """The batch-1 decode replay (ms) with ``choose(m, n, k, fmt, device)`` picking the GEMV tiles where it returns
+    one (the graph of batch 1 captured anew)."""
+    default = gemv_kernels.gemv_config
+    gemv_kernels.gemv_config = lambda *a: choose(*a) or default(*a)
+    try:
+        runner.capture_cuda_graphs(1)
+        return decode_replay_ms(runner)
+    finally:
+        gemv_kernels.gemv_config = default
 
 
 def replay_with_tiles(runner, tiles: MoeTiles) -> float:
@@ -150,6 +179,10 @@ def run_e2e(args, emit: Callable[..., dict], smoke: bool) -> bool:
         default = moe_kernels.default_tiles(top_k, experts, torch.bfloat16, torch.device("cuda"))
         for tiles in [default, *args.decode_tiles]:
             emit("decode_tiles", tiles=asdict(tiles), replay_ms=replay_with_tiles(engine.runner, tiles))
+    if getattr(args, "gemv_variants", False):
+        emit("decode_gemv", variant="default", replay_ms=replay_with_gemv(engine.runner, lambda *a: None))
+        for name, choose in GEMV_VARIANTS.items():
+            emit("decode_gemv", variant=name, replay_ms=replay_with_gemv(engine.runner, choose))
     if getattr(args, "skip_reference", False):
         engine.shutdown()
         return ok
