@@ -51,10 +51,9 @@ ROTATE = 2 if SMOKE else 4
 COPY_BPS, MMA_FLOPS = 3.0e12, 795e12  # H100 copy bandwidth (measured) and dense bf16 rate
 REL_TOL = 1e-2
 DECODE_SWEEP = [  # --sweep / --decode-tiles: decode (T = 1) candidates beside the default
+    MoeTiles(16, 64, 128, 4, 4, 64, 128, 4, 4),  # the default before run 33
     MoeTiles(16, 128, 128, 4, 4, 128, 128, 4, 4),
-    MoeTiles(16, 128, 128, 8, 4, 64, 256, 4, 3),
     MoeTiles(16, 64, 128, 4, 4, 32, 256, 4, 3),
-    MoeTiles(16, 256, 64, 8, 4, 64, 128, 4, 4),
 ]
 
 

@@ -19,6 +19,7 @@ import sys
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("run without TRITON_INTERPRET=1")
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -30,13 +31,14 @@ from autodeploy.custom_ops.triton.dequant_linear import _int4_dequant_kernel  # 
 from autodeploy.custom_ops.triton.gemv import W_DENSE, W_FP8, W_INT4, W_INT8, _gemv_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.glu import _glu_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.kv_write import _kv_write_kernel, _rope_kv_write_kernel  # noqa: E402
-from autodeploy.custom_ops.triton.moe import _moe_down_kernel, _moe_up_kernel  # noqa: E402
+from autodeploy.custom_ops.triton.moe import _moe_down_kernel, _moe_up_kernel, default_tiles  # noqa: E402
 from autodeploy.custom_ops.triton.moe_router import _moe_router_kernel, router_launch  # noqa: E402
 from autodeploy.custom_ops.triton.quant_linear import _wq_gemm_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.rmsnorm import _rmsnorm_rows_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.rope import _rope_kernel  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
+CUDA = torch.device("cuda")  # for the tile choosers (no device is touched)
 LINEAR_ARGS = ["x_ptr", "w_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "part_ptr", "lock_ptr",
                "M", "N", "K", "stride_xm", "stride_ym", "stride_wn", "stride_sg"]
 WEIGHT = {W_DENSE: "*bf16", W_FP8: "*fp8e4nv", W_INT8: "*i8", W_INT4: "*i32"}
@@ -65,14 +67,19 @@ def moe_variants():
     down = ["h_ptr", "w_ptr", "b_ptr", "y_ptr", "sorted_ptr", "blk_expert_ptr", "blk_rows_ptr", "topw_ptr", "N", "K",
             "E", "num_blocks", "stride_hm", "stride_we", "stride_wn", "stride_wk", "stride_be", "stride_ym"]
     down_types = ["*bf16"] * 4 + ["*i64", "*i32", "*i32", "*bf16"] + ["i32"] * 10
-    for direct in (True, False):
-        common = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, HAS_BIAS=False, EVEN_K=True, UPCAST=False,
-                      IEEE=False, RNE=False, DIRECT=direct, USE_PDL=True)
-        consts = dict(common, COLS=32, GATED=True, INTERLEAVED=False, ACT=0, CLAMP=False)
+    for tiles in (default_tiles(8, 128, torch.bfloat16, CUDA), default_tiles(512, 128, torch.bfloat16, CUDA)):
+        direct = tiles.up_n == 128  # the one-token tiles
+        common = dict(BLOCK_M=16, GROUP_M=8, HAS_BIAS=False, EVEN_K=True, UPCAST=False, IEEE=False, RNE=False,
+                      DIRECT=direct, USE_PDL=True)
+        consts = dict(common, BLOCK_N=tiles.up_n, BLOCK_K=tiles.up_k, COLS=tiles.up_n // 2, GATED=True,
+                      INTERLEAVED=False, ACT=0, CLAMP=False)
         signature = {**dict(zip(up, up_types)), "limit": "fp32", "alpha": "fp32", **{k: "constexpr" for k in consts}}
-        yield f"moe_up direct={direct}", _moe_up_kernel, signature, consts, dict(num_warps=4, num_stages=4)
-        signature = {**dict(zip(down, down_types)), **{k: "constexpr" for k in common}}
-        yield f"moe_down direct={direct}", _moe_down_kernel, signature, common, dict(num_warps=4, num_stages=4)
+        launch = dict(num_warps=tiles.up_warps, num_stages=tiles.up_stages)
+        yield f"moe_up direct={direct} {tiles.up_n}x{tiles.up_k}", _moe_up_kernel, signature, consts, launch
+        consts = dict(common, BLOCK_N=tiles.down_n, BLOCK_K=tiles.down_k)
+        signature = {**dict(zip(down, down_types)), **{k: "constexpr" for k in consts}}
+        launch = dict(num_warps=tiles.down_warps, num_stages=tiles.down_stages)
+        yield f"moe_down direct={direct} {tiles.down_n}x{tiles.down_k}", _moe_down_kernel, signature, consts, launch
 
 
 def variants():
