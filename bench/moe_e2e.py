@@ -4,9 +4,7 @@
    the depth); every MoE must be ``triton_moe``.
 2. ``decode``: batch-1 decode tok/s (ITL median, CUDA graphs) against the roofline ``3.0 TB/s / bytes of the
    parameters a token reads`` (attention, norms, router, top-8 experts of every layer, LM head); target 70%.
-   ``replay_ms`` is the captured step alone (no host work); ``--trace-decode`` adds its kernel table. Without
-   ``--skip-reference`` the engine is built without ``fuse_moe_sum_rmsnorm`` (the reference wave swaps each
-   ``triton_moe`` back to ``torch_moe``), so its decode and offline figures lack that fusion.
+   ``replay_ms`` is the captured step alone (no host work); ``--trace-decode`` adds its kernel table.
 3. ``offline``: ``--num-requests`` x 128/128, all submitted at once (target: >= 3x the reference's).
    ``--decode-tiles`` then times the batch-1 decode graph again with each candidate of ``moe.py``'s sweep as the
    one-token MoE tiles (the graph captured anew for each); ``--gemv-variants`` the same with other decode GEMV
@@ -146,18 +144,15 @@ def run_e2e(args, emit: Callable[..., dict], smoke: bool) -> bool:
         max_num_tokens=args.max_num_tokens,
         max_seq_len=512,
         **({"transforms.fuse_moe.backend": "triton"} if smoke else {}),
-        # the reference wave points each triton_moe back at torch_moe: the experts' sum stays in their op
-        **({} if getattr(args, "skip_reference", False) else {"transforms.fuse_moe_sum_rmsnorm.enabled": False}),
         **{k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in getattr(args, "set", []))},
     )
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     gm = engine.runner.gm
-    fused = sum(n.target in (ops.triton_moe.default, ops.triton_moe_rows.default) for n in gm.graph.nodes)
-    info, in_norm = get_history(gm).get("fuse_moe"), get_history(gm).get("fuse_moe_sum_rmsnorm")
+    fused = sum(n.target == ops.triton_moe.default for n in gm.graph.nodes)
+    info = get_history(gm).get("fuse_moe")
     emit("build", layers=cfg["num_hidden_layers"], optimize_s=time.perf_counter() - start, triton_moe_layers=fused,
-         fuse_moe=info.details if info is not None else None,
-         sums_in_norm=in_norm.num_matches if in_norm is not None and not in_norm.skipped else 0)
+         fuse_moe=info.details if info is not None else None)
     ok = fused == cfg["num_hidden_layers"]
     vocab = engine.vocab_size
     run_engine_bench(engine, synthetic_requests(8, 128, 4, vocab, seed=1), 0, name="warm-up")

@@ -32,7 +32,6 @@ from autodeploy.custom_ops.triton.gemv import W_DENSE, W_FP8, W_INT4, W_INT8, _g
 from autodeploy.custom_ops.triton.glu import _glu_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.kv_write import _kv_write_kernel, _rope_kv_write_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.moe import _moe_down_kernel, _moe_up_kernel, default_tiles  # noqa: E402
-from autodeploy.custom_ops.triton.moe_sum_rmsnorm import _moe_sum_add_rmsnorm_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.moe_router import _moe_router_kernel, router_launch  # noqa: E402
 from autodeploy.custom_ops.triton.quant_linear import _wq_gemm_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.rmsnorm import _rmsnorm_rows_kernel  # noqa: E402
@@ -135,12 +134,6 @@ def decode_chain_variants():
                  **dict.fromkeys(["n_rows", "H", "stride_x", "stride_r", "stride_o", "stride_sum"], "i32"),
                  "eps": "fp32", "w_offset": "fp32", **{k: "constexpr" for k in consts}}
     yield "rmsnorm rows, residual", _rmsnorm_rows_kernel, signature, consts, dict(num_warps=8)
-    consts = dict(K_PAD=8, BLOCK_H=2048, HAS_OFFSET=False, PROD_DTYPE=tl.bfloat16, RNE=False, USE_PDL=True)
-    signature = {"rows_ptr": "*bf16", "ids_ptr": "*i64",
-                 **dict.fromkeys(["r_ptr", "w_ptr", "o_ptr", "sum_ptr"], "*bf16"),
-                 **dict.fromkeys(["H", "E", "top_k", "stride_r", "stride_o", "stride_sum"], "i32"),
-                 "eps": "fp32", "w_offset": "fp32", **{k: "constexpr" for k in consts}}
-    yield "moe top-k sum + add + rmsnorm", _moe_sum_add_rmsnorm_kernel, signature, consts, dict(num_warps=16)
     for dtype, tl_type, world in (("bf16", tl.bfloat16, 2), ("fp32", tl.float32, 8)):
         consts = dict(RANK=1, WORLD=world, BLOCK_H=4096, HAS_OFFSET=False, X_DTYPE=tl_type, PROD_DTYPE=tl_type,
                       USE_PDL=True, RNE=False)

@@ -22,7 +22,6 @@ from . import fuse_rope  # noqa: F401
 from . import fuse_rope_attention  # noqa: F401
 from . import fuse_moe  # noqa: F401
 from . import fuse_moe_router  # noqa: F401
-from . import fuse_moe_sum_rmsnorm  # noqa: F401
 from . import gemv_linears  # noqa: F401
 from . import fuse_glu_linear  # noqa: F401
 from . import fuse_add_rmsnorm_linear  # noqa: F401

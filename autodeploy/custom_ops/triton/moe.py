@@ -278,7 +278,7 @@ def _check_shapes(x, topk_ids, topk_weights, w_up, w_down, b_up, b_down, gated) 
 
 
 def moe_into(
-    out: torch.Tensor | None,  # [T, H], written; None: the weighted rows are left unsummed (returned)
+    out: torch.Tensor,  # [T, H], written
     x: torch.Tensor,  # [T, H]
     topk_ids: torch.Tensor,  # [T, K]
     topk_weights: torch.Tensor,  # [T, K]
@@ -295,9 +295,8 @@ def moe_into(
     chunk: int = CHUNK,
     one_chunk_max: int = ONE_CHUNK_MAX,
     force_align: bool = False,
-) -> torch.Tensor:
-    """The fused MoE of ``custom_ops/moe.py`` into ``out``; returns the weighted expert rows ``[T * K, H]`` (row
-    ``t * K + j``; rows of sentinel ids are never written), which ``out=None`` leaves for the caller to sum.
+) -> None:
+    """The fused MoE of ``custom_ops/moe.py`` into ``out``.
 
     ``tiles``, ``chunk`` and ``one_chunk_max`` override the defaults; ``force_align`` takes the aligned path
     for a single token too (tests).
@@ -308,12 +307,12 @@ def moe_into(
     top_k = topk_ids.shape[1]
     num_experts, u = w_up.shape[:2]
     inter = w_down.shape[2]
+    if t == 0:
+        return
+    if top_k == 0:
+        out.zero_()
+        return
     m = t * top_k
-    y = torch.empty((m, hidden), dtype=x.dtype, device=x.device)  # weighted expert outputs, row t * K + j
-    if t == 0 or top_k == 0:
-        if out is not None:
-            out.zero_()
-        return y
     tiles = tiles or default_tiles(m, num_experts, x.dtype, x.device)
     x = x if x.stride(1) == 1 else x.contiguous()
     ids = topk_ids.reshape(-1)  # [M]
@@ -326,6 +325,7 @@ def moe_into(
         sorted_ids, block_expert, block_rows = routing.sorted_ids, routing.block_expert, routing.block_rows
         num_blocks, h_rows = routing.num_blocks, routing.num_blocks * tiles.block_m
     h = torch.empty((h_rows, inter), dtype=x.dtype, device=x.device)  # activations, in block order
+    y = torch.empty((m, hidden), dtype=x.dtype, device=x.device)  # weighted expert outputs, row t * K + j
     upcast, ieee = upcast_dots(x.dtype), x.dtype == torch.float32
     rne = INTERPRET and x.dtype == torch.bfloat16
     interp = {"num_warps": 1, "num_stages": 1} if INTERPRET else {}
@@ -350,14 +350,11 @@ def moe_into(
         HAS_BIAS=b_down is not None, EVEN_K=inter % tiles.down_k == 0, UPCAST=upcast, IEEE=ieee, RNE=rne,
         DIRECT=direct, **pdl, **(interp or {"num_warps": tiles.down_warps, "num_stages": tiles.down_stages}),
     )
-    if out is None:
-        return y
     block_n = min(next_pow2(hidden), max(256, 4096 // next_pow2(top_k)))
     _moe_sum_kernel[(t, triton.cdiv(hidden, block_n))](
         y, ids, out, hidden, num_experts, top_k, y.stride(0), out.stride(0),
         BLOCK_N=block_n, K_PAD=next_pow2(top_k), RNE=rne, num_warps=1 if INTERPRET else 4, **pdl,
     )
-    return y
 
 
 @torch.library.custom_op("autodeploy::triton_moe", mutates_args=())
