@@ -80,8 +80,9 @@ def test_the_weights_cast_of_a_16_bit_model_is_fused():
     model = tiny_model("qwen3_moe", norm_topk_prob=True).to(torch.bfloat16)
     layers = model.config.num_hidden_layers
     gm, history = check_transforms(
-        model, ["cleanup_noop_ops", "match_moe", "fuse_moe_router"], overrides={"fuse_moe_router": {"backend": "triton"}},
-        absent=[aten.topk.default], reexport=False, atol=2e-2, rtol=2e-2,
+        model, ["cleanup_noop_ops", "match_moe", "fuse_moe_router"],
+        overrides={"fuse_moe_router": {"backend": "triton"}}, absent=[aten.topk.default], reexport=False,
+        atol=2e-2, rtol=2e-2,
     )
     assert history["fuse_moe_router"].details["casts"] == layers
     routers = [n for n in gm.graph.nodes if n.target == ops.triton_moe_router.default]

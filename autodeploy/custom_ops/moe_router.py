@@ -1,4 +1,4 @@
-"""Softmax top-k routing: ``autodeploy::torch_moe_router(logits, top_k, normalize, weights_dtype) -> (weights, ids)``.
+"""Softmax top-k routing: ``autodeploy::torch_moe_router(logits, top_k, normalize, weights_dtype)``.
 
 The router of Qwen-MoE and Mixtral-style blocks, as one op::
 
@@ -7,9 +7,9 @@ The router of Qwen-MoE and Mixtral-style blocks, as one op::
     weights = weights.to(weights_dtype)  (HF casts them to the model dtype before the experts)
 
 ``logits [T, E]`` (any float dtype), ``weights [T, top_k]`` in ``weights_dtype`` (float32 unless the graph cast
-them), ``ids [T, top_k]`` int64. The reference runs
-exactly these torch calls, so it equals the graph it replaces; the Triton twin (``triton/moe_router.py``) does the
-same arithmetic in one launch per step and breaks exact ties toward the lower expert id.
+them), ``ids [T, top_k]`` int64. The reference runs exactly these torch calls, so it equals the graph it replaces;
+the Triton twin (``triton/moe_router.py``) does the same arithmetic in one launch per step and breaks exact ties
+toward the lower expert id.
 """
 
 from __future__ import annotations

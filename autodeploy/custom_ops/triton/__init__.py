@@ -9,7 +9,9 @@ On CPU the kernels run only under the interpreter (``TRITON_INTERPRET=1`` set be
 
 from __future__ import annotations
 
-from . import cached_attention, glu, linear, linear_glu, moe, moe_router, norm_linear, quant_linear, rmsnorm, rope  # noqa: F401
+from . import (  # noqa: F401
+    cached_attention, glu, linear, linear_glu, moe, moe_router, norm_linear, quant_linear, rmsnorm, rope,
+)
 
 #: reference op name -> Triton op name (both under ``torch.ops.autodeploy``)
 TRITON_OPS: dict[str, str] = {

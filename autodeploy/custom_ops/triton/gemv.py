@@ -29,7 +29,8 @@ activations rounded to fp8 (the same values the CUDA-core path multiplies), 16-b
 With ``NORM`` (one row, 16-bit or float32 weights) ``x`` is the input of an add + RMSNorm (``rmsnorm.py``): every
 program forms ``x + residual`` and its ``1 / rms`` from the whole row after the wait, normalises each activation
 tile as it multiplies it (the values the add + RMSNorm launch stores, recomputed from L2), and the first program
-writes the normalised row and the sum for the graph's other readers: the launch before the GEMV is gone.
+writes the normalised row and the sum for the graph's other readers: the launch before the GEMV is gone. Each
+program reads the whole row, so it pays for small linears only (``fuse_add_rmsnorm_linear`` says where).
 
 ``SPLIT_K`` programs may share a row tile's K range when the row tiles alone cannot fill the GPU; they write
 float32 partials and the last to arrive (a per-tile counter it resets) adds them in split order: deterministic,
@@ -258,7 +259,7 @@ def _gemv_kernel(
             k_ok = kk < K
             w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             acc = _dense_acc(acc, w, x_rows, kk, k_ok, m_ok, x_scale, x_ptr, r_ptr, nw_ptr, rstd, w_offset,
-                         W_FMT, HW_FP8, TENSOR_CORES, NORM, NORM_OFFSET, NORM_PROD)
+                             W_FMT, HW_FP8, TENSOR_CORES, NORM, NORM_OFFSET, NORM_PROD)
         if TENSOR_CORES:
             total = tl.trans(acc)  # [BM, BN]
         else:

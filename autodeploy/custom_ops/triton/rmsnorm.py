@@ -40,9 +40,8 @@ def add_rmsnorm_row(x_ptr, r_ptr, w_ptr, o_ptr, sum_ptr, H, eps, w_offset, store
     cols = tl.arange(0, BLOCK_H)
     ok = cols < H
     sum_ty = sum_ptr.dtype.element_ty
-    added = tl.load(x_ptr + cols, mask=ok, other=0.0).to(tl.float32) + tl.load(r_ptr + cols, mask=ok, other=0.0).to(
-        tl.float32)
-    xf = added.to(sum_ty).to(tl.float32)
+    x = tl.load(x_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    xf = (x + tl.load(r_ptr + cols, mask=ok, other=0.0).to(tl.float32)).to(sum_ty).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, 0) / H + eps)
     if store:
         tl.store(sum_ptr + cols, xf.to(sum_ty), mask=ok)
@@ -57,9 +56,8 @@ def normed_chunk(x_ptr, r_ptr, w_ptr, cols, ok, rstd, w_offset, OUT_DTYPE: tl.co
                  PROD_DTYPE: tl.constexpr):
     """Elements ``cols`` of the row ``add_rmsnorm_row`` normalised (``rstd`` from it), in ``OUT_DTYPE``: what it
     stores there, recomputed from ``x``, the residual and the weight (the sum's dtype is ``OUT_DTYPE``)."""
-    added = tl.load(x_ptr + cols, mask=ok, other=0.0).to(tl.float32) + tl.load(r_ptr + cols, mask=ok, other=0.0).to(
-        tl.float32)
-    xf = added.to(OUT_DTYPE).to(tl.float32)
+    x = tl.load(x_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    xf = (x + tl.load(r_ptr + cols, mask=ok, other=0.0).to(tl.float32)).to(OUT_DTYPE).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=ok, other=0.0)
     return _normalize(xf, rstd, w, w_offset, OUT_DTYPE, PROD_DTYPE, HAS_OFFSET).to(OUT_DTYPE)
 
