@@ -119,7 +119,7 @@ def bench_tokens(tokens: int, layers: list, tiles: MoeTiles | None = None, refer
     row["roof_us"] = max(nbytes / COPY_BPS, flops / MMA_FLOPS) * 1e6
     row["pct_roof"] = 100 * row["roof_us"] / row["graph_us"]
     row["bound"] = "memory" if nbytes / COPY_BPS > flops / MMA_FLOPS else "compute"
-    row["tiles"] = asdict(tiles or default_tiles(tokens * K, E, DTYPE, DEV))
+    row["tiles"] = asdict(tiles or default_tiles(tokens * K, E, DTYPE, DEV, one_token=tokens == 1))
     return row
 
 

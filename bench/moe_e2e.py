@@ -125,7 +125,8 @@ def replay_with_tiles(runner, tiles: MoeTiles) -> float:
     """The batch-1 decode replay (ms) with every one-token MoE launched with ``tiles``: the graph of batch 1 is
     captured again (the decode graphs of other sizes are dropped); the defaults come back afterwards."""
     default = moe_kernels.default_tiles
-    moe_kernels.default_tiles = lambda m, e, dtype, device: tiles if m <= e * 16 else default(m, e, dtype, device)
+    moe_kernels.default_tiles = lambda m, e, dtype, device, one_token=False: (
+        tiles if one_token else default(m, e, dtype, device, one_token))
     try:
         runner.capture_cuda_graphs(1)
         return decode_replay_ms(runner)
@@ -176,7 +177,7 @@ def run_e2e(args, emit: Callable[..., dict], smoke: bool) -> bool:
     offline_tok_s = r.output_tok_per_s
     if getattr(args, "decode_tiles", None):
         experts, top_k = cfg["num_experts"], cfg["num_experts_per_tok"]
-        default = moe_kernels.default_tiles(top_k, experts, torch.bfloat16, torch.device("cuda"))
+        default = moe_kernels.default_tiles(top_k, experts, torch.bfloat16, torch.device("cuda"), one_token=True)
         for tiles in [default, *args.decode_tiles]:
             emit("decode_tiles", tiles=asdict(tiles), replay_ms=replay_with_tiles(engine.runner, tiles))
     if getattr(args, "gemv_variants", False):

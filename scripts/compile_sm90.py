@@ -67,8 +67,8 @@ def moe_variants():
     down = ["h_ptr", "w_ptr", "b_ptr", "y_ptr", "sorted_ptr", "blk_expert_ptr", "blk_rows_ptr", "topw_ptr", "N", "K",
             "E", "num_blocks", "stride_hm", "stride_we", "stride_wn", "stride_wk", "stride_be", "stride_ym"]
     down_types = ["*bf16"] * 4 + ["*i64", "*i32", "*i32", "*bf16"] + ["i32"] * 10
-    for tiles in (default_tiles(8, 128, torch.bfloat16, CUDA), default_tiles(512, 128, torch.bfloat16, CUDA)):
-        direct = tiles.up_n == 128  # the one-token tiles
+    for direct in (True, False):
+        tiles = default_tiles(8 if direct else 512, 128, torch.bfloat16, CUDA, one_token=direct)
         common = dict(BLOCK_M=16, GROUP_M=8, HAS_BIAS=False, EVEN_K=True, UPCAST=False, IEEE=False, RNE=False,
                       DIRECT=direct, USE_PDL=True)
         consts = dict(common, BLOCK_N=tiles.up_n, BLOCK_K=tiles.up_k, COLS=tiles.up_n // 2, GATED=True,

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from .gemv import NORM_MAX_K, W_DENSE, AddRmsNorm, gemv
-from .glu import glu_packed_launch
-from .linear import dense_linear, gemv_applies
+from .linear import gemv_applies, triton_linear
+from .linear_glu import triton_linear_glu
 from .rmsnorm import rmsnorm_launch
 
 
@@ -51,11 +51,9 @@ def triton_add_rmsnorm_linear(
         y = gemv(x.view(1, k), W_DENSE, weight, bias=bias, glu_activation=glu_activation, norm=norm)
         return y.view(*x.shape[:-1], y.shape[-1]), normed, summed
     rmsnorm_launch(x, norm_weight, eps, weight_offset, normed, residual=residual, summed=summed)
-    y = dense_linear(normed.view(-1, k), weight, bias)
-    if glu_activation is not None:
-        gate_up, y = y, y.new_empty((y.shape[0], y.shape[1] // 2))
-        glu_packed_launch(gate_up, glu_activation, y)
-    return y.view(*x.shape[:-1], y.shape[-1]), normed, summed
+    if glu_activation is None:
+        return triton_linear(normed, weight, bias), normed, summed
+    return triton_linear_glu(normed, weight, None, None, bias, "dense", 0, glu_activation), normed, summed
 
 
 @triton_add_rmsnorm_linear.register_fake

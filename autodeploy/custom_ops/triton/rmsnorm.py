@@ -32,6 +32,13 @@ def _normalize(xf, rstd, w, w_offset, X_DTYPE: tl.constexpr, PROD_DTYPE: tl.cons
 
 
 @triton.jit
+def _row_sum(x_ptr, r_ptr, cols, ok, SUM_DTYPE: tl.constexpr):
+    """``x + residual`` at ``cols`` of one row, rounded to ``SUM_DTYPE`` (the residual stream's dtype), as float32."""
+    x = tl.load(x_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    return (x + tl.load(r_ptr + cols, mask=ok, other=0.0).to(tl.float32)).to(SUM_DTYPE).to(tl.float32)
+
+
+@triton.jit
 def add_rmsnorm_row(x_ptr, r_ptr, w_ptr, o_ptr, sum_ptr, H, eps, w_offset, store,
                     BLOCK_H: tl.constexpr, HAS_OFFSET: tl.constexpr, PROD_DTYPE: tl.constexpr):
     """Inside another kernel (the decode GEMV's prologue): ``1 / rms`` of one row ``x + residual``, the sum rounded
@@ -40,8 +47,7 @@ def add_rmsnorm_row(x_ptr, r_ptr, w_ptr, o_ptr, sum_ptr, H, eps, w_offset, store
     cols = tl.arange(0, BLOCK_H)
     ok = cols < H
     sum_ty = sum_ptr.dtype.element_ty
-    x = tl.load(x_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    xf = (x + tl.load(r_ptr + cols, mask=ok, other=0.0).to(tl.float32)).to(sum_ty).to(tl.float32)
+    xf = _row_sum(x_ptr, r_ptr, cols, ok, sum_ty)
     rstd = tl.rsqrt(tl.sum(xf * xf, 0) / H + eps)
     if store:
         tl.store(sum_ptr + cols, xf.to(sum_ty), mask=ok)
@@ -56,8 +62,7 @@ def normed_chunk(x_ptr, r_ptr, w_ptr, cols, ok, rstd, w_offset, OUT_DTYPE: tl.co
                  PROD_DTYPE: tl.constexpr):
     """Elements ``cols`` of the row ``add_rmsnorm_row`` normalised (``rstd`` from it), in ``OUT_DTYPE``: what it
     stores there, recomputed from ``x``, the residual and the weight (the sum's dtype is ``OUT_DTYPE``)."""
-    x = tl.load(x_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    xf = (x + tl.load(r_ptr + cols, mask=ok, other=0.0).to(tl.float32)).to(OUT_DTYPE).to(tl.float32)
+    xf = _row_sum(x_ptr, r_ptr, cols, ok, OUT_DTYPE)
     w = tl.load(w_ptr + cols, mask=ok, other=0.0)
     return _normalize(xf, rstd, w, w_offset, OUT_DTYPE, PROD_DTYPE, HAS_OFFSET).to(OUT_DTYPE)
 
