@@ -40,7 +40,9 @@ for step in "$@"; do
     gemv-moe)  timeout 300 python3 bench/gemv.py --fmts dense --tokens 1 --shapes qwen3-moe --out "$OUT/gemv_moe.json" 2>&1 | tee "$OUT/gemv_moe.log" | grep '^{' | cut -c1-600 ;;
     gemv-tc)   timeout 330 python3 bench/gemv.py --fmts fp8,dense --tokens 1 --variants tc --out "$OUT/gemv_tc.json" 2>&1 | tee "$OUT/gemv_tc.log" | grep '^{' | cut -c1-700 ;;
     quant-fp8) timeout 150 python3 bench/quant.py --only fp8 --out "$OUT/quant_fp8.json" 2>&1 | tee "$OUT/quant_fp8.log" | grep '^{' | tail -10 ;;
+    gemv-int4) timeout 300 python3 bench/gemv.py --fmts int4 --tokens 1,2 --variants tc --out "$OUT/gemv_int4.json" 2>&1 | tee "$OUT/gemv_int4.log" | grep '^{' | grep -v '"phase": "prefill"' | cut -c1-700 ;;
     gemv-fp8)  timeout 200 python3 bench/gemv.py --fmts fp8,int8 --tokens 1 --out "$OUT/gemv_fp8.json" 2>&1 | tee "$OUT/gemv_fp8.log" | grep '^{' | cut -c1-400 ;;  # int8 = fp8 minus the activation quantization
+    quant-int4) timeout 200 python3 bench/quant.py --only int4 --out "$OUT/quant_int4.json" 2>&1 | tee "$OUT/quant_int4.log" | grep '^{' | tail -10 ;;
     quant-engines) timeout 230 python3 bench/quant.py --only fp8,int4 --out "$OUT/quant.json" 2>&1 | tee "$OUT/quant.log" | grep '^{' | tail -30 ;;
     quant)     timeout 300 python3 bench/quant.py --out "$OUT/quant.json" 2>&1 | tee "$OUT/quant.log" | grep '^{' | tail -30 ;;
     moe)       timeout 420 python3 bench/moe.py --out "$OUT/moe.json" 2>&1 | tee "$OUT/moe.log" | grep '^{' | tail -20 ;;

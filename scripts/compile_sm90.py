@@ -95,12 +95,13 @@ def variants():
         (W_DENSE, 1, 2, 2048, 1, 4, 1, 0), (W_FP8, 1, 8, 1024, 1, 4, 2, 0), (W_INT4, 1, 8, 1024, 1, 4, 3, 0),
         (W_FP8, 16, 64, 256, 2, 4, 3, -1), (W_FP8, 16, 128, 512, 1, 8, 3, 0), (W_DENSE, 16, 64, 128, 1, 4, 3, -1),
         (W_DENSE, 16, 32, 256, 4, 4, 4, 0), (W_INT8, 16, 64, 256, 1, 4, 3, -1),
+        (W_INT4, 16, 64, 128, 1, 4, 4, 0), (W_INT4, 16, 64, 128, 4, 4, 4, -1), (W_INT4, 16, 128, 128, 2, 8, 3, -1),
     ]]:
         tensor_cores = bm == 16  # the tensor-core product pads the activations to 16 rows
         consts = dict(W_FMT=fmt, GROUP=128 if fmt == W_INT4 else 1, HAS_ZEROS=fmt == W_INT4, HAS_BIAS=True,
                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, HW_FP8=True, GLU_ACT=glu, RNE=False,
                       TENSOR_CORES=tensor_cores, NORM=norm, NORM_H=2048 if norm else 1, NORM_OFFSET=False,
-                      NORM_PROD=tl.bfloat16, USE_PDL=True)
+                      NORM_PROD=tl.bfloat16, X_COLS=1 if bm == 16 else bm, USE_PDL=True)
         name = f"gemv fmt={fmt} M<={bm} {bn}x{bk} split={split} warps={warps} glu={glu} tc={tensor_cores} norm={norm}"
         yield (name, _gemv_kernel, gemv_signature(fmt, consts), consts, dict(num_warps=warps, num_stages=stages))
     for fmt, act_fp8, bm, bn, bk, split, warps, stages in [

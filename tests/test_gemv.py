@@ -50,6 +50,29 @@ def test_gemv_int4(group, symmetric, config):
                                    ops.torch_quant_int4_linear(x, q, s, z, bias, group), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "group,symmetric,config",
+    [(128, False, GemvConfig(16, 128, 1, 4, 1, True)), (256, True, GemvConfig(32, 128, 3, 4, 1, True)),
+     (-1, False, GemvConfig(16, 128, 2, 4, 1, True))],
+)
+def test_gemv_int4_tensor_cores(dtype, group, symmetric, config):
+    """The tensor-core int4 product (codes as 16-bit floats, offset and zero point removed in float32): every
+    token count, K not a multiple of 128, split-K, a gated pair of projections."""
+    for m, k, n in SHAPES:
+        x = torch.randn(m, k).to(dtype)
+        q, s, z = quantize_int4_weight(torch.randn(n, k) * 0.05, group, symmetric)
+        bias = torch.randn(n) if symmetric else None
+        torch.testing.assert_close(gemv(x, W_INT4, q, s, z, bias, group, config=config).float(),
+                                   ops.torch_quant_int4_linear(x.float(), q, s, z, bias, group), atol=1e-2, rtol=1e-2)
+    x = torch.randn(2, 300).to(dtype)
+    q, s, z = quantize_int4_weight(torch.randn(2 * 24, 300) * 0.05, 128)
+    up = ops.torch_quant_int4_linear(x.float(), q, s, z, None, 128).to(dtype).float()
+    ref = (torch.nn.functional.silu(up[:, :24]).to(dtype).float() * up[:, 24:]).to(dtype)
+    out = gemv(x, W_INT4, q, s, z, None, 128, config=config, glu_activation="silu")
+    torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=1e-2)
+
+
 @pytest.mark.parametrize("fmt", [W_DENSE, W_FP8, W_INT4])
 @pytest.mark.parametrize("m,k,n", [(1, 4096, 24), (2, 576, 40), (1, 8320, 16)])
 def test_gemv_gpu_tiles(fmt, m, k, n):
@@ -126,8 +149,8 @@ def test_dequantized_int4_linear_matches_reference():
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k", [(28672, 4096), (6144, 4096), (4096, 14336)])
 def test_gemv_llama_shapes_gpu(n, k):
-    """The tiles ``gemv_config`` picks on an H100 (the tensor-core product for fp8 gate/up and qkv) and an explicit
-    tensor-core config for bf16 weights, against the references."""
+    """The tiles ``gemv_config`` picks on an H100 (the tensor-core product for fp8 gate/up and qkv, and for int4) and
+    an explicit tensor-core config for bf16 weights, against the references."""
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda") * k**-0.5
     q, s = quantize_fp8_weight(w)
@@ -138,3 +161,9 @@ def test_gemv_llama_shapes_gpu(n, k):
     got = gemv(x, W_DENSE, w16, config=GemvConfig(64, 128, 2, 4, 3, tensor_cores=True)).float()
     ref = x.float() @ w16.float().t()
     assert ((got - ref).norm() / ref.norm()).item() < 1e-2
+    q, s, z = quantize_int4_weight(w, 128)
+    for m in (1, 2, 4):  # the tensor-core product gemv_config picks, token columns repeated across the MMA's 16
+        xm = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        got = gemv(xm, W_INT4, q, s, z, None, 128).float()
+        ref = ops.torch_quant_int4_linear(xm.float(), q, s, z, None, 128)
+        assert ((got - ref).norm() / ref.norm()).item() < 1e-2

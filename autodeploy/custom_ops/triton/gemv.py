@@ -8,9 +8,8 @@ reducing over K once at the end. No tensor cores: at M <= 4 they would idle on p
 the weight to float32 is the only per-element work besides the multiply-add.
 
 Formats (``W_FMT``): 16-bit weights; fp8 and int8 (per-channel scale applied after the reduction); int4 planar
-(``quant_linear.py``: nibble ``j`` of word ``w`` in chunk ``c`` is ``k = 128c + 16j + w``), where each nibble plane
-is one ``[BLOCK_N, BLOCK_K / 8]`` tile of codes multiplied against the matching strided activations, and a
-group's scale and zero point are applied to the group's partial sum: ``s * (sum q x - z * sum x)``.
+(``quant_linear.py``), whose steps live in ``gemv_int4.py``: on the CUDA cores one nibble plane at a time, on the
+tensor cores one 128-long chunk at a time with the codes turned into 16-bit floats by bit operations.
 
 fp8 keeps the op's numerics (``torch_quant_fp8_linear``): each program computes the per-token scale
 ``max|x| / 448`` from the whole row first, then rounds each activation tile to fp8 (exact in float32) before the
@@ -21,10 +20,11 @@ With ``GLU_ACT`` set the weight is a packed gate/up projection ``[2I, K]`` and t
 in float32 and rounded before the product): a program's ``BLOCK_N`` rows are ``BLOCK_N / 2`` gate rows
 interleaved with their up rows, and its epilogue pairs them, so the gated activation costs no launch.
 
-With ``TENSOR_CORES`` (16-bit, fp8 and int8 weights) the product runs on the tensor cores the other way round:
-the weight tile is the left operand and the activations, padded to 16 rows, the right one
-(``[BLOCK_N, BLOCK_K] @ [BLOCK_K, 16]``), so no weight is converted on the CUDA cores: fp8 weights meet the
-activations rounded to fp8 (the same values the CUDA-core path multiplies), 16-bit ones meet them as they are.
+With ``TENSOR_CORES`` the product runs on the tensor cores the other way round: the weight tile is the left
+operand and the activations, padded to 16 rows, the right one (``[BLOCK_N, BLOCK_K] @ [BLOCK_K, 16]``), so no
+weight is multiplied on the CUDA cores: fp8 weights meet the activations rounded to fp8 (the same values the
+CUDA-core path multiplies), 16-bit ones meet them as they are, int4 codes meet 16-bit activations
+(``gemv_int4.py``).
 
 With ``NORM`` (one row, 16-bit or float32 weights) ``x`` is the input of an add + RMSNorm (``rmsnorm.py``): every
 program forms ``x + residual`` and its ``1 / rms`` from the whole row after the wait, normalises each activation
@@ -49,15 +49,16 @@ from ..quant_linear import FP8_MAX, FP8_SCALE_MIN, INT4_CHUNK, int4_group
 from ._common import (
     INTERPRET, NUM_LOCKS, cast_rne, fp8_round, next_pow2, pdl_enter, pdl_flags, split_k_sum, split_locks, tl_dtype,
 )
+from .gemv_int4 import int4_step, int4_tc_step
 from .glu import ACTIVATION_CODES, _activate
 from .rmsnorm import add_rmsnorm_row, normed_chunk
 
 W_DENSE, W_FP8, W_INT8, W_INT4 = 3, 0, 1, 2  # the 8/4-bit codes are those of quant_linear.py
 GEMV_MAX_TOKENS = 4  # what the kernel takes; quant_linear.py sends it fewer where it is the fastest path
 NORM_MAX_K = 16384  # the longest row the add + RMSNorm prologue holds in registers
+INT4_TC_PROGRAMS = 256  # programs the int4 tensor-core GEMV aims at (row tiles x splits): two per H100 SM
 _FP8_MAX: tl.constexpr = tl.constexpr(FP8_MAX)
 _FP8_SCALE_MIN: tl.constexpr = tl.constexpr(FP8_SCALE_MIN)
-_MAGIC: tl.constexpr = tl.constexpr(0x4B000000)  # float bits of 2^23: OR-ing a code < 2^23 in gives 2^23 + code
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class GemvConfig:
     split_k: int = 1
     warps: int = 4
     stages: int = 3
-    tensor_cores: bool = False  # only for 16-bit, fp8 and int8 weights; the padded activations take 16 rows
+    tensor_cores: bool = False  # see tensor_core_gemv_ok; the padded activations take 16 rows
 
 
 def gemv_config(m: int, n: int, k: int, fmt: int, device: torch.device) -> GemvConfig:
@@ -77,8 +78,10 @@ def gemv_config(m: int, n: int, k: int, fmt: int, device: torch.device) -> GemvC
         return GemvConfig(8, INT4_CHUNK if fmt == W_INT4 else 64, 2 if k > 128 else 1, 1, 1)
     split = 2 if k >= 8192 and m == 1 else 1  # long rows (down_proj): two programs share a row tile
     k_cap = max(INT4_CHUNK, next_pow2(k))  # short rows (small models) take no wider step than they need
-    if fmt == W_INT4:
-        return GemvConfig(8, min(1024, k_cap), split, 4, 3)
+    if fmt == W_INT4:  # tensor cores (16-bit activations, groups of 128k; else the CUDA-core product, same tiles)
+        tiles = triton.cdiv(n, 64)
+        int4_split = 1 if tiles >= INT4_TC_PROGRAMS else min(8, max(1, k // 256), triton.cdiv(INT4_TC_PROGRAMS, tiles))
+        return GemvConfig(64, INT4_CHUNK, int4_split, 4, 4, tensor_cores=True)
     if fmt == W_DENSE:
         if m == 1 and k <= 2048 and 4096 <= n <= 8192:  # short rows, 4-8K of them (run 30: TP=2 o_proj 8.8 vs 10.1 µs)
             return GemvConfig(4, 512, 1, 4, 2)
@@ -98,12 +101,15 @@ def gemv_config(m: int, n: int, k: int, fmt: int, device: torch.device) -> GemvC
     return GemvConfig(16, min(512, k_cap), 1, 4, 2)
 
 
-def tensor_core_gemv_ok(fmt: int, dtype: torch.dtype) -> bool:
+def tensor_core_gemv_ok(fmt: int, dtype: torch.dtype, group: int = 0) -> bool:
     """Whether the tensor-core product serves these weights and activations: fp8 weights always (the
     activations are rounded to fp8), 16-bit and int8 weights with 16-bit activations (float32 ones would meet
-    TF32 on the GPU, so they keep the exact CUDA-core path; the interpreter is exact either way)."""
+    TF32 on the GPU, so they keep the exact CUDA-core path; the interpreter is exact either way), int4 with
+    16-bit activations (its codes become 16-bit floats) and scale groups of a multiple of 128."""
     if fmt == W_FP8:
         return True
+    if fmt == W_INT4:
+        return dtype in (torch.bfloat16, torch.float16) and group % INT4_CHUNK == 0
     return fmt in (W_DENSE, W_INT8) and (INTERPRET or dtype in (torch.bfloat16, torch.float16))
 
 
@@ -152,36 +158,6 @@ def _dense_acc(acc, w, x_rows, kk, k_ok, m_ok, x_scale, x_ptr, r_ptr, nw_ptr, rs
 
 
 @triton.jit
-def _int4_step(acc, words, x_rows, s_ptr, z_ptr, k0, K, word, col_base, w_ok, m_ok, n_ok, offs_n, stride_sg,
-               GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               WORDS: tl.constexpr):
-    """One ``BLOCK_K`` step of int4 planar codes ``words [BN, WORDS]``: nibble plane ``j`` against the activations
-    at ``k0 + col_base + 16 j``; each scale group's partial sum gets its scale and zero point."""
-    PLANES: tl.constexpr = GROUP // 16 if GROUP < 128 else 8  # nibble planes per scale group
-    part = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
-    x_sum = tl.zeros((BLOCK_M, WORDS), dtype=tl.float32)
-    for j in tl.static_range(8):
-        kk = k0 + col_base + 16 * j
-        xj = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & (kk[None, :] < K), other=0.0).to(tl.float32)
-        codes = (((words >> (4 * j)) & 0xF) | _MAGIC).to(tl.float32, bitcast=True) - 8388608.0
-        part += codes[None, :, :] * xj[:, None, :]
-        x_sum += xj
-        if (j + 1) % PLANES == 0:  # end of a scale group for every word column
-            g = (k0 + 128 * (word // 16) + 16 * (j + 1 - PLANES)) // GROUP
-            s_off = g[None, :] * stride_sg + offs_n[:, None]
-            s_ok = n_ok[:, None] & w_ok[None, :]
-            s = tl.load(s_ptr + s_off, mask=s_ok, other=0.0).to(tl.float32)
-            if HAS_ZEROS:
-                z = tl.load(z_ptr + s_off, mask=s_ok, other=0.0).to(tl.float32)
-            else:
-                z = tl.full((BLOCK_N, WORDS), 8.0, dtype=tl.float32)
-            acc += s[None, :, :] * (part - z[None, :, :] * x_sum[:, None, :])
-            part = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
-            x_sum = tl.zeros((BLOCK_M, WORDS), dtype=tl.float32)
-    return acc
-
-
-@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, lock_ptr,
     r_ptr, nw_ptr, normed_ptr, summed_ptr, eps, w_offset,
@@ -190,7 +166,7 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     HW_FP8: tl.constexpr, GLU_ACT: tl.constexpr, RNE: tl.constexpr, TENSOR_CORES: tl.constexpr,
     NORM: tl.constexpr, NORM_H: tl.constexpr, NORM_OFFSET: tl.constexpr, NORM_PROD: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    X_COLS: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     tile = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -237,15 +213,24 @@ def _gemv_kernel(
             amax = tl.maximum(amax, tl.abs(xt.to(tl.float32)))
         x_scale = tl.maximum(tl.max(amax, 1) / _FP8_MAX, _FP8_SCALE_MIN)
 
-    if W_FMT == 2:
+    if W_FMT == 2 and TENSOR_CORES:  # one 128-long chunk a step (gemv_int4.py)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc = int4_tc_step(acc, words, x_ptr, s_ptr, z_ptr, k_lo, K, M, stride_xm, n_ok, offs_n, stride_sg,
+                           GROUP, HAS_ZEROS, X_COLS, HW_FP8)
+        for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
+            words = tl.load(w_rows + (k0 // 8 + word)[None, :], mask=n_ok[:, None], other=0)
+            acc = int4_tc_step(acc, words, x_ptr, s_ptr, z_ptr, k0, K, M, stride_xm, n_ok, offs_n, stride_sg,
+                               GROUP, HAS_ZEROS, X_COLS, HW_FP8)
+        total = tl.trans(acc)  # [BM, BN]
+    elif W_FMT == 2:
         acc = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
-        acc = _int4_step(acc, words, x_rows, s_ptr, z_ptr, k_lo, K, word, col_base, w_ok, m_ok, n_ok, offs_n,
-                         stride_sg, GROUP, HAS_ZEROS, BLOCK_M, BLOCK_N, WORDS)
+        acc = int4_step(acc, words, x_rows, s_ptr, z_ptr, k_lo, K, word, col_base, w_ok, m_ok, n_ok, offs_n,
+                        stride_sg, GROUP, HAS_ZEROS, BLOCK_M, BLOCK_N, WORDS)
         for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
             w_ok = (k0 + 128 * (word // 16)) < K
             words = tl.load(w_rows + (k0 // 8 + word)[None, :], mask=n_ok[:, None] & w_ok[None, :], other=0)
-            acc = _int4_step(acc, words, x_rows, s_ptr, z_ptr, k0, K, word, col_base, w_ok, m_ok, n_ok, offs_n,
-                             stride_sg, GROUP, HAS_ZEROS, BLOCK_M, BLOCK_N, WORDS)
+            acc = int4_step(acc, words, x_rows, s_ptr, z_ptr, k0, K, word, col_base, w_ok, m_ok, n_ok, offs_n,
+                            stride_sg, GROUP, HAS_ZEROS, BLOCK_M, BLOCK_N, WORDS)
         total = tl.sum(acc, 2)  # [BM, BN]
     else:
         if TENSOR_CORES:
@@ -353,9 +338,11 @@ def gemv(
     if fmt == W_INT4 and cfg.block_k % INT4_CHUNK:
         raise ValueError(f"int4 gemv needs block_k to be a multiple of {INT4_CHUNK}")
     block_n = cfg.block_n if glu_activation is None else max(2, cfg.block_n)  # a gate row and its up row
-    tensor_cores = cfg.tensor_cores and tensor_core_gemv_ok(fmt, x.dtype)
-    if tensor_cores and (block_n < 16 or cfg.block_k < 16):
-        raise ValueError(f"a tensor-core gemv needs tiles of at least 16 x 16, got {block_n} x {cfg.block_k}")
+    group = int4_group(group_size, k) if fmt == W_INT4 else 1
+    tensor_cores = cfg.tensor_cores and tensor_core_gemv_ok(fmt, x.dtype, group)
+    if tensor_cores and (block_n < 16 or cfg.block_k < 16 or (fmt == W_INT4 and cfg.block_k != INT4_CHUNK)):
+        raise ValueError(f"a tensor-core gemv needs tiles of at least 16 x 16 (int4: K steps of {INT4_CHUNK}), "
+                         f"got {block_n} x {cfg.block_k}")
     steps = triton.cdiv(k, cfg.block_k)
     per_split = triton.cdiv(steps, max(1, cfg.split_k))
     split = triton.cdiv(steps, per_split)
@@ -365,7 +352,6 @@ def gemv(
     block_m = 16 if tensor_cores else next_pow2(m)
     part = torch.empty(split * tiles * block_m * block_n, dtype=torch.float32, device=x.device) if split > 1 else y
     locks = split_locks(x.device) if split > 1 else y
-    group = int4_group(group_size, k) if fmt == W_INT4 else 1
     s = scales if scales is not None else y
     _gemv_kernel[(tiles, split)](
         x, weight, s, zeros if zeros is not None else s, bias if bias is not None else s, y, part, locks, *norm_args,
@@ -373,7 +359,7 @@ def gemv(
         W_FMT=fmt, GROUP=group, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, HW_FP8=not INTERPRET,
         GLU_ACT=-1 if glu_activation is None else ACTIVATION_CODES[glu_activation],
-        RNE=INTERPRET and x.dtype == torch.bfloat16, TENSOR_CORES=tensor_cores, **norm_flags,
+        RNE=INTERPRET and x.dtype == torch.bfloat16, TENSOR_CORES=tensor_cores, **norm_flags, X_COLS=next_pow2(m),
         num_warps=1 if INTERPRET else cfg.warps, num_stages=cfg.stages,
         **pdl_flags(x.device, m),
     )
