@@ -49,7 +49,7 @@ from ..quant_linear import FP8_MAX, FP8_SCALE_MIN, INT4_CHUNK, int4_group
 from ._common import (
     INTERPRET, NUM_LOCKS, cast_rne, fp8_round, next_pow2, pdl_enter, pdl_flags, split_k_sum, split_locks, tl_dtype,
 )
-from .gemv_int4 import int4_step, int4_tc_step
+from .gemv_int4 import int4_step, int4_tc_offset, int4_tc_step, int4_tc_x
 from .glu import ACTIVATION_CODES, _activate
 from .rmsnorm import add_rmsnorm_row, normed_chunk
 
@@ -215,12 +215,16 @@ def _gemv_kernel(
 
     if W_FMT == 2 and TENSOR_CORES:  # one 128-long chunk a step (gemv_int4.py)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        acc = int4_tc_step(acc, words, x_ptr, s_ptr, z_ptr, k_lo, K, M, stride_xm, n_ok, offs_n, stride_sg,
-                           GROUP, HAS_ZEROS, X_COLS, HW_FP8)
+        x_next = int4_tc_x(x_ptr, k_lo + BLOCK_K, K, M, stride_xm, X_COLS)  # a chunk ahead: its L2 latency hidden
+        acc = int4_tc_step(acc, words, int4_tc_x(x_ptr, k_lo, K, M, stride_xm, X_COLS), s_ptr, k_lo, n_ok, offs_n,
+                           stride_sg, GROUP, HW_FP8)
         for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
             words = tl.load(w_rows + (k0 // 8 + word)[None, :], mask=n_ok[:, None], other=0)
-            acc = int4_tc_step(acc, words, x_ptr, s_ptr, z_ptr, k0, K, M, stride_xm, n_ok, offs_n, stride_sg,
-                               GROUP, HAS_ZEROS, X_COLS, HW_FP8)
+            x_chunk = x_next
+            x_next = int4_tc_x(x_ptr, k0 + BLOCK_K, K, M, stride_xm, X_COLS)
+            acc = int4_tc_step(acc, words, x_chunk, s_ptr, k0, n_ok, offs_n, stride_sg, GROUP, HW_FP8)
+        acc -= int4_tc_offset(x_ptr, s_ptr, z_ptr, k_lo, k_hi, K, M, stride_xm, n_ok, offs_n, stride_sg,
+                              GROUP, HAS_ZEROS, X_COLS, BLOCK_N)
         total = tl.trans(acc)  # [BM, BN]
     elif W_FMT == 2:
         acc = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
