@@ -56,7 +56,8 @@ from .rmsnorm import add_rmsnorm_row, normed_chunk
 W_DENSE, W_FP8, W_INT8, W_INT4 = 3, 0, 1, 2  # the 8/4-bit codes are those of quant_linear.py
 GEMV_MAX_TOKENS = 4  # what the kernel takes; quant_linear.py sends it fewer where it is the fastest path
 NORM_MAX_K = 16384  # the longest row the add + RMSNorm prologue holds in registers
-INT4_TC_PROGRAMS = 256  # programs the int4 tensor-core GEMV aims at (row tiles x splits): two per H100 SM
+INT4_TC_PROGRAMS = 768  # programs the int4 tensor-core GEMV aims at (row tiles x splits; run 34: one chunk of
+# 128 takes a program ~0.8 us, so the GPU fills only with several programs per SM)
 _FP8_MAX: tl.constexpr = tl.constexpr(FP8_MAX)
 _FP8_SCALE_MIN: tl.constexpr = tl.constexpr(FP8_SCALE_MIN)
 
@@ -79,9 +80,11 @@ def gemv_config(m: int, n: int, k: int, fmt: int, device: torch.device) -> GemvC
     split = 2 if k >= 8192 and m == 1 else 1  # long rows (down_proj): two programs share a row tile
     k_cap = max(INT4_CHUNK, next_pow2(k))  # short rows (small models) take no wider step than they need
     if fmt == W_INT4:  # tensor cores (16-bit activations, groups of 128k; else the CUDA-core product, same tiles)
-        tiles = triton.cdiv(n, 64)
-        int4_split = 1 if tiles >= INT4_TC_PROGRAMS else min(8, max(1, k // 256), triton.cdiv(INT4_TC_PROGRAMS, tiles))
-        return GemvConfig(64, INT4_CHUNK, int4_split, 4, 4, tensor_cores=True)
+        block_n = 64 if n >= 16384 else 128  # run 34: gate/up 37.3 us at 64 rows, qkv/o/down best at 128
+        tiles = triton.cdiv(n, block_n)
+        chunks = triton.cdiv(k, INT4_CHUNK)
+        int4_split = min(8, max(1, chunks // 4), triton.cdiv(INT4_TC_PROGRAMS, tiles))
+        return GemvConfig(block_n, INT4_CHUNK, int4_split, 4, 3, tensor_cores=True)
     if fmt == W_DENSE:
         if m == 1 and k <= 2048 and 4096 <= n <= 8192:  # short rows, 4-8K of them (run 30: TP=2 o_proj 8.8 vs 10.1 µs)
             return GemvConfig(4, 512, 1, 4, 2)
@@ -128,13 +131,17 @@ def _dense_step(acc, w, xt, x_scale, W_FMT: tl.constexpr, HW_FP8: tl.constexpr):
 
 @triton.jit
 def _dense_step_tc(acc, w, xt, x_scale, W_FMT: tl.constexpr, HW_FP8: tl.constexpr):
-    """``acc [BN, 16] += w [BN, BK] @ xt^T`` on the tensor cores (x rounded to fp8 for the fp8 format).
-    The interpreter multiplies in exact float32 the same rounded operands."""
+    """``acc [BN, 16] += w [BN, BK] @ xt^T`` on the tensor cores (x rounded to fp8 for the fp8 format); ``xt`` is
+    ``[16, BK]``, or ``[1, BK]`` for one token, rounded once and repeated in registers (the other 15 columns of the
+    product are never stored). The interpreter multiplies in exact float32 the same rounded operands."""
+    BK: tl.constexpr = w.shape[1]
     if W_FMT == 0:
         xs = xt.to(tl.float32) / x_scale[:, None]
         if HW_FP8:
-            return tl.dot(w, tl.trans(xs.to(tl.float8e4nv)), acc)
-        return tl.dot(w.to(tl.float32), tl.trans(fp8_round(xs)), acc, input_precision="ieee")
+            return tl.dot(w, tl.trans(tl.broadcast_to(xs.to(tl.float8e4nv), (16, BK))), acc)
+        return tl.dot(w.to(tl.float32), tl.trans(tl.broadcast_to(fp8_round(xs), (16, BK))), acc,
+                      input_precision="ieee")
+    xt = tl.broadcast_to(xt, (16, BK))
     if HW_FP8:  # on the GPU (the flag is "not the interpreter"): 16-bit operands, float32 accumulation
         return tl.dot(w.to(xt.dtype), tl.trans(xt), acc)
     return tl.dot(w.to(tl.float32), tl.trans(xt.to(tl.float32)), acc, input_precision="ieee")
@@ -143,11 +150,18 @@ def _dense_step_tc(acc, w, xt, x_scale, W_FMT: tl.constexpr, HW_FP8: tl.constexp
 @triton.jit
 def _dense_acc(acc, w, x_rows, kk, k_ok, m_ok, x_scale, x_ptr, r_ptr, nw_ptr, rstd, w_offset,
                W_FMT: tl.constexpr, HW_FP8: tl.constexpr, TENSOR_CORES: tl.constexpr,
-               NORM: tl.constexpr, NORM_OFFSET: tl.constexpr, NORM_PROD: tl.constexpr):
+               NORM: tl.constexpr, NORM_OFFSET: tl.constexpr, NORM_PROD: tl.constexpr, X_ONE: tl.constexpr):
+    """One ``BLOCK_K`` step of 16-bit/fp8/int8 weights; ``X_ONE``: one token through the tensor cores, whose
+    activations are loaded as one row (``x_scale`` is then its ``[1]`` scale)."""
     if NORM:  # one row: x + residual normalised here, as the add + RMSNorm launch would have stored it
         row = normed_chunk(x_ptr, r_ptr, nw_ptr, kk, k_ok, rstd, w_offset, x_ptr.dtype.element_ty,
                            NORM_OFFSET, NORM_PROD)
-        xt = tl.where(m_ok[:, None], row[None, :], 0.0).to(x_ptr.dtype.element_ty)
+        if X_ONE:
+            xt = row[None, :].to(x_ptr.dtype.element_ty)
+        else:
+            xt = tl.where(m_ok[:, None], row[None, :], 0.0).to(x_ptr.dtype.element_ty)
+    elif X_ONE:
+        xt = tl.load(x_ptr + kk[None, :], mask=k_ok[None, :], other=0.0)
     else:
         xt = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
     if TENSOR_CORES:
@@ -237,18 +251,22 @@ def _gemv_kernel(
                             stride_sg, GROUP, HAS_ZEROS, BLOCK_M, BLOCK_N, WORDS)
         total = tl.sum(acc, 2)  # [BM, BN]
     else:
+        X_ONE: tl.constexpr = TENSOR_CORES and X_COLS == 1
+        step_scale = x_scale
+        if X_ONE:  # the one token's scale, [1]
+            step_scale = tl.sum(tl.where(offs_m == 0, x_scale, 0.0), 0, keep_dims=True)
         if TENSOR_CORES:
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-        acc = _dense_acc(acc, w, x_rows, kk, k_ok, m_ok, x_scale, x_ptr, r_ptr, nw_ptr, rstd, w_offset,
-                         W_FMT, HW_FP8, TENSOR_CORES, NORM, NORM_OFFSET, NORM_PROD)
+        acc = _dense_acc(acc, w, x_rows, kk, k_ok, m_ok, step_scale, x_ptr, r_ptr, nw_ptr, rstd, w_offset,
+                         W_FMT, HW_FP8, TENSOR_CORES, NORM, NORM_OFFSET, NORM_PROD, X_ONE)
         for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             k_ok = kk < K
             w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = _dense_acc(acc, w, x_rows, kk, k_ok, m_ok, x_scale, x_ptr, r_ptr, nw_ptr, rstd, w_offset,
-                             W_FMT, HW_FP8, TENSOR_CORES, NORM, NORM_OFFSET, NORM_PROD)
+            acc = _dense_acc(acc, w, x_rows, kk, k_ok, m_ok, step_scale, x_ptr, r_ptr, nw_ptr, rstd, w_offset,
+                             W_FMT, HW_FP8, TENSOR_CORES, NORM, NORM_OFFSET, NORM_PROD, X_ONE)
         if TENSOR_CORES:
             total = tl.trans(acc)  # [BM, BN]
         else:
