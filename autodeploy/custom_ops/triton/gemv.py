@@ -49,7 +49,7 @@ from ..quant_linear import FP8_MAX, FP8_SCALE_MIN, INT4_CHUNK, int4_group
 from ._common import (
     INTERPRET, NUM_LOCKS, cast_rne, fp8_round, next_pow2, pdl_enter, pdl_flags, split_k_sum, split_locks, tl_dtype,
 )
-from .gemv_int4 import int4_step, int4_tc_offset, int4_tc_step, int4_tc_x
+from .gemv_int4 import int4_step, int4_tc_offset, int4_tc_offset_inputs, int4_tc_step, int4_tc_x
 from .glu import ACTIVATION_CODES, _activate
 from .rmsnorm import add_rmsnorm_row, normed_chunk
 
@@ -180,7 +180,7 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     HW_FP8: tl.constexpr, GLU_ACT: tl.constexpr, RNE: tl.constexpr, TENSOR_CORES: tl.constexpr,
     NORM: tl.constexpr, NORM_H: tl.constexpr, NORM_OFFSET: tl.constexpr, NORM_PROD: tl.constexpr,
-    X_COLS: tl.constexpr, USE_PDL: tl.constexpr,
+    X_COLS: tl.constexpr, OFFSET_CHUNKS: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     tile = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -228,17 +228,23 @@ def _gemv_kernel(
         x_scale = tl.maximum(tl.max(amax, 1) / _FP8_MAX, _FP8_SCALE_MIN)
 
     if W_FMT == 2 and TENSOR_CORES:  # one 128-long chunk a step (gemv_int4.py)
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        x_next = int4_tc_x(x_ptr, k_lo + BLOCK_K, K, M, stride_xm, X_COLS)  # a chunk ahead: its L2 latency hidden
-        acc = int4_tc_step(acc, words, int4_tc_x(x_ptr, k_lo, K, M, stride_xm, X_COLS), s_ptr, k_lo, n_ok, offs_n,
-                           stride_sg, GROUP, HW_FP8)
+        off_x, off_s, off_z = int4_tc_offset_inputs(x_ptr, s_ptr, z_ptr, k_lo, k_hi, K, M, stride_xm, n_ok, offs_n,
+                                                    stride_sg, GROUP, HAS_ZEROS, X_COLS, OFFSET_CHUNKS)
+        x_chunk, s_chunk = int4_tc_x(x_ptr, s_ptr, k_lo, K, M, stride_xm, n_ok, offs_n, stride_sg, GROUP, X_COLS)
+        x_next, s_next = int4_tc_x(x_ptr, s_ptr, k_lo + BLOCK_K, K, M, stride_xm, n_ok, offs_n, stride_sg, GROUP,
+                                   X_COLS)
+        acc = int4_tc_step(tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), words, x_chunk, s_chunk, HW_FP8)
         for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
             words = tl.load(w_rows + (k0 // 8 + word)[None, :], mask=n_ok[:, None], other=0)
-            x_chunk = x_next
-            x_next = int4_tc_x(x_ptr, k0 + BLOCK_K, K, M, stride_xm, X_COLS)
-            acc = int4_tc_step(acc, words, x_chunk, s_ptr, k0, n_ok, offs_n, stride_sg, GROUP, HW_FP8)
-        acc -= int4_tc_offset(x_ptr, s_ptr, z_ptr, k_lo, k_hi, K, M, stride_xm, n_ok, offs_n, stride_sg,
-                              GROUP, HAS_ZEROS, X_COLS, BLOCK_N)
+            x_chunk, s_chunk = x_next, s_next
+            x_next, s_next = int4_tc_x(x_ptr, s_ptr, k0 + BLOCK_K, K, M, stride_xm, n_ok, offs_n, stride_sg, GROUP,
+                                       X_COLS)
+            acc = int4_tc_step(acc, words, x_chunk, s_chunk, HW_FP8)
+        acc -= int4_tc_offset(off_x, off_s, off_z)
+        for c0 in range(k_lo + OFFSET_CHUNKS * BLOCK_K, k_hi, OFFSET_CHUNKS * BLOCK_K):  # splits of more chunks
+            off_x, off_s, off_z = int4_tc_offset_inputs(x_ptr, s_ptr, z_ptr, c0, k_hi, K, M, stride_xm, n_ok, offs_n,
+                                                        stride_sg, GROUP, HAS_ZEROS, X_COLS, OFFSET_CHUNKS)
+            acc -= int4_tc_offset(off_x, off_s, off_z)
         total = tl.trans(acc)  # [BM, BN]
     elif W_FMT == 2:
         acc = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
@@ -382,6 +388,7 @@ def gemv(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, HW_FP8=not INTERPRET,
         GLU_ACT=-1 if glu_activation is None else ACTIVATION_CODES[glu_activation],
         RNE=INTERPRET and x.dtype == torch.bfloat16, TENSOR_CORES=tensor_cores, **norm_flags, X_COLS=next_pow2(m),
+        OFFSET_CHUNKS=min(16, next_pow2(per_split)),
         num_warps=1 if INTERPRET else cfg.warps, num_stages=cfg.stages,
         **pdl_flags(x.device, m),
     )

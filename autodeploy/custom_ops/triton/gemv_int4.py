@@ -14,8 +14,9 @@ mantissa bits of 128.0 in bf16, of 1024.0 in fp16: exact), and that 32-bit regis
 (``k``, ``k + 1``) pair, so nothing is shuffled. The chunk's K order is ``k' = 32 j + 2 w + h`` (plane ``j + 4h`` of
 word ``w``); the activation tile is gathered in that order, ``[128, 16]``: the few real tokens repeated across the
 16 columns the MMA needs. The product ``sum (MAGIC + q) x`` is exact per term in float32; each chunk adds it times
-its scale, and ``sum_c s_c (MAGIC + z_c) sum_{k in c} x_k``, computed apart once a program, removes the offset and
-the zero point in float32.
+its scale, and ``sum_c s_c (MAGIC + z_c) sum_{k in c} x_k``, computed apart (its loads issued before the chunk
+loop, its reductions after, so the loop carries no reduction across threads), removes the offset and the zero point
+in float32. Each chunk's activations and scales are loaded a chunk ahead.
 """
 
 from __future__ import annotations
@@ -78,23 +79,25 @@ def _code_pair(words, J: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def int4_tc_x(x_ptr, k0, K, M, stride_xm, X_COLS: tl.constexpr):
-    """The activations of the chunk at ``k0`` in the tensor-core steps' K order, zeros past K: ``[128, 1]`` for one
-    token (broadcast later, in registers), else ``[128, 16]`` with column ``c`` token ``c % X_COLS`` (loaded so:
-    repeating loaded columns instead goes through shared memory and two more barriers a chunk)."""
+def int4_tc_x(x_ptr, s_ptr, k0, K, M, stride_xm, n_ok, offs_n, stride_sg, GROUP: tl.constexpr, X_COLS: tl.constexpr):
+    """The chunk at ``k0``'s operands besides the codes (the kernel loads them a chunk ahead): its activations in the
+    tensor-core steps' K order, zeros past K, ``[128, 1]`` for one token (broadcast later, in registers), else
+    ``[128, 16]`` with column ``c`` token ``c % X_COLS`` (repeating loaded columns instead goes through shared
+    memory and two more barriers a chunk); and its scales ``[BN]``."""
     kq = tl.arange(0, 128)
     kk = k0 + 16 * (kq // 32 + 4 * (kq % 2)) + (kq % 32) // 2
     tok = tl.arange(0, 1 if X_COLS == 1 else 16) % X_COLS
-    return tl.load(x_ptr + tok[None, :] * stride_xm + kk[:, None], mask=(tok < M)[None, :] & (kk < K)[:, None],
-                   other=0.0)
+    x = tl.load(x_ptr + tok[None, :] * stride_xm + kk[:, None], mask=(tok < M)[None, :] & (kk < K)[:, None], other=0.0)
+    s = tl.load(s_ptr + (k0 // GROUP) * stride_sg + offs_n, mask=n_ok & (offs_n * 0 + k0 < K), other=0.0)
+    return x, s
 
 
 @triton.jit
-def int4_tc_step(acc, words, x, s_ptr, k0, n_ok, offs_n, stride_sg, GROUP: tl.constexpr, HW: tl.constexpr):
-    """``acc [BN, 16] += s * sum (MAGIC + q) x`` over one 128-long chunk of int4 planar codes ``words [BN, 16]`` and
-    its activations ``x`` (``int4_tc_x``), on the tensor cores (module docstring); column ``c`` of ``acc`` is token
-    ``c % X_COLS``. ``int4_tc_offset`` is the offset and zero point to subtract once at the end. ``HW`` is "not the
-    interpreter": there the same operands meet in exact float32."""
+def int4_tc_step(acc, words, x, s, HW: tl.constexpr):
+    """``acc [BN, 16] += s * sum (MAGIC + q) x`` over one 128-long chunk of int4 planar codes ``words [BN, 16]``, its
+    activations ``x`` and scales ``s`` (``int4_tc_x``), on the tensor cores (module docstring); column ``c`` of
+    ``acc`` is token ``c % X_COLS``. ``int4_tc_offset`` is the offset and zero point to subtract at the end. ``HW``
+    is "not the interpreter": there the same operands meet in exact float32."""
     MAGIC: tl.constexpr = 0x43004300 if x.dtype == tl.bfloat16 else 0x64006400
     q01 = tl.join(_code_pair(words, 0, MAGIC, HW), _code_pair(words, 1, MAGIC, HW))  # [BN, 16 w, 2 h, 2 j]
     q23 = tl.join(_code_pair(words, 2, MAGIC, HW), _code_pair(words, 3, MAGIC, HW))
@@ -105,33 +108,37 @@ def int4_tc_step(acc, words, x, s_ptr, k0, n_ok, offs_n, stride_sg, GROUP: tl.co
         part = tl.dot(a, xt, zero)
     else:
         part = tl.dot(a.to(tl.float32), xt.to(tl.float32), zero, input_precision="ieee")
-    s = tl.load(s_ptr + (k0 // GROUP) * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    return acc + s[:, None] * part
+    return acc + s.to(tl.float32)[:, None] * part
 
 
 @triton.jit
-def int4_tc_offset(x_ptr, s_ptr, z_ptr, k_lo, k_hi, K, M, stride_xm, n_ok, offs_n, stride_sg,
-                   GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, X_COLS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``[BN, 16]``: ``sum over the chunks c of [k_lo, k_hi) of s_c (MAGIC + z_c) sum_{k in c} x_k``, what the
-    tensor-core steps' sums hold beyond ``sum (q - z) s x`` (columns as ``int4_tc_step``'s), computed once a
-    program, eight chunks at a time, so the chunk loop carries no reduction across threads."""
-    OFFSET: tl.constexpr = 128.0 if x_ptr.dtype.element_ty == tl.bfloat16 else 1024.0
-    CHUNKS: tl.constexpr = 8
+def int4_tc_offset_inputs(x_ptr, s_ptr, z_ptr, c0, k_hi, K, M, stride_xm, n_ok, offs_n, stride_sg,
+                          GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, X_COLS: tl.constexpr, CHUNKS: tl.constexpr):
+    """The activations ``[X_COLS, CHUNKS, 128]``, scales and zero points ``[BN, CHUNKS]`` of the ``CHUNKS`` chunks
+    from ``c0`` (those past ``k_hi`` zeroed): what ``int4_tc_offset`` needs, loaded apart so the kernel can issue
+    the loads before its chunk loop and use them after."""
     chunk = tl.arange(0, CHUNKS)
-    kq = tl.arange(0, 128)
+    kc = c0 + chunk * 128
+    kk = kc[None, :, None] + tl.arange(0, 128)[None, None, :]
     tok = tl.arange(0, X_COLS)
-    out = tl.zeros((BLOCK_N, X_COLS), dtype=tl.float32)
-    for c0 in range(k_lo, k_hi, CHUNKS * 128):
-        kc = c0 + chunk * 128
-        kk = kc[None, :, None] + kq[None, None, :]
-        x = tl.load(x_ptr + tok[:, None, None] * stride_xm + kk, mask=(tok < M)[:, None, None] & (kk < K), other=0.0)
-        x_sum = tl.sum(x.to(tl.float32), 2)  # [X_COLS, CHUNKS]
-        s_off = (kc // GROUP)[None, :] * stride_sg + offs_n[:, None]
-        s_ok = n_ok[:, None] & (kc < k_hi)[None, :]
-        s = tl.load(s_ptr + s_off, mask=s_ok, other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            z = tl.load(z_ptr + s_off, mask=s_ok, other=0.0).to(tl.float32)
-        else:
-            z = tl.full((BLOCK_N, CHUNKS), 8.0, dtype=tl.float32)
-        out += tl.sum((s * (OFFSET + z))[:, None, :] * x_sum[None, :, :], 2)
-    return tl.reshape(tl.broadcast_to(out[:, None, :], (BLOCK_N, 16 // X_COLS, X_COLS)), (BLOCK_N, 16))
+    x = tl.load(x_ptr + tok[:, None, None] * stride_xm + kk,
+                mask=(tok < M)[:, None, None] & (kk < K) & (kc < k_hi)[None, :, None], other=0.0)
+    s_off = (kc // GROUP)[None, :] * stride_sg + offs_n[:, None]
+    s_ok = n_ok[:, None] & (kc < k_hi)[None, :]
+    s = tl.load(s_ptr + s_off, mask=s_ok, other=0.0)
+    if HAS_ZEROS:
+        z = tl.load(z_ptr + s_off, mask=s_ok, other=0.0)
+    else:
+        z = tl.full(s.shape, 8.0, dtype=tl.float32)
+    return x, s, z
+
+
+@triton.jit
+def int4_tc_offset(x, s, z):
+    """``[BN, 16]``: ``sum over the chunks c of s_c (MAGIC + z_c) sum_{k in c} x_k`` for ``int4_tc_offset_inputs``'
+    chunks, what the tensor-core steps' sums hold beyond ``sum (q - z) s x`` (columns as ``int4_tc_step``'s)."""
+    OFFSET: tl.constexpr = 128.0 if x.dtype == tl.bfloat16 else 1024.0
+    X_COLS: tl.constexpr = x.shape[0]
+    x_sum = tl.sum(x.to(tl.float32), 2)  # [X_COLS, CHUNKS]
+    out = tl.sum((s.to(tl.float32) * (OFFSET + z.to(tl.float32)))[:, None, :] * x_sum[None, :, :], 2)  # [BN, X_COLS]
+    return tl.reshape(tl.broadcast_to(out[:, None, :], (s.shape[0], 16 // X_COLS, X_COLS)), (s.shape[0], 16))
