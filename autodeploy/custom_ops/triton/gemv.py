@@ -56,8 +56,7 @@ from .rmsnorm import add_rmsnorm_row, normed_chunk
 W_DENSE, W_FP8, W_INT8, W_INT4 = 3, 0, 1, 2  # the 8/4-bit codes are those of quant_linear.py
 GEMV_MAX_TOKENS = 4  # what the kernel takes; quant_linear.py sends it fewer where it is the fastest path
 NORM_MAX_K = 16384  # the longest row the add + RMSNorm prologue holds in registers
-INT4_TC_PROGRAMS = 768  # programs the int4 tensor-core GEMV aims at (row tiles x splits; run 34: one chunk of
-# 128 takes a program ~0.8 us, so the GPU fills only with several programs per SM)
+OFFSET_HOIST_CHUNKS = 8  # int4 tensor cores: splits of up to this many chunks load their offset inputs up front
 _FP8_MAX: tl.constexpr = tl.constexpr(FP8_MAX)
 _FP8_SCALE_MIN: tl.constexpr = tl.constexpr(FP8_SCALE_MIN)
 
@@ -80,11 +79,13 @@ def gemv_config(m: int, n: int, k: int, fmt: int, device: torch.device) -> GemvC
     split = 2 if k >= 8192 and m == 1 else 1  # long rows (down_proj): two programs share a row tile
     k_cap = max(INT4_CHUNK, next_pow2(k))  # short rows (small models) take no wider step than they need
     if fmt == W_INT4:  # tensor cores (16-bit activations, groups of 128k; else the CUDA-core product, same tiles)
-        block_n = 64 if n >= 16384 else 128  # run 34: gate/up 37.3 us at 64 rows, qkv/o/down best at 128
-        tiles = triton.cdiv(n, block_n)
-        chunks = triton.cdiv(k, INT4_CHUNK)
-        int4_split = min(8, max(1, chunks // 4), triton.cdiv(INT4_TC_PROGRAMS, tiles))
-        return GemvConfig(block_n, INT4_CHUNK, int4_split, 4, 3, tensor_cores=True)
+        if n >= 16384:  # gate/up-like: 64-row tiles are already ~450 programs (run 34: 34.3 us; split 2: 43.5)
+            return GemvConfig(64, INT4_CHUNK, 1, 4, 4, tensor_cores=True)
+        if k >= 8192:  # down-like: long rows split 8 ways, 8 warps over 128 rows (run 34: 20.7 us)
+            return GemvConfig(128, INT4_CHUNK, 8, 8, 3, tensor_cores=True)
+        if n > k:  # qkv-like (run 34: 11.4 us)
+            return GemvConfig(128, INT4_CHUNK, 8, 4, 3, tensor_cores=True)
+        return GemvConfig(64, INT4_CHUNK, 4, 4, 4, tensor_cores=True)  # o-like (run 34: 9.0 us)
     if fmt == W_DENSE:
         if m == 1 and k <= 2048 and 4096 <= n <= 8192:  # short rows, 4-8K of them (run 30: TP=2 o_proj 8.8 vs 10.1 µs)
             return GemvConfig(4, 512, 1, 4, 2)
@@ -180,7 +181,7 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     HW_FP8: tl.constexpr, GLU_ACT: tl.constexpr, RNE: tl.constexpr, TENSOR_CORES: tl.constexpr,
     NORM: tl.constexpr, NORM_H: tl.constexpr, NORM_OFFSET: tl.constexpr, NORM_PROD: tl.constexpr,
-    X_COLS: tl.constexpr, OFFSET_CHUNKS: tl.constexpr, USE_PDL: tl.constexpr,
+    X_COLS: tl.constexpr, OFFSET_CHUNKS: tl.constexpr, OFFSET_HOISTED: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     tile = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -228,8 +229,9 @@ def _gemv_kernel(
         x_scale = tl.maximum(tl.max(amax, 1) / _FP8_MAX, _FP8_SCALE_MIN)
 
     if W_FMT == 2 and TENSOR_CORES:  # one 128-long chunk a step (gemv_int4.py)
-        off_x, off_s, off_z = int4_tc_offset_inputs(x_ptr, s_ptr, z_ptr, k_lo, k_hi, K, M, stride_xm, n_ok, offs_n,
-                                                    stride_sg, GROUP, HAS_ZEROS, X_COLS, OFFSET_CHUNKS)
+        if OFFSET_HOISTED:  # a short split: the offset's loads go out first, their latency hidden by the loop
+            off_x, off_s, off_z = int4_tc_offset_inputs(x_ptr, s_ptr, z_ptr, k_lo, k_hi, K, M, stride_xm, n_ok,
+                                                        offs_n, stride_sg, GROUP, HAS_ZEROS, X_COLS, OFFSET_CHUNKS)
         x_chunk, s_chunk = int4_tc_x(x_ptr, s_ptr, k_lo, K, M, stride_xm, n_ok, offs_n, stride_sg, GROUP, X_COLS)
         x_next, s_next = int4_tc_x(x_ptr, s_ptr, k_lo + BLOCK_K, K, M, stride_xm, n_ok, offs_n, stride_sg, GROUP,
                                    X_COLS)
@@ -240,11 +242,13 @@ def _gemv_kernel(
             x_next, s_next = int4_tc_x(x_ptr, s_ptr, k0 + BLOCK_K, K, M, stride_xm, n_ok, offs_n, stride_sg, GROUP,
                                        X_COLS)
             acc = int4_tc_step(acc, words, x_chunk, s_chunk, HW_FP8)
-        acc -= int4_tc_offset(off_x, off_s, off_z)
-        for c0 in range(k_lo + OFFSET_CHUNKS * BLOCK_K, k_hi, OFFSET_CHUNKS * BLOCK_K):  # splits of more chunks
-            off_x, off_s, off_z = int4_tc_offset_inputs(x_ptr, s_ptr, z_ptr, c0, k_hi, K, M, stride_xm, n_ok, offs_n,
-                                                        stride_sg, GROUP, HAS_ZEROS, X_COLS, OFFSET_CHUNKS)
+        if OFFSET_HOISTED:
             acc -= int4_tc_offset(off_x, off_s, off_z)
+        else:  # a long split: the offset after the loop (live through it, its inputs would cost registers)
+            for c0 in range(k_lo, k_hi, OFFSET_CHUNKS * BLOCK_K):
+                off_x, off_s, off_z = int4_tc_offset_inputs(x_ptr, s_ptr, z_ptr, c0, k_hi, K, M, stride_xm, n_ok,
+                                                            offs_n, stride_sg, GROUP, HAS_ZEROS, X_COLS, OFFSET_CHUNKS)
+                acc -= int4_tc_offset(off_x, off_s, off_z)
         total = tl.trans(acc)  # [BM, BN]
     elif W_FMT == 2:
         acc = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
@@ -388,7 +392,7 @@ def gemv(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, HW_FP8=not INTERPRET,
         GLU_ACT=-1 if glu_activation is None else ACTIVATION_CODES[glu_activation],
         RNE=INTERPRET and x.dtype == torch.bfloat16, TENSOR_CORES=tensor_cores, **norm_flags, X_COLS=next_pow2(m),
-        OFFSET_CHUNKS=min(16, next_pow2(per_split)),
+        OFFSET_CHUNKS=min(OFFSET_HOIST_CHUNKS, next_pow2(per_split)), OFFSET_HOISTED=per_split <= OFFSET_HOIST_CHUNKS,
         num_warps=1 if INTERPRET else cfg.warps, num_stages=cfg.stages,
         **pdl_flags(x.device, m),
     )
