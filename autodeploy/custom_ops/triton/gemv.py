@@ -132,17 +132,13 @@ def _dense_step(acc, w, xt, x_scale, W_FMT: tl.constexpr, HW_FP8: tl.constexpr):
 
 @triton.jit
 def _dense_step_tc(acc, w, xt, x_scale, W_FMT: tl.constexpr, HW_FP8: tl.constexpr):
-    """``acc [BN, 16] += w [BN, BK] @ xt^T`` on the tensor cores (x rounded to fp8 for the fp8 format); ``xt`` is
-    ``[16, BK]``, or ``[1, BK]`` for one token, rounded once and repeated in registers (the other 15 columns of the
-    product are never stored). The interpreter multiplies in exact float32 the same rounded operands."""
-    BK: tl.constexpr = w.shape[1]
+    """``acc [BN, 16] += w [BN, BK] @ xt^T`` on the tensor cores (x rounded to fp8 for the fp8 format).
+    The interpreter multiplies in exact float32 the same rounded operands."""
     if W_FMT == 0:
         xs = xt.to(tl.float32) / x_scale[:, None]
         if HW_FP8:
-            return tl.dot(w, tl.trans(tl.broadcast_to(xs.to(tl.float8e4nv), (16, BK))), acc)
-        return tl.dot(w.to(tl.float32), tl.trans(tl.broadcast_to(fp8_round(xs), (16, BK))), acc,
-                      input_precision="ieee")
-    xt = tl.broadcast_to(xt, (16, BK))
+            return tl.dot(w, tl.trans(xs.to(tl.float8e4nv)), acc)
+        return tl.dot(w.to(tl.float32), tl.trans(fp8_round(xs)), acc, input_precision="ieee")
     if HW_FP8:  # on the GPU (the flag is "not the interpreter"): 16-bit operands, float32 accumulation
         return tl.dot(w.to(xt.dtype), tl.trans(xt), acc)
     return tl.dot(w.to(tl.float32), tl.trans(xt.to(tl.float32)), acc, input_precision="ieee")
@@ -151,18 +147,11 @@ def _dense_step_tc(acc, w, xt, x_scale, W_FMT: tl.constexpr, HW_FP8: tl.constexp
 @triton.jit
 def _dense_acc(acc, w, x_rows, kk, k_ok, m_ok, x_scale, x_ptr, r_ptr, nw_ptr, rstd, w_offset,
                W_FMT: tl.constexpr, HW_FP8: tl.constexpr, TENSOR_CORES: tl.constexpr,
-               NORM: tl.constexpr, NORM_OFFSET: tl.constexpr, NORM_PROD: tl.constexpr, X_ONE: tl.constexpr):
-    """One ``BLOCK_K`` step of 16-bit/fp8/int8 weights; ``X_ONE``: one token through the tensor cores, whose
-    activations are loaded as one row (``x_scale`` is then its ``[1]`` scale)."""
+               NORM: tl.constexpr, NORM_OFFSET: tl.constexpr, NORM_PROD: tl.constexpr):
     if NORM:  # one row: x + residual normalised here, as the add + RMSNorm launch would have stored it
         row = normed_chunk(x_ptr, r_ptr, nw_ptr, kk, k_ok, rstd, w_offset, x_ptr.dtype.element_ty,
                            NORM_OFFSET, NORM_PROD)
-        if X_ONE:
-            xt = row[None, :].to(x_ptr.dtype.element_ty)
-        else:
-            xt = tl.where(m_ok[:, None], row[None, :], 0.0).to(x_ptr.dtype.element_ty)
-    elif X_ONE:
-        xt = tl.load(x_ptr + kk[None, :], mask=k_ok[None, :], other=0.0)
+        xt = tl.where(m_ok[:, None], row[None, :], 0.0).to(x_ptr.dtype.element_ty)
     else:
         xt = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
     if TENSOR_CORES:
@@ -261,22 +250,18 @@ def _gemv_kernel(
                             stride_sg, GROUP, HAS_ZEROS, BLOCK_M, BLOCK_N, WORDS)
         total = tl.sum(acc, 2)  # [BM, BN]
     else:
-        X_ONE: tl.constexpr = TENSOR_CORES and X_COLS == 1
-        step_scale = x_scale
-        if X_ONE:  # the one token's scale, [1]
-            step_scale = tl.sum(tl.where(offs_m == 0, x_scale, 0.0), 0, keep_dims=True)
         if TENSOR_CORES:
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-        acc = _dense_acc(acc, w, x_rows, kk, k_ok, m_ok, step_scale, x_ptr, r_ptr, nw_ptr, rstd, w_offset,
-                         W_FMT, HW_FP8, TENSOR_CORES, NORM, NORM_OFFSET, NORM_PROD, X_ONE)
+        acc = _dense_acc(acc, w, x_rows, kk, k_ok, m_ok, x_scale, x_ptr, r_ptr, nw_ptr, rstd, w_offset,
+                         W_FMT, HW_FP8, TENSOR_CORES, NORM, NORM_OFFSET, NORM_PROD)
         for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             k_ok = kk < K
             w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = _dense_acc(acc, w, x_rows, kk, k_ok, m_ok, step_scale, x_ptr, r_ptr, nw_ptr, rstd, w_offset,
-                             W_FMT, HW_FP8, TENSOR_CORES, NORM, NORM_OFFSET, NORM_PROD, X_ONE)
+            acc = _dense_acc(acc, w, x_rows, kk, k_ok, m_ok, x_scale, x_ptr, r_ptr, nw_ptr, rstd, w_offset,
+                             W_FMT, HW_FP8, TENSOR_CORES, NORM, NORM_OFFSET, NORM_PROD)
         if TENSOR_CORES:
             total = tl.trans(acc)  # [BM, BN]
         else:
