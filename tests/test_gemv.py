@@ -58,9 +58,9 @@ def test_gemv_int4(group, symmetric, config):
 )
 def test_gemv_int4_tensor_cores(dtype, group, symmetric, config):
     """The tensor-core int4 product (codes as 16-bit floats, offset and zero point removed in float32): every
-    token count, K not a multiple of 128, split-K, a gated pair of projections; K = 1300 (no split) has more
-    chunks than the offset loads up front, so its offset is summed after the chunk loop."""
-    for m, k, n in SHAPES + [(1, 1300, 16)]:
+    token count, K not a multiple of 128, split-K, a gated pair of projections; K = 2200 (no split) has more
+    chunks than the offset loads up front (16), so the rest of its offset is summed after the chunk loop."""
+    for m, k, n in SHAPES + [(1, 2200, 16)]:
         x = torch.randn(m, k).to(dtype)
         q, s, z = quantize_int4_weight(torch.randn(n, k) * 0.05, group, symmetric)
         bias = torch.randn(n) if symmetric else None
