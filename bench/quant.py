@@ -9,7 +9,7 @@ One JSON line is printed per measurement (``{"phase": ..., ...}``); ``--out`` ge
 **kernels**: the four linears of one layer (fused qkv, o, fused gate/up, down) for ``ROTATE`` layers with their
 own weights, run inside one CUDA graph (so L2 holds no weights over), per format: bf16 ``F.linear``, fp8
 (the decode GEMV up to ``FP8_GEMV_MAX_TOKENS``, per-token fp8 activations + ``torch._scaled_mm`` above), int4
-group-128 (the GEMV up to ``INT4_GEMV_MAX_TOKENS``, the Triton W4A16 GEMM, dequantize + cuBLAS from ``DEQUANT_MIN_TOKENS``; ``path``). ``us_per_layer``, weight ``GB/s`` and ``rel_err`` against the torch reference.
+group-128 (the GEMV up to ``int4_gemv_max_tokens``, the Triton W4A16 GEMM, dequantize + cuBLAS from ``DEQUANT_MIN_TOKENS``; ``path``). ``us_per_layer``, weight ``GB/s`` and ``rel_err`` against the torch reference.
 
 **fp8 / int4 engines**: ``optimize(config.json, quantize=...)`` with random weights: batch-1 decode tok/s (ISL 128,
 ``--decode-osl``), the batch-1 decode CUDA-graph replay time, CUDA-graph greedy tokens == eager ones, and for fp8
@@ -43,7 +43,7 @@ from autodeploy.bench.engine_bench import run_engine_bench  # noqa: E402
 from autodeploy.bench.workload import synthetic_requests  # noqa: E402
 from autodeploy.custom_ops.quant_linear import quantize_fp8_weight, quantize_int4_weight  # noqa: E402
 from autodeploy.custom_ops.triton.quant_linear import (  # noqa: E402
-    FP8_GEMV_MAX_TOKENS, INT4_GEMV_MAX_TOKENS, use_dequant, use_scaled_mm,
+    FP8_GEMV_MAX_TOKENS, int4_gemv_max_tokens, use_dequant, use_scaled_mm,
 )
 from e2e import cuda_graph_tokens_match  # noqa: E402
 from results import JsonResults  # noqa: E402
@@ -127,7 +127,7 @@ def bench_kernels(res: JsonResults) -> None:
                 row["rel_err"] = max(errs)
                 row["ok"] = row["rel_err"] < REL_TOL
             x_o = xs["o"].reshape(m, -1)
-            if m <= {"bf16": 0, "fp8": FP8_GEMV_MAX_TOKENS, "int4": INT4_GEMV_MAX_TOKENS}[fmt]:
+            if m <= {"bf16": 0, "fp8": FP8_GEMV_MAX_TOKENS, "int4": int4_gemv_max_tokens(x_o, 128)}[fmt]:
                 row["path"] = "gemv"
             elif fmt == "fp8":
                 row["path"] = "scaled_mm" if use_scaled_mm(x_o, layers[0]["o"][0]) else "triton"

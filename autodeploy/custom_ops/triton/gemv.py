@@ -4,8 +4,8 @@ At a few tokens a linear layer is a read of its weight and nothing else, so the 
 weight at the copy bandwidth: one program owns ``BLOCK_N`` output channels, walks K in ``BLOCK_K`` steps loading a
 ``[BLOCK_N, BLOCK_K]`` weight tile (contiguous along K), and multiplies it on the CUDA cores against the
 ``[BLOCK_M, BLOCK_K]`` activations (from L2), accumulating ``[BLOCK_M, BLOCK_N, BLOCK_K]`` in float32 and
-reducing over K once at the end. No tensor cores: at M <= 4 they would idle on padding, and the conversion of
-the weight to float32 is the only per-element work besides the multiply-add.
+reducing over K once at the end; or on the tensor cores (``TENSOR_CORES`` below), which idle on padding at these
+M but take the multiply-adds off the CUDA cores, which is what bounds the 8- and 4-bit formats.
 
 Formats (``W_FMT``): 16-bit weights; fp8 and int8 (per-channel scale applied after the reduction); int4 planar
 (``quant_linear.py``), whose steps live in ``gemv_int4.py``: on the CUDA cores one nibble plane at a time, on the

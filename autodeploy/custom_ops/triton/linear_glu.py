@@ -16,22 +16,21 @@ import torch
 from ._common import INTERPRET
 from .gemv import W_DENSE, W_FP8, W_INT4, gemv
 from .glu import glu_packed_launch
-from .linear import GEMV_LINEAR_MAX_TOKENS, dense_linear, gemv_applies
-from .quant_linear import FP8_GEMV_MAX_TOKENS, INT4_GEMV_MAX_TOKENS, _rows, fp8_linear, int4_linear
+from .linear import dense_linear, gemv_applies
+from .quant_linear import FP8_GEMV_MAX_TOKENS, _rows, fp8_linear, int4_gemv_max_tokens, int4_linear
 
-#: weight_format -> (the GEMV's format code, the most tokens the unfused linear sends to the GEMV)
-WEIGHT_FORMATS: dict[str, tuple[int, int]] = {
-    "dense": (W_DENSE, GEMV_LINEAR_MAX_TOKENS),
-    "fp8": (W_FP8, FP8_GEMV_MAX_TOKENS),
-    "int4": (W_INT4, INT4_GEMV_MAX_TOKENS),
-}
+#: weight_format -> the GEMV's format code
+WEIGHT_FORMATS: dict[str, int] = {"dense": W_DENSE, "fp8": W_FP8, "int4": W_INT4}
 
 
-def _fused_applies(x2: torch.Tensor, weight: torch.Tensor, weight_format: str) -> bool:
+def _fused_applies(x2: torch.Tensor, weight: torch.Tensor, weight_format: str, group_size: int) -> bool:
+    """Whether the unfused linear would run the GEMV at this token count (the fused op then runs it with the
+    activation in its epilogue)."""
     rows = x2.shape[0]
     if weight_format == "dense":
         return gemv_applies(x2, weight, rows)
-    return 0 < rows <= WEIGHT_FORMATS[weight_format][1] and (x2.is_cuda or INTERPRET)
+    most = FP8_GEMV_MAX_TOKENS if weight_format == "fp8" else int4_gemv_max_tokens(x2, group_size)
+    return 0 < rows <= most and (x2.is_cuda or INTERPRET)
 
 
 def _linear(x2, weight, scales, zeros, bias, weight_format: str, group_size: int) -> torch.Tensor:
@@ -57,8 +56,8 @@ def triton_linear_glu(
         raise ValueError(f"triton_linear_glu: unknown weight_format {weight_format!r}; known: {sorted(WEIGHT_FORMATS)}")
     x2 = _rows(x)
     n_out = weight.shape[0] // 2
-    if _fused_applies(x2, weight, weight_format):
-        fmt = WEIGHT_FORMATS[weight_format][0]
+    if _fused_applies(x2, weight, weight_format, group_size):
+        fmt = WEIGHT_FORMATS[weight_format]
         y = gemv(x2, fmt, weight, scales, zeros, bias, group_size, glu_activation=activation)
     else:
         gate_up = _linear(x2, weight, scales, zeros, bias, weight_format, group_size)

@@ -24,8 +24,9 @@ Which path runs, by the number of tokens M (the thresholds are read off ``bench/
   N, 16-bit activations), per-token fp8 activations from ``_fp8_rows_kernel`` and ``torch._scaled_mm`` with
   row-wise scales (Hopper fp8 tensor cores), fewer than ``SCALED_MM_MIN_ROWS`` rows zero-padded; elsewhere (CPU
   interpreter, unaligned shapes) this file's kernel.
-- int4: ``M <= INT4_GEMV_MAX_TOKENS`` the GEMV; from ``DEQUANT_MIN_TOKENS`` up, on CUDA, ``dequant_linear.py`` (a
-  dense copy of the weight, cuBLAS); between the two, this file's kernel.
+- int4: up to ``int4_gemv_max_tokens`` the GEMV (``GEMV_MAX_TOKENS`` where its tensor-core product applies, else
+  ``INT4_GEMV_MAX_TOKENS``); from ``DEQUANT_MIN_TOKENS`` up, on CUDA, ``dequant_linear.py`` (a dense copy of the
+  weight, cuBLAS); between the two, this file's kernel.
 - int8: this file's kernel at every M (it streams int8 at 1.3-1.9 TB/s from M = 1; neither the GEMV nor
   dequantize + cuBLAS beat it in the sweep).
 """
@@ -44,7 +45,7 @@ from ._common import (
     INTERPRET, NUM_LOCKS, device_sms, fp8_round, mma, next_pow2, split_k_sum, split_locks, tl_dtype, upcast_dots,
 )
 from .dequant_linear import int4_dequant_linear
-from .gemv import gemv
+from .gemv import GEMV_MAX_TOKENS, gemv, tensor_core_gemv_ok
 
 W_FP8, W_INT8, W_INT4 = 0, 1, 2
 FP8_GEMV_MAX_TOKENS = 1  # fp8 up to here: the GEMV (H100, M=1: 117 vs 144 us a layer); above, _scaled_mm
@@ -275,11 +276,19 @@ def use_dequant(x: torch.Tensor) -> bool:
     return x.is_cuda and x.shape[0] >= DEQUANT_MIN_TOKENS and x.dtype in (torch.bfloat16, torch.float16)
 
 
+def int4_gemv_max_tokens(x: torch.Tensor, group_size: int) -> int:
+    """The most tokens ``int4_linear`` sends to the GEMV: its tensor-core product costs the same up to
+    ``GEMV_MAX_TOKENS`` (16-bit activations, groups of a multiple of 128), the CUDA-core one grows with M."""
+    if tensor_core_gemv_ok(W_INT4, x.dtype, int4_group(group_size, x.shape[-1])):
+        return GEMV_MAX_TOKENS
+    return INT4_GEMV_MAX_TOKENS
+
+
 def int4_linear(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
     bias: torch.Tensor | None, group_size: int,
 ) -> torch.Tensor:
-    if x.shape[0] <= INT4_GEMV_MAX_TOKENS:
+    if x.shape[0] <= int4_gemv_max_tokens(x, group_size):
         return gemv(x, W_INT4, qweight, scales, zeros, bias, group_size)
     if use_dequant(x):
         return int4_dequant_linear(x, qweight, scales, zeros, bias, group_size)
