@@ -79,8 +79,10 @@ def gemv_config(m: int, n: int, k: int, fmt: int, device: torch.device) -> GemvC
     split = 2 if k >= 8192 and m == 1 else 1  # long rows (down_proj): two programs share a row tile
     k_cap = max(INT4_CHUNK, next_pow2(k))  # short rows (small models) take no wider step than they need
     if fmt == W_INT4:  # tensor cores (16-bit activations, groups of 128k; else the CUDA-core product, same tiles)
-        if n >= 16384:  # gate/up-like: 64-row tiles are already ~450 programs (run 34: 34.3 us; split 2: 43.5)
+        if n >= 16384 and m == 1:  # gate/up-like: 64-row tiles are already ~450 programs (run 34: 33.8 us)
             return GemvConfig(64, INT4_CHUNK, 1, 4, 4, tensor_cores=True)
+        if n >= 16384:  # ... at 2-4 tokens 128-row tiles over 8 warps (run 34, M = 4: 39.1 vs 54.5 us)
+            return GemvConfig(128, INT4_CHUNK, 1, 8, 3, tensor_cores=True)
         if k >= 8192:  # down-like: long rows split 8 ways, 8 warps over 128 rows (run 34: 20.7 us)
             return GemvConfig(128, INT4_CHUNK, 8, 8, 3, tensor_cores=True)
         if n > k:  # qkv-like (run 34: 11.4 us)

@@ -49,7 +49,7 @@ from .gemv import GEMV_MAX_TOKENS, gemv, tensor_core_gemv_ok
 
 W_FP8, W_INT8, W_INT4 = 0, 1, 2
 FP8_GEMV_MAX_TOKENS = 1  # fp8 up to here: the GEMV (H100, M=1: 117 vs 144 us a layer); above, _scaled_mm
-INT4_GEMV_MAX_TOKENS = 2  # int4 up to here: the GEMV (M=1: 112 vs 174 us a layer, M=2: 169 vs 174)
+INT4_GEMV_MAX_TOKENS = 2  # the CUDA-core int4 GEMV up to here (M=1: 112 vs 174 us a layer, M=2: 169 vs 174)
 DEQUANT_MIN_TOKENS = 17  # int4 from here up (CUDA): dequantize + cuBLAS (M=64: 425 vs 655 us; M=16: 425 vs 180)
 SCALED_MM_MIN_ROWS = 16  # fewer rows are zero-padded to this for torch._scaled_mm
 MAX_SPLIT_K = 16
