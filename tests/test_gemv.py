@@ -77,8 +77,9 @@ def test_gemv_int4_tensor_cores(dtype, group, symmetric, config):
 @pytest.mark.parametrize("fmt", [W_DENSE, W_FP8, W_INT4])
 @pytest.mark.parametrize("m,k,n", [(1, 4096, 24), (2, 576, 40), (1, 8320, 16)])
 def test_gemv_gpu_tiles(fmt, m, k, n):
-    """The tiles ``gemv_config`` picks on CUDA (GPU-sized steps, split-K for long rows), run by the interpreter."""
-    config = gemv_config(m, n, k, fmt, torch.device("cuda"))
+    """The tiles ``gemv_config`` picks on CUDA (GPU-sized steps, split-K for long rows), run by the interpreter;
+    int4 with float32 activations takes its CUDA-core tiles, with bfloat16 ones the tensor-core tiles."""
+    config = gemv_config(m, n, k, fmt, torch.device("cuda"), int4_tensor_cores=False)
     x = torch.randn(m, k)
     w = torch.randn(n, k) * 0.05
     if fmt == W_DENSE:
@@ -89,6 +90,12 @@ def test_gemv_gpu_tiles(fmt, m, k, n):
     else:
         q, s, z = quantize_int4_weight(w, 128)
         out, ref = gemv(x, fmt, q, s, z, None, 128, config=config), ops.torch_quant_int4_linear(x, q, s, z, None, 128)
+        assert not config.tensor_cores
+        tc_config = gemv_config(m, n, k, fmt, torch.device("cuda"))
+        assert tc_config.tensor_cores
+        xb = x.bfloat16()
+        torch.testing.assert_close(gemv(xb, fmt, q, s, z, None, 128, config=tc_config).float(),
+                                   ops.torch_quant_int4_linear(xb.float(), q, s, z, None, 128), atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(out, ref, atol=5e-5, rtol=5e-5)
 
 

@@ -71,14 +71,17 @@ class GemvConfig:
     tensor_cores: bool = False  # see tensor_core_gemv_ok; the padded activations take 16 rows
 
 
-def gemv_config(m: int, n: int, k: int, fmt: int, device: torch.device) -> GemvConfig:
+def gemv_config(m: int, n: int, k: int, fmt: int, device: torch.device, int4_tensor_cores: bool = True) -> GemvConfig:
     """Tiles from the shape, read off ``bench/gemv.py`` on an H100 (Llama-3.1-8B's linears at M = 1, 2, whole and
-    as one rank of two holds them); the interpreter gets small legal tiles."""
+    as one rank of two holds them); the interpreter gets small legal tiles. ``int4_tensor_cores``: whether int4
+    can take the tensor-core product (``tensor_core_gemv_ok``), else its CUDA-core tiles."""
     if device.type != "cuda":
         return GemvConfig(8, INT4_CHUNK if fmt == W_INT4 else 64, 2 if k > 128 else 1, 1, 1)
     split = 2 if k >= 8192 and m == 1 else 1  # long rows (down_proj): two programs share a row tile
     k_cap = max(INT4_CHUNK, next_pow2(k))  # short rows (small models) take no wider step than they need
-    if fmt == W_INT4:  # tensor cores (16-bit activations, groups of 128k; else the CUDA-core product, same tiles)
+    if fmt == W_INT4 and not int4_tensor_cores:  # float32 activations, groups < 128 (run 7)
+        return GemvConfig(8, min(1024, k_cap), split, 4, 3)
+    if fmt == W_INT4:  # tensor cores
         if n >= 16384 and m == 1:  # gate/up-like: 64-row tiles are already ~450 programs (run 34: 33.8 us)
             return GemvConfig(64, INT4_CHUNK, 1, 4, 4, tensor_cores=True)
         if n >= 16384:  # ... at 2-4 tokens 128-row tiles over 8 warps (run 34, M = 4: 39.1 vs 54.5 us)
@@ -352,11 +355,11 @@ def gemv(
     y = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
-    cfg = config or gemv_config(m, n, k, fmt, x.device)
+    group = int4_group(group_size, k) if fmt == W_INT4 else 1
+    cfg = config or gemv_config(m, n, k, fmt, x.device, tensor_core_gemv_ok(fmt, x.dtype, group))
     if fmt == W_INT4 and cfg.block_k % INT4_CHUNK:
         raise ValueError(f"int4 gemv needs block_k to be a multiple of {INT4_CHUNK}")
     block_n = cfg.block_n if glu_activation is None else max(2, cfg.block_n)  # a gate row and its up row
-    group = int4_group(group_size, k) if fmt == W_INT4 else 1
     tensor_cores = cfg.tensor_cores and tensor_core_gemv_ok(fmt, x.dtype, group)
     if tensor_cores and (block_n < 16 or cfg.block_k < 16 or (fmt == W_INT4 and cfg.block_k != INT4_CHUNK)):
         raise ValueError(f"a tensor-core gemv needs tiles of at least 16 x 16 (int4: K steps of {INT4_CHUNK}), "
