@@ -3,7 +3,7 @@
     PYTHONPATH=$PWD python3 bench/gemv.py --out $OUT/gemv.json     # ~4 min on an H100
     options: --fmts fp8,int4,dense,int8  --tokens 1,2,4  --workers 14 (parallel Triton compiles)
              --shapes llama-tp2 (one rank's linears at tensor parallel 2), qwen3-moe (the MoE model's dense linears)
-             --variants cuda,tc (CUDA-core and tensor-core products; int4 on the tensor cores: 60 tiles)
+             --variants cuda,tc (CUDA-core and tensor-core products; int4 on the tensor cores: 50 tiles)
 
 For Llama-3.1-8B's four linears per layer (fused qkv, o, fused gate/up, down), each format and M, every tile
 config of the grid is timed; the weights rotate over ``COPIES`` copies inside one CUDA graph so L2 holds none
@@ -49,8 +49,8 @@ def tensor_core_grid(fmt: str) -> list[tuple]:
     """(block_n, block_k, split_k, warps, stages, True): the weight tile as the left operand of a tensor-core
     product against the activations padded to 16 rows."""
     if fmt == "int4":  # one 128-long chunk a step (gemv_int4.py)
-        return [(bn, bk, sk, w, s, True) for bn, bk, sk, (w, s) in
-                itertools.product([64, 128], [128, 256], [1, 2, 4, 8, 16], [(4, 3), (4, 4), (8, 3)])]
+        return [(bn, 128, sk, w, s, True) for bn, sk, (w, s) in
+                itertools.product([64, 128], [1, 2, 4, 8, 16], [(4, 3), (4, 4), (4, 6), (8, 3), (8, 6)])]
     block_ks = [128, 256, 512] if fmt in ("fp8", "int8") else [64, 128, 256]
     return [(bn, bk, sk, w, s, True) for bn, bk, sk, (w, s) in
             itertools.product([32, 64, 128], block_ks, [1, 2, 4, 8], [(4, 3), (4, 4), (8, 3)])]

@@ -96,7 +96,6 @@ def variants():
         (W_FP8, 16, 64, 256, 2, 4, 3, -1), (W_FP8, 16, 128, 512, 1, 8, 3, 0), (W_DENSE, 16, 64, 128, 1, 4, 3, -1),
         (W_DENSE, 16, 32, 256, 4, 4, 4, 0), (W_INT8, 16, 64, 256, 1, 4, 3, -1),
         (W_INT4, 16, 64, 128, 1, 4, 4, 0), (W_INT4, 16, 64, 128, 4, 4, 4, -1), (W_INT4, 16, 128, 128, 2, 8, 3, -1),
-        (W_INT4, 16, 64, 256, 2, 4, 3, -1),
     ]]:
         tensor_cores = bm == 16  # the tensor-core product pads the activations to 16 rows
         consts = dict(W_FMT=fmt, GROUP=128 if fmt == W_INT4 else 1, HAS_ZEROS=fmt == W_INT4, HAS_BIAS=True,

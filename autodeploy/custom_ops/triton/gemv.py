@@ -49,7 +49,7 @@ from ..quant_linear import FP8_MAX, FP8_SCALE_MIN, INT4_CHUNK, int4_group
 from ._common import (
     INTERPRET, NUM_LOCKS, cast_rne, fp8_round, next_pow2, pdl_enter, pdl_flags, split_k_sum, split_locks, tl_dtype,
 )
-from .gemv_int4 import int4_step, int4_tc_offset, int4_tc_offset_inputs, int4_tc_step, int4_tc_step2, int4_tc_x
+from .gemv_int4 import int4_step, int4_tc_offset, int4_tc_offset_inputs, int4_tc_step, int4_tc_x
 from .glu import ACTIVATION_CODES, _activate
 from .rmsnorm import add_rmsnorm_row, normed_chunk
 
@@ -222,37 +222,23 @@ def _gemv_kernel(
             amax = tl.maximum(amax, tl.abs(xt.to(tl.float32)))
         x_scale = tl.maximum(tl.max(amax, 1) / _FP8_MAX, _FP8_SCALE_MIN)
 
-    if W_FMT == 2 and TENSOR_CORES:  # one or two 128-long chunks a step (gemv_int4.py)
+    if W_FMT == 2 and TENSOR_CORES:  # one 128-long chunk a step (gemv_int4.py)
         # the offset's first OFFSET_CHUNKS chunks: loads out first, their latency hidden by the loop (run 34: gate/up
         # 34.3 us with 16 chunks loaded up front, 40.3 with all 32 after the loop)
         off_x, off_s, off_z = int4_tc_offset_inputs(x_ptr, s_ptr, z_ptr, k_lo, k_hi, K, M, stride_xm, n_ok, offs_n,
                                                     stride_sg, GROUP, HAS_ZEROS, X_COLS, OFFSET_CHUNKS)
-        if BLOCK_K == 128:
-            x_chunk, s_chunk = int4_tc_x(x_ptr, s_ptr, k_lo, K, M, stride_xm, n_ok, offs_n, stride_sg, GROUP, X_COLS)
-            x_next, s_next = int4_tc_x(x_ptr, s_ptr, k_lo + 128, K, M, stride_xm, n_ok, offs_n, stride_sg, GROUP,
+        x_chunk, s_chunk = int4_tc_x(x_ptr, s_ptr, k_lo, K, M, stride_xm, n_ok, offs_n, stride_sg, GROUP, X_COLS)
+        x_next, s_next = int4_tc_x(x_ptr, s_ptr, k_lo + BLOCK_K, K, M, stride_xm, n_ok, offs_n, stride_sg, GROUP,
+                                   X_COLS)
+        acc = int4_tc_step(tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), words, x_chunk, s_chunk, HW_FP8)
+        for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
+            words = tl.load(w_rows + (k0 // 8 + word)[None, :], mask=n_ok[:, None], other=0)
+            x_chunk, s_chunk = x_next, s_next
+            x_next, s_next = int4_tc_x(x_ptr, s_ptr, k0 + BLOCK_K, K, M, stride_xm, n_ok, offs_n, stride_sg, GROUP,
                                        X_COLS)
-            acc = int4_tc_step(tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), words, x_chunk, s_chunk, HW_FP8)
-            for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
-                words = tl.load(w_rows + (k0 // 8 + word)[None, :], mask=n_ok[:, None], other=0)
-                x_chunk, s_chunk = x_next, s_next
-                x_next, s_next = int4_tc_x(x_ptr, s_ptr, k0 + 128, K, M, stride_xm, n_ok, offs_n, stride_sg, GROUP,
-                                           X_COLS)
-                acc = int4_tc_step(acc, words, x_chunk, s_chunk, HW_FP8)
-        else:  # two chunks a step
-            x0, s0 = int4_tc_x(x_ptr, s_ptr, k_lo, K, M, stride_xm, n_ok, offs_n, stride_sg, GROUP, X_COLS)
-            x1, s1 = int4_tc_x(x_ptr, s_ptr, k_lo + 128, K, M, stride_xm, n_ok, offs_n, stride_sg, GROUP, X_COLS)
-            xn0, sn0 = int4_tc_x(x_ptr, s_ptr, k_lo + 256, K, M, stride_xm, n_ok, offs_n, stride_sg, GROUP, X_COLS)
-            xn1, sn1 = int4_tc_x(x_ptr, s_ptr, k_lo + 384, K, M, stride_xm, n_ok, offs_n, stride_sg, GROUP, X_COLS)
-            acc = int4_tc_step2(tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), words, x0, s0, x1, s1, HW_FP8)
-            for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
-                w_ok = (k0 + 128 * (word // 16)) < K
-                words = tl.load(w_rows + (k0 // 8 + word)[None, :], mask=n_ok[:, None] & w_ok[None, :], other=0)
-                x0, s0, x1, s1 = xn0, sn0, xn1, sn1
-                xn0, sn0 = int4_tc_x(x_ptr, s_ptr, k0 + 256, K, M, stride_xm, n_ok, offs_n, stride_sg, GROUP, X_COLS)
-                xn1, sn1 = int4_tc_x(x_ptr, s_ptr, k0 + 384, K, M, stride_xm, n_ok, offs_n, stride_sg, GROUP, X_COLS)
-                acc = int4_tc_step2(acc, words, x0, s0, x1, s1, HW_FP8)
+            acc = int4_tc_step(acc, words, x_chunk, s_chunk, HW_FP8)
         acc -= int4_tc_offset(off_x, off_s, off_z)
-        for c0 in range(k_lo + OFFSET_CHUNKS * 128, k_hi, OFFSET_CHUNKS * 128):  # longer splits: the rest
+        for c0 in range(k_lo + OFFSET_CHUNKS * BLOCK_K, k_hi, OFFSET_CHUNKS * BLOCK_K):  # longer splits: the rest
             off_x, off_s, off_z = int4_tc_offset_inputs(x_ptr, s_ptr, z_ptr, c0, k_hi, K, M, stride_xm, n_ok, offs_n,
                                                         stride_sg, GROUP, HAS_ZEROS, X_COLS, OFFSET_CHUNKS)
             acc -= int4_tc_offset(off_x, off_s, off_z)
@@ -375,8 +361,8 @@ def gemv(
         raise ValueError(f"int4 gemv needs block_k to be a multiple of {INT4_CHUNK}")
     block_n = cfg.block_n if glu_activation is None else max(2, cfg.block_n)  # a gate row and its up row
     tensor_cores = cfg.tensor_cores and tensor_core_gemv_ok(fmt, x.dtype, group)
-    if tensor_cores and (block_n < 16 or cfg.block_k < 16 or (fmt == W_INT4 and cfg.block_k not in (128, 256))):
-        raise ValueError(f"a tensor-core gemv needs tiles of at least 16 x 16 (int4: K steps of 128 or 256), "
+    if tensor_cores and (block_n < 16 or cfg.block_k < 16 or (fmt == W_INT4 and cfg.block_k != INT4_CHUNK)):
+        raise ValueError(f"a tensor-core gemv needs tiles of at least 16 x 16 (int4: K steps of {INT4_CHUNK}), "
                          f"got {block_n} x {cfg.block_k}")
     steps = triton.cdiv(k, cfg.block_k)
     per_split = triton.cdiv(steps, max(1, cfg.split_k))
@@ -395,7 +381,7 @@ def gemv(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, HW_FP8=not INTERPRET,
         GLU_ACT=-1 if glu_activation is None else ACTIVATION_CODES[glu_activation],
         RNE=INTERPRET and x.dtype == torch.bfloat16, TENSOR_CORES=tensor_cores, **norm_flags, X_COLS=next_pow2(m),
-        OFFSET_CHUNKS=min(OFFSET_HOIST_CHUNKS, next_pow2(per_split * cfg.block_k // INT4_CHUNK)),
+        OFFSET_CHUNKS=min(OFFSET_HOIST_CHUNKS, next_pow2(per_split)),
         num_warps=1 if INTERPRET else cfg.warps, num_stages=cfg.stages,
         **pdl_flags(x.device, m),
     )

@@ -112,13 +112,6 @@ def int4_tc_step(acc, words, x, s, HW: tl.constexpr):
 
 
 @triton.jit
-def int4_tc_step2(acc, words, x0, s0, x1, s1, HW: tl.constexpr):
-    """``int4_tc_step`` over two chunks read as one ``[BN, 32]`` word tile (a step of 256: 128 bytes a row)."""
-    w0, w1 = tl.split(tl.permute(tl.reshape(words, (words.shape[0], 2, 16)), (0, 2, 1)))
-    return int4_tc_step(int4_tc_step(acc, w0, x0, s0, HW), w1, x1, s1, HW)
-
-
-@triton.jit
 def int4_tc_offset_inputs(x_ptr, s_ptr, z_ptr, c0, k_hi, K, M, stride_xm, n_ok, offs_n, stride_sg,
                           GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, X_COLS: tl.constexpr, CHUNKS: tl.constexpr):
     """The activations ``[X_COLS, CHUNKS, 128]``, scales and zero points ``[BN, CHUNKS]`` of the ``CHUNKS`` chunks
