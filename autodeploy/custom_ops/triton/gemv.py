@@ -356,11 +356,12 @@ def gemv(
     if m == 0 or n == 0:
         return y
     group = int4_group(group_size, k) if fmt == W_INT4 else 1
-    cfg = config or gemv_config(m, n, k, fmt, x.device, tensor_core_gemv_ok(fmt, x.dtype, group))
+    tensor_cores_ok = tensor_core_gemv_ok(fmt, x.dtype, group)
+    cfg = config or gemv_config(m, n, k, fmt, x.device, tensor_cores_ok)
     if fmt == W_INT4 and cfg.block_k % INT4_CHUNK:
         raise ValueError(f"int4 gemv needs block_k to be a multiple of {INT4_CHUNK}")
     block_n = cfg.block_n if glu_activation is None else max(2, cfg.block_n)  # a gate row and its up row
-    tensor_cores = cfg.tensor_cores and tensor_core_gemv_ok(fmt, x.dtype, group)
+    tensor_cores = cfg.tensor_cores and tensor_cores_ok
     if tensor_cores and (block_n < 16 or cfg.block_k < 16 or (fmt == W_INT4 and cfg.block_k != INT4_CHUNK)):
         raise ValueError(f"a tensor-core gemv needs tiles of at least 16 x 16 (int4: K steps of {INT4_CHUNK}), "
                          f"got {block_n} x {cfg.block_k}")
