@@ -219,9 +219,9 @@ def main() -> None:
             elif phase in ("fp8", "int4"):
                 bench_engine(res, "fp8" if phase == "fp8" else "int4_weight_only", args, extra)
             else:
-                res.emit("error", phase=phase, error="unknown phase (kernels, fp8, int4)")
+                res.emit("error", step=phase, error="unknown phase (kernels, fp8, int4)")
         except Exception as e:  # one failed phase must not lose the others' numbers
-            res.emit("error", phase=phase, error=repr(e), traceback=traceback.format_exc()[-2000:])
+            res.emit("error", step=phase, error=repr(e), traceback=traceback.format_exc()[-2000:])
             gc.collect()
             if DEV.type == "cuda":
                 torch.cuda.empty_cache()

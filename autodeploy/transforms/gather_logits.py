@@ -1,7 +1,8 @@
 """``gather_logits``: compute the LM head only for the tokens that are sampled.
 
-Matches: the last ``aten.linear`` on the path to the output (the LM head), found by walking back from the
-output through ops with a single tensor input (final soft-caps, scales, casts). Emits: an
+Matches: the last ``aten.linear`` or quantized linear (``autodeploy::*_quant_*_linear``, when the head is
+quantized) on the path to the output (the LM head), found by walking back from the output through ops with a
+single tensor input (final soft-caps, scales, casts). Emits: an
 ``index_select(hidden, 1, logits_indices)`` on the head's input, with ``logits_indices [N] int64`` a new graph
 input placed after the cache metadata. The graph then returns ``[1, N, V]`` logits instead of ``[1, T, V]``.
 """
@@ -22,11 +23,20 @@ def _tensor_inputs(node: Node) -> list[Node]:
     return [a for a in node.all_input_nodes if a.op != "get_attr"]
 
 
+def _is_linear(node: Node) -> bool:
+    """``aten.linear`` or a quantized linear op; either takes its input as the first argument."""
+    if is_op(node, torch.ops.aten.linear.default):
+        return True
+    schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+    return schema is not None and schema.name.startswith("autodeploy::") and "_quant_" in schema.name \
+        and schema.name.endswith("_linear")
+
+
 def find_lm_head(gm: GraphModule) -> Node:
     (output,) = [n for n in gm.graph.nodes if n.op == "output"]
     node = output.args[0]
     while isinstance(node, Node):
-        if is_op(node, torch.ops.aten.linear.default):
+        if _is_linear(node):
             return node
         inputs = _tensor_inputs(node)
         if len(inputs) != 1:
