@@ -1,7 +1,7 @@
 """Tile sweep of the decode GEMV (``custom_ops/triton/gemv.py``) and the int4/int8 prefill paths, on one GPU.
 
     PYTHONPATH=$PWD python3 bench/gemv.py --out $OUT/gemv.json     # ~4 min on an H100
-    options: --fmts fp8,int4,dense,int8,int4i (int4 with integer zero points)  --tokens 1,2,4  --workers 14 (parallel Triton compiles)
+    options: --fmts fp8,int4,dense,int8  --tokens 1,2,4  --workers 14 (parallel Triton compiles)
              --shapes llama-tp2 (one rank's linears at tensor parallel 2), qwen3-moe (the MoE model's dense linears)
              --variants cuda,tc (CUDA-core and tensor-core products; int4 on the tensor cores: 50 tiles)
 
@@ -48,7 +48,7 @@ PREFILL_TOKENS = [16, 64, 256, 2048]
 def tensor_core_grid(fmt: str) -> list[tuple]:
     """(block_n, block_k, split_k, warps, stages, True): the weight tile as the left operand of a tensor-core
     product against the activations padded to 16 rows."""
-    if fmt.startswith("int4"):  # one 128-long chunk a step (gemv_int4.py)
+    if fmt == "int4":  # one 128-long chunk a step (gemv_int4.py)
         return [(bn, 128, sk, w, s, True) for bn, sk, (w, s) in
                 itertools.product([64, 128], [1, 2, 4, 8, 16], [(4, 3), (4, 4), (4, 6), (8, 3), (8, 6)])]
     block_ks = [128, 256, 512] if fmt in ("fp8", "int8") else [64, 128, 256]
@@ -67,7 +67,7 @@ def grid(fmt: str, m: int, variants: str = "cuda,tc") -> list[tuple]:
 
 def cuda_core_grid(fmt: str, m: int) -> list[tuple]:
     schedules = [(4, 3), (8, 3), (4, 1), (8, 1), (4, 2)]
-    if fmt.startswith("int4"):
+    if fmt == "int4":
         return [(bn, bk, sk, w, s) for bn, bk, sk, (w, s) in
                 itertools.product([4, 8, 16, 32] if m == 1 else [4, 8, 16], [1024, 2048], [1, 2], schedules)]
     if fmt in ("fp8", "int8"):
@@ -87,8 +87,8 @@ def make_weights(fmt: str, n: int, k: int, copies: int) -> list[tuple]:
             out.append(quantize_fp8_weight(w))
         elif fmt == "int8":
             out.append(quantize_int8_weight(w))
-        else:  # int4: float zero points; int4i: integer ones (subtracted from the codes on the tensor cores)
-            out.append(quantize_int4_weight(w, GROUP, integer_zeros=fmt == "int4i"))
+        else:
+            out.append(quantize_int4_weight(w, GROUP))
         del w
     return out
 
@@ -97,8 +97,8 @@ def gemv_call(fmt: str, x, weights: tuple, cfg: tuple | None):
     from autodeploy.custom_ops.triton.gemv import W_DENSE, W_FP8, W_INT4, W_INT8, GemvConfig, gemv
 
     config = GemvConfig(*cfg) if cfg else None
-    code = {"dense": W_DENSE, "fp8": W_FP8, "int8": W_INT8, "int4": W_INT4, "int4i": W_INT4}[fmt]
-    if fmt.startswith("int4"):
+    code = {"dense": W_DENSE, "fp8": W_FP8, "int8": W_INT8, "int4": W_INT4}[fmt]
+    if fmt == "int4":
         return gemv(x, code, weights[0], weights[1], weights[2], None, GROUP, config=config)
     if fmt == "dense":
         return gemv(x, code, weights[0], config=config)

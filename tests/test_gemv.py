@@ -36,59 +36,42 @@ def test_gemv_8_and_16_bit_weights(m, k, n, config):
                                atol=2e-5, rtol=2e-5)
 
 
-def _int4_weight(w: torch.Tensor, group: int, zeros: str):
-    """``quantize_int4_weight`` with zero points ``float`` (float16), ``integer`` (int32) or ``symmetric`` (none)."""
-    return quantize_int4_weight(w, group, symmetric=zeros == "symmetric", integer_zeros=zeros == "integer")
-
-
 @pytest.mark.parametrize(
-    "group,zeros,config",
-    [(128, "float", CONFIGS[0]), (16, "float", CONFIGS[0]), (32, "symmetric", CONFIGS[1]), (64, "integer", CONFIGS[1]),
-     (-1, "symmetric", CONFIGS[0]), (256, "float", CONFIGS[1])],
+    "group,symmetric,config",
+    [(128, False, CONFIGS[0]), (16, False, CONFIGS[0]), (32, True, CONFIGS[1]), (64, False, CONFIGS[1]),
+     (-1, True, CONFIGS[0]), (256, False, CONFIGS[1])],
 )
-def test_gemv_int4(group, zeros, config):
+def test_gemv_int4(group, symmetric, config):
     for m, k, n in SHAPES:
         x = torch.randn(m, k)
-        q, s, z = _int4_weight(torch.randn(n, k) * 0.05, group, zeros)
-        bias = torch.randn(n) if zeros == "symmetric" else None
+        q, s, z = quantize_int4_weight(torch.randn(n, k) * 0.05, group, symmetric)
+        bias = torch.randn(n) if symmetric else None
         torch.testing.assert_close(gemv(x, W_INT4, q, s, z, bias, group, config=config),
                                    ops.torch_quant_int4_linear(x, q, s, z, bias, group), atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
-    "group,zeros,config",
-    [(128, "float", GemvConfig(16, 128, 1, 4, 1, True)), (256, "symmetric", GemvConfig(32, 128, 3, 4, 1, True)),
-     (-1, "float", GemvConfig(16, 128, 2, 4, 1, True)), (128, "integer", GemvConfig(16, 128, 2, 4, 1, True))],
+    "group,symmetric,config",
+    [(128, False, GemvConfig(16, 128, 1, 4, 1, True)), (256, True, GemvConfig(32, 128, 3, 4, 1, True)),
+     (-1, False, GemvConfig(16, 128, 2, 4, 1, True))],
 )
-def test_gemv_int4_tensor_cores(dtype, group, zeros, config):
-    """The tensor-core int4 product (codes as 16-bit floats; float zero points removed with the offset in float32,
-    integer ones subtracted from the codes): every token count, K not a multiple of 128, split-K, a gated pair of
-    projections; K = 2200 (no split) has more chunks than the offset loads up front (16), so the rest of its
-    offset is summed after the chunk loop."""
+def test_gemv_int4_tensor_cores(dtype, group, symmetric, config):
+    """The tensor-core int4 product (codes as 16-bit floats, offset and zero point removed in float32): every
+    token count, K not a multiple of 128, split-K, a gated pair of projections; K = 2200 (no split) has more
+    chunks than the offset loads up front (16), so the rest of its offset is summed after the chunk loop."""
     for m, k, n in SHAPES + [(1, 2200, 16)]:
         x = torch.randn(m, k).to(dtype)
-        q, s, z = _int4_weight(torch.randn(n, k) * 0.05, group, zeros)
-        bias = torch.randn(n) if zeros == "symmetric" else None
+        q, s, z = quantize_int4_weight(torch.randn(n, k) * 0.05, group, symmetric)
+        bias = torch.randn(n) if symmetric else None
         torch.testing.assert_close(gemv(x, W_INT4, q, s, z, bias, group, config=config).float(),
                                    ops.torch_quant_int4_linear(x.float(), q, s, z, bias, group), atol=1e-2, rtol=1e-2)
     x = torch.randn(2, 300).to(dtype)
-    q, s, z = _int4_weight(torch.randn(2 * 24, 300) * 0.05, 128, zeros)
+    q, s, z = quantize_int4_weight(torch.randn(2 * 24, 300) * 0.05, 128)
     up = ops.torch_quant_int4_linear(x.float(), q, s, z, None, 128).to(dtype).float()
     ref = (torch.nn.functional.silu(up[:, :24]).to(dtype).float() * up[:, 24:]).to(dtype)
     out = gemv(x, W_INT4, q, s, z, None, 128, config=config, glu_activation="silu")
     torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=1e-2)
-
-
-def test_int4_integer_zero_points():
-    """``integer_zeros``: int32 zero points in 0..15, a range widened to hold 0 (a group of all-positive weights
-    does not clip), and no worse than float zero points by more than the half step it may shift."""
-    w = torch.randn(64, 256) * 0.05
-    w[:8] = w[:8].abs() + 1.0  # groups far from zero
-    q, s, z = quantize_int4_weight(w, 128, integer_zeros=True)
-    assert z.dtype == torch.int32 and 0 <= int(z.min()) and int(z.max()) <= 15
-    err = (dequantize_int4(q, s, z, 128, 256) - w).abs()
-    assert (err <= s.float().repeat_interleave(128, 0).t() * 0.5 + 1e-6).all()
 
 
 @pytest.mark.parametrize("fmt", [W_DENSE, W_FP8, W_INT4])
@@ -167,8 +150,8 @@ def test_dequantized_int4_linear_matches_reference():
     w = torch.randn(40, 200) * 0.05
     bias = torch.randn(40)
     q, s, z = quantize_int4_weight(w, 64, False)
-    torch.testing.assert_close(int4_dequant_linear(x, q, s, z, bias, 64),
-                               ops.torch_quant_int4_linear(x, q, s, z, bias, 64), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(int4_dequant_linear(x, q, s, z, bias, 64), ops.torch_quant_int4_linear(x, q, s, z, bias, 64),
+                               atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.gpu
@@ -186,10 +169,9 @@ def test_gemv_llama_shapes_gpu(n, k):
     got = gemv(x, W_DENSE, w16, config=GemvConfig(64, 128, 2, 4, 3, tensor_cores=True)).float()
     ref = x.float() @ w16.float().t()
     assert ((got - ref).norm() / ref.norm()).item() < 1e-2
-    for zeros in ("float", "integer", "symmetric"):
-        q, s, z = _int4_weight(w, 128, zeros)
-        for m in (1, 2, 4):  # the tensor-core product gemv_config picks, token columns repeated across the MMA's 16
-            xm = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            got = gemv(xm, W_INT4, q, s, z, None, 128).float()
-            ref = ops.torch_quant_int4_linear(xm.float(), q, s, z, None, 128)
-            assert ((got - ref).norm() / ref.norm()).item() < 1e-2, (zeros, m)
+    q, s, z = quantize_int4_weight(w, 128)
+    for m in (1, 2, 4):  # the tensor-core product gemv_config picks, token columns repeated across the MMA's 16
+        xm = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        got = gemv(xm, W_INT4, q, s, z, None, 128).float()
+        ref = ops.torch_quant_int4_linear(xm.float(), q, s, z, None, 128)
+        assert ((got - ref).norm() / ref.norm()).item() < 1e-2

@@ -63,8 +63,7 @@ def _fake_quantize(model: torch.nn.Module, fmt: str, lm_head: bool = False, **op
             module.weight.data = (q.float() * s[:, None]).to(w.dtype)
         else:
             group = options.get("group_size", 128)
-            symmetric, integer_zeros = options.get("symmetric", False), options.get("integer_zeros", False)
-            q, s, z = quantize_int4_weight(w, group, symmetric, integer_zeros)
+            q, s, z = quantize_int4_weight(w, group, options.get("symmetric", False))
             module.weight.data = dequantize_int4(q, s, z, group, w.shape[1]).to(w.dtype)
     return model
 
@@ -239,20 +238,6 @@ def test_quantize_options():
     )
 
 
-def test_int4_integer_zero_points_option():
-    """``integer_zeros``: int32 zero points in the graph, the same weights as quantizing each linear with them."""
-    model = tiny_model("llama")
-    gm, _ = export_and_transform(
-        ModelFactory(model, device="cpu"),
-        build_config({"quantize": "int4_weight_only", "transforms.quantize_int4_linear.integer_zeros": True}),
-        stages=BEFORE_CACHE,
-    )
-    assert gm.get_parameter("model.layers.0.mlp.down_proj.qzeros").dtype == torch.int32
-    reference = _fake_quantize(copy.deepcopy(model), "int4", integer_zeros=True)
-    ids, pos = random_inputs(2, 9, model.config.vocab_size)
-    torch.testing.assert_close(gm(ids, pos), eager_logits(reference, ids, pos), atol=1e-4, rtol=1e-4)
-
-
 @pytest.mark.parametrize("fmt,flag", [("fp8", "fp8"), ("int8", "int8_weight_only"), ("int4", "int4_weight_only")])
 def test_triton_backend_in_the_graph(fmt, flag):
     model = tiny_model("llama")
@@ -330,16 +315,14 @@ def test_gptq_checkpoint_engine_greedy_equals_hf(tmp_path):
 
 
 def test_quantized_lm_head_engine_greedy_equals_hf():
-    """``quantize_lm_head`` with integer zero points: the head is a quantized op that ``gather_logits`` still finds
-    (logits for the sampled tokens only), and the engine's greedy tokens equal HF's on the same int4 weights."""
+    """``quantize_lm_head``: the head is a quantized op that ``gather_logits`` still finds (logits for the sampled
+    tokens only), and the engine's greedy tokens equal HF's on the same int4 weights."""
     model = tiny_model("llama")
     model.config.tie_word_embeddings = False
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
-    reference = _fake_quantize(copy.deepcopy(model), "int4", lm_head=True, integer_zeros=True)
-    options = {"transforms.quantize_int4_linear.quantize_lm_head": True,
-               "transforms.quantize_int4_linear.integer_zeros": True}
+    reference = _fake_quantize(copy.deepcopy(model), "int4", lm_head=True)
     engine = autodeploy.optimize(model, device="cpu", quantize="int4_weight_only", max_batch_size=4, max_seq_len=64,
-                                 **options)
+                                 **{"transforms.quantize_int4_linear.quantize_lm_head": True})
     assert engine.runner.gm.graph.find_nodes(op="placeholder", target="logits_indices")
     assert "quant_int4" in str(find_lm_head(engine.runner.gm).target)
     prompts = [[5, 17, 99, 3, 250], [1, 2, 3]]

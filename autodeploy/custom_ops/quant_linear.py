@@ -12,10 +12,9 @@ summation order.
 - **int8** (weight-only) ``(x, weight [N, K] int8, weight_scale [N] f32, bias)``: ``W = weight * weight_scale``.
 - **int4** (weight-only, group-wise) ``(x, qweight [N, Kp/8] int32, scales [Gn, N] f16, zeros [Gn, N] f16 | None,
   bias, group_size)``: ``W[n, k] = (q[n, k] - zero[g, n]) * scale[g, n]`` with ``g = k // group_size`` and
-  ``q`` in ``0..15``; without ``zeros`` the zero point is 8 (symmetric). Float16 zero points make a float minimum
-  (``W = q * s + min``, as torchao and llama.cpp's Q4_1 use) exact; int32 ones (``zeros [Gn, N] int32``, 0 to
-  ``INT4_INT_ZERO_MAX``) are integers by type, as GPTQ's and AWQ's are, which lets a kernel subtract them from the
-  codes exactly in 16-bit floats before the product (``gemv_int4.py``). ``Kp`` is ``K`` rounded up to ``INT4_CHUNK``; the padding columns are never read against real
+  ``q`` in ``0..15``; without ``zeros`` the zero point is 8 (symmetric). Zero points are floats, so both the
+  integer zero points of GPTQ/AWQ and a float minimum (``W = q * s + min``, as torchao and llama.cpp's Q4_1 use)
+  are exact. ``Kp`` is ``K`` rounded up to ``INT4_CHUNK``; the padding columns are never read against real
   inputs.
 
 **int4 packing** ("planar", what the Triton kernel reads): K is cut into chunks of 128; within chunk ``c`` the
@@ -34,7 +33,6 @@ FP8_MAX = 448.0
 FP8_SCALE_MIN = 1e-12 / FP8_MAX  # floor of the per-token scale (all-zero rows quantize to zeros, not NaN)
 INT4_CHUNK = 128  # K elements per packed chunk (16 int32 words)
 INT4_SLICE = 16  # K elements per nibble plane of a chunk
-INT4_INT_ZERO_MAX = 127  # int32 zero points: 128 + zero and 128 + code stay exact in bfloat16
 _F16_SCALE_MIN = 2.0**-14  # smallest normal float16: stored scales never underflow
 
 
@@ -103,15 +101,13 @@ def unpack_int4(qweight: torch.Tensor, k: int | None = None) -> torch.Tensor:
 
 
 def quantize_int4_weight(
-    w: torch.Tensor, group_size: int = 128, symmetric: bool = False, integer_zeros: bool = False
+    w: torch.Tensor, group_size: int = 128, symmetric: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Round-to-nearest group-wise int4: ``(qweight [N, Kp/8] int32, scales [Gn, N] f16, zeros [Gn, N] | None)``.
+    """Round-to-nearest group-wise int4: ``(qweight [N, Kp/8] int32, scales [Gn, N] f16, zeros [Gn, N] f16 | None)``.
 
-    Asymmetric (default): ``scale = (max - min) / 15``, float16 ``zero = -min / scale`` (the group's range maps
-    onto 0..15 exactly), or with ``integer_zeros`` the range widened to hold 0 and the zero rounded to an integer
-    in 0..15, stored as int32 (GPTQ's round-to-nearest). Symmetric: ``scale = max|w| / 7``, zero point 8. Codes
-    are computed against the float16-rounded scale and zero that are stored, so reconstruction uses exactly what
-    the kernels read.
+    Asymmetric (default): ``scale = (max - min) / 15``, float ``zero = -min / scale`` (the group's range maps
+    onto 0..15 exactly). Symmetric: ``scale = max|w| / 7``, zero point 8. Codes are computed against the
+    float16-rounded scale and zero that are stored, so reconstruction uses exactly what the kernels read.
     """
     n, k = w.shape
     g = int4_group(group_size, k)
@@ -130,13 +126,10 @@ def quantize_int4_weight(
         lo = torch.where(vg, wg, float("inf")).amin(-1)
         empty = ~vg.any(-1).expand(n, groups)
         hi, lo = torch.where(empty, 0.0, hi), torch.where(empty, 0.0, lo)
-        if integer_zeros:  # the range holds 0, so an integer zero point in 0..15 exists (as GPTQ rounds)
-            hi, lo = hi.clamp(min=0.0), lo.clamp(max=0.0)
         # a group far from zero (or constant) gets a coarser scale, so |zero| stays where float16 is exact enough
         floor = torch.maximum(hi.abs(), lo.abs()) / 1024.0
         scale = torch.maximum((hi - lo) / 15.0, floor).clamp(min=_F16_SCALE_MIN).half()
-        zero = -lo / scale.float()
-        zero = zero.round().clamp(0, 15).to(torch.int32) if integer_zeros else zero.half()
+        zero = (-lo / scale.float()).half()
         zf = zero.float()
     q = (wg / scale.float()[..., None] + zf[..., None]).round().clamp(0, 15).to(torch.uint8)
     qweight = pack_int4(q.view(n, groups * g)[:, :k])

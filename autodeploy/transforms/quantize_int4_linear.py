@@ -4,8 +4,7 @@ Matches: every ``aten.linear`` with a parameter weight when ``quantize: int4_wei
 LM head and ``exclude``), or the linears a GPTQ / AWQ checkpoint stores as 4-bit (``qweight``). Emits: the
 int4 linear with parameters ``qweight`` [N, Kp/8] int32 (planar packing, ``custom_ops/quant_linear.py``),
 ``scales`` [G, N] float16 and, when asymmetric, ``qzeros`` [G, N] float16 (float zero points). From a flag:
-round-to-nearest with ``group_size`` (default 128; -1 = per channel), asymmetric unless ``symmetric``, with
-int32 zero points under ``integer_zeros``. From
+round-to-nearest with ``group_size`` (default 128; -1 = per channel), asymmetric unless ``symmetric``. From
 a checkpoint: its tensors are repacked at load time, never dequantized. Limits: GPTQ act-order
 (``desc_act``) checkpoints are rejected; tied LM heads stay in full precision.
 """
@@ -27,7 +26,6 @@ from .quantization import LinearSite, QuantizeLinear, QuantizeLinearConfig, add_
 class QuantizeInt4LinearConfig(QuantizeLinearConfig):
     group_size: int = 128
     symmetric: bool = False
-    integer_zeros: bool = False  # from a flag: int32 zero points (GPTQ's rounding) instead of float16 ones
 
 
 def _args_for(group_size: int):
@@ -53,10 +51,9 @@ class QuantizeInt4Linear(QuantizeLinear):
         n, k = site.out_features, site.in_features
         group = ckpt.group_size if ckpt is not None else self.config.group_size
         symmetric = ckpt.symmetric if ckpt is not None else self.config.symmetric
-        integer_zeros = ckpt is None and self.config.integer_zeros
         make_args = _args_for(group)
         if not site.is_meta:
-            qweight, scales, zeros = quantize_int4_weight(site.weight.detach(), group, symmetric, integer_zeros)
+            qweight, scales, zeros = quantize_int4_weight(site.weight.detach(), group, symmetric)
             params = {"qweight": qweight, "scales": scales}
             if zeros is not None:
                 params["qzeros"] = zeros
@@ -65,14 +62,14 @@ class QuantizeInt4Linear(QuantizeLinear):
         groups = int4_num_groups(k, group)
         params = {"qweight": meta((n, int4_padded_k(k) // 8), torch.int32), "scales": meta((groups, n), torch.float16)}
         if not symmetric:
-            params["qzeros"] = meta((groups, n), torch.int32 if integer_zeros else torch.float16)
+            params["qzeros"] = meta((groups, n), torch.float16)
         swap_linear(gm, site, op, params, make_args)
         q_key, s_key, z_key = site.key("qweight"), site.key("scales"), site.key("qzeros")
         if ckpt is None:  # full-precision checkpoint: quantize each weight as it arrives
             device = ctx.device
 
             def quantize(t: torch.Tensor) -> dict[str, torch.Tensor]:
-                qweight, scales, zeros = quantize_int4_weight(t.to(device), group, symmetric, integer_zeros)
+                qweight, scales, zeros = quantize_int4_weight(t.to(device), group, symmetric)
                 out = {q_key: qweight, s_key: scales}
                 if zeros is not None:
                     out[z_key] = zeros

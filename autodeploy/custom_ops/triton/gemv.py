@@ -49,7 +49,7 @@ from ..quant_linear import FP8_MAX, FP8_SCALE_MIN, INT4_CHUNK, int4_group
 from ._common import (
     INTERPRET, NUM_LOCKS, cast_rne, fp8_round, next_pow2, pdl_enter, pdl_flags, split_k_sum, split_locks, tl_dtype,
 )
-from .gemv_int4 import int4_step, int4_tc_offset, int4_tc_offset_inputs, int4_tc_step, int4_tc_x, int4_tc_zero_pairs
+from .gemv_int4 import int4_step, int4_tc_offset, int4_tc_offset_inputs, int4_tc_step, int4_tc_x
 from .glu import ACTIVATION_CODES, _activate
 from .rmsnorm import add_rmsnorm_row, normed_chunk
 
@@ -175,7 +175,7 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     HW_FP8: tl.constexpr, GLU_ACT: tl.constexpr, RNE: tl.constexpr, TENSOR_CORES: tl.constexpr,
     NORM: tl.constexpr, NORM_H: tl.constexpr, NORM_OFFSET: tl.constexpr, NORM_PROD: tl.constexpr,
-    X_COLS: tl.constexpr, OFFSET_CHUNKS: tl.constexpr, INT_ZEROS: tl.constexpr, USE_PDL: tl.constexpr,
+    X_COLS: tl.constexpr, OFFSET_CHUNKS: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     tile = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -223,35 +223,25 @@ def _gemv_kernel(
         x_scale = tl.maximum(tl.max(amax, 1) / _FP8_MAX, _FP8_SCALE_MIN)
 
     if W_FMT == 2 and TENSOR_CORES:  # one 128-long chunk a step (gemv_int4.py)
-        if INT_ZEROS:  # subtracted from the codes each step
-            HALF: tl.constexpr = 0x4300 if x_ptr.dtype.element_ty == tl.bfloat16 else 0x6400  # MAGIC's 16 bits
-            z_rows = z_ptr + offs_n[:, None]
-            z_chunk = int4_tc_zero_pairs(z_rows, k_lo, K, n_ok, stride_sg, GROUP, HAS_ZEROS, HALF)
-        else:  # removed with the offset after the loop
-            # the offset's first OFFSET_CHUNKS chunks: loads out first, their latency hidden by the loop (run 34:
-            # gate/up 34.3 us with 16 chunks loaded up front, 40.3 with all 32 after the loop)
-            off_x, off_s, off_z = int4_tc_offset_inputs(x_ptr, s_ptr, z_ptr, k_lo, k_hi, K, M, stride_xm, n_ok,
-                                                        offs_n, stride_sg, GROUP, HAS_ZEROS, X_COLS, OFFSET_CHUNKS)
-            z_chunk = n_ok  # not used
+        # the offset's first OFFSET_CHUNKS chunks: loads out first, their latency hidden by the loop (run 34: gate/up
+        # 34.3 us with 16 chunks loaded up front, 40.3 with all 32 after the loop)
+        off_x, off_s, off_z = int4_tc_offset_inputs(x_ptr, s_ptr, z_ptr, k_lo, k_hi, K, M, stride_xm, n_ok, offs_n,
+                                                    stride_sg, GROUP, HAS_ZEROS, X_COLS, OFFSET_CHUNKS)
         x_chunk, s_chunk = int4_tc_x(x_ptr, s_ptr, k_lo, K, M, stride_xm, n_ok, offs_n, stride_sg, GROUP, X_COLS)
         x_next, s_next = int4_tc_x(x_ptr, s_ptr, k_lo + BLOCK_K, K, M, stride_xm, n_ok, offs_n, stride_sg, GROUP,
                                    X_COLS)
-        acc = int4_tc_step(tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), words, x_chunk, s_chunk, z_chunk,
-                           INT_ZEROS, HW_FP8)
+        acc = int4_tc_step(tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), words, x_chunk, s_chunk, HW_FP8)
         for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
             words = tl.load(w_rows + (k0 // 8 + word)[None, :], mask=n_ok[:, None], other=0)
-            if INT_ZEROS:
-                z_chunk = int4_tc_zero_pairs(z_rows, k0, K, n_ok, stride_sg, GROUP, HAS_ZEROS, HALF)
             x_chunk, s_chunk = x_next, s_next
             x_next, s_next = int4_tc_x(x_ptr, s_ptr, k0 + BLOCK_K, K, M, stride_xm, n_ok, offs_n, stride_sg, GROUP,
                                        X_COLS)
-            acc = int4_tc_step(acc, words, x_chunk, s_chunk, z_chunk, INT_ZEROS, HW_FP8)
-        if not INT_ZEROS:
+            acc = int4_tc_step(acc, words, x_chunk, s_chunk, HW_FP8)
+        acc -= int4_tc_offset(off_x, off_s, off_z)
+        for c0 in range(k_lo + OFFSET_CHUNKS * BLOCK_K, k_hi, OFFSET_CHUNKS * BLOCK_K):  # longer splits: the rest
+            off_x, off_s, off_z = int4_tc_offset_inputs(x_ptr, s_ptr, z_ptr, c0, k_hi, K, M, stride_xm, n_ok, offs_n,
+                                                        stride_sg, GROUP, HAS_ZEROS, X_COLS, OFFSET_CHUNKS)
             acc -= int4_tc_offset(off_x, off_s, off_z)
-            for c0 in range(k_lo + OFFSET_CHUNKS * BLOCK_K, k_hi, OFFSET_CHUNKS * BLOCK_K):  # longer splits: the rest
-                off_x, off_s, off_z = int4_tc_offset_inputs(x_ptr, s_ptr, z_ptr, c0, k_hi, K, M, stride_xm, n_ok,
-                                                            offs_n, stride_sg, GROUP, HAS_ZEROS, X_COLS, OFFSET_CHUNKS)
-                acc -= int4_tc_offset(off_x, off_s, off_z)
         total = tl.trans(acc)  # [BM, BN]
     elif W_FMT == 2:
         acc = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
@@ -393,7 +383,6 @@ def gemv(
         GLU_ACT=-1 if glu_activation is None else ACTIVATION_CODES[glu_activation],
         RNE=INTERPRET and x.dtype == torch.bfloat16, TENSOR_CORES=tensor_cores, **norm_flags, X_COLS=next_pow2(m),
         OFFSET_CHUNKS=min(OFFSET_HOIST_CHUNKS, next_pow2(per_split)),
-        INT_ZEROS=tensor_cores and (zeros is None or zeros.dtype == torch.int32),
         num_warps=1 if INTERPRET else cfg.warps, num_stages=cfg.stages,
         **pdl_flags(x.device, m),
     )

@@ -58,10 +58,8 @@ def int4_step(acc, words, x_rows, s_ptr, z_ptr, k0, K, word, col_base, w_ok, m_o
 
 
 @triton.jit
-def _code_pair(words, J: tl.constexpr, MAGIC: tl.constexpr, zpair, INT_ZEROS: tl.constexpr, ASM: tl.constexpr):
-    """Planes ``J`` and ``J + 4`` of ``words [BN, 16]`` as 16-bit floats ``[BN, 16, 2]``: ``MAGIC + q``, or with
-    ``INT_ZEROS`` ``q - z`` (``zpair [BN, 1]``: the bits of ``MAGIC + z`` in both halves, subtracted as a pair; the
-    interpreter subtracts in float32 and returns float32, the same values)."""
+def _code_pair(words, J: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr):
+    """Planes ``J`` and ``J + 4`` of ``words [BN, 16]`` as 16-bit floats ``MAGIC + q``, ``[BN, 16, 2]``."""
     shifted = words >> (4 * J)
     if ASM and MAGIC == 0x43004300:  # (w & 0x000F000F) | MAGIC in one instruction (the compiler emits two)
         pairs = tl.inline_asm_elementwise("lop3.b32 $0, $1, 983055, 1124090624, 234;", "=r,r", [shifted],
@@ -71,20 +69,12 @@ def _code_pair(words, J: tl.constexpr, MAGIC: tl.constexpr, zpair, INT_ZEROS: tl
                                           dtype=tl.int32, is_pure=True, pack=1)
     else:
         pairs = (shifted & 0x000F000F) | MAGIC
-    if ASM and INT_ZEROS:  # exact: both are integers below 256 (bf16) / 2048 (fp16) in the same binade
-        sub: tl.constexpr = "sub.rn.bf16x2 $0, $1, $2;" if MAGIC == 0x43004300 else "sub.rn.f16x2 $0, $1, $2;"
-        pairs = tl.inline_asm_elementwise(sub, "=r,r,r", [pairs, zpair],
-                                          dtype=tl.int32, is_pure=True, pack=1)
     lo = (pairs & 0xFFFF).to(tl.int16)
     hi = (pairs >> 16).to(tl.int16)
     if MAGIC == 0x43004300:
         out = tl.join(lo.to(tl.bfloat16, bitcast=True), hi.to(tl.bfloat16, bitcast=True))
     else:
         out = tl.join(lo.to(tl.float16, bitcast=True), hi.to(tl.float16, bitcast=True))
-    if INT_ZEROS and not ASM:
-        z16 = (zpair & 0xFFFF).to(tl.int16)
-        zf = z16.to(tl.bfloat16, bitcast=True) if MAGIC == 0x43004300 else z16.to(tl.float16, bitcast=True)
-        out = out.to(tl.float32) - zf.to(tl.float32)[:, :, None]
     return out
 
 
@@ -103,32 +93,14 @@ def int4_tc_x(x_ptr, s_ptr, k0, K, M, stride_xm, n_ok, offs_n, stride_sg, GROUP:
 
 
 @triton.jit
-def int4_tc_zero_pairs(z_rows, k0, K, n_ok, stride_sg, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                       HALF: tl.constexpr):
-    """The chunk at ``k0``'s integer zero points as ``int4_tc_step`` subtracts them: ``[BN, 16]`` int32, each row's
-    ``MAGIC + z`` in both 16-bit halves, repeated over the row's 16 words. ``z_rows [BN, 1]`` points at each row's
-    int32 zero of group 0. The load has the words' shape and is used in the step it is issued for, so the compiler
-    pipelines it into shared memory with them and reads both in the MMA operand's layout (a ``[BN]`` load
-    broadcast in registers makes it store and reload the whole converted tile instead)."""
-    if HAS_ZEROS:
-        w16 = tl.arange(0, 16)[None, :]
-        z = tl.load(z_rows + (k0 // GROUP) * stride_sg + 0 * w16, mask=n_ok[:, None] & (0 * w16 + k0 < K), other=0)
-    else:
-        z = tl.full((n_ok.shape[0], 16), 8, dtype=tl.int32)
-    return (HALF + z) * 65537
-
-
-@triton.jit
-def int4_tc_step(acc, words, x, s, zs, INT_ZEROS: tl.constexpr, HW: tl.constexpr):
-    """``acc [BN, 16] += s * sum (MAGIC + q) x`` (with ``INT_ZEROS``: ``s * sum (q - z) x``) over one 128-long chunk
-    of int4 planar codes ``words [BN, 16]``, its activations ``x``, scales ``s`` and zero points ``zs``
-    (``int4_tc_x``), on the tensor cores (module docstring); column ``c`` of ``acc`` is token ``c % X_COLS``.
-    Without ``INT_ZEROS``, ``int4_tc_offset`` is the offset and zero point to subtract at the end. ``HW`` is "not
-    the interpreter": there the same operands meet in exact float32."""
+def int4_tc_step(acc, words, x, s, HW: tl.constexpr):
+    """``acc [BN, 16] += s * sum (MAGIC + q) x`` over one 128-long chunk of int4 planar codes ``words [BN, 16]``, its
+    activations ``x`` and scales ``s`` (``int4_tc_x``), on the tensor cores (module docstring); column ``c`` of
+    ``acc`` is token ``c % X_COLS``. ``int4_tc_offset`` is the offset and zero point to subtract at the end. ``HW``
+    is "not the interpreter": there the same operands meet in exact float32."""
     MAGIC: tl.constexpr = 0x43004300 if x.dtype == tl.bfloat16 else 0x64006400
-    zpair = zs
-    q01 = tl.join(_code_pair(words, 0, MAGIC, zpair, INT_ZEROS, HW), _code_pair(words, 1, MAGIC, zpair, INT_ZEROS, HW))
-    q23 = tl.join(_code_pair(words, 2, MAGIC, zpair, INT_ZEROS, HW), _code_pair(words, 3, MAGIC, zpair, INT_ZEROS, HW))
+    q01 = tl.join(_code_pair(words, 0, MAGIC, HW), _code_pair(words, 1, MAGIC, HW))  # [BN, 16 w, 2 h, 2 j]
+    q23 = tl.join(_code_pair(words, 2, MAGIC, HW), _code_pair(words, 3, MAGIC, HW))
     a = tl.reshape(tl.permute(tl.join(q01, q23), (0, 4, 3, 1, 2)), (words.shape[0], 128))  # k' = 32 j + 2 w + h
     xt = tl.broadcast_to(x, (128, 16))
     zero = tl.zeros(acc.shape, dtype=tl.float32)
