@@ -12,7 +12,9 @@ from autodeploy.custom_ops.quant_linear import (
     quantize_int4_weight,
     quantize_int8_weight,
 )
-from autodeploy.custom_ops.triton.gemv import W_DENSE, W_FP8, W_INT4, W_INT8, GemvConfig, gemv, gemv_config
+from autodeploy.custom_ops.triton.gemv import (
+    W_DENSE, W_FP8, W_INT4, W_INT8, GemvConfig, gemv, gemv_config, gemv_tile_layout,
+)
 from autodeploy.custom_ops.triton.dequant_linear import int4_dequant_linear, int4_dequantize
 
 ops = torch.ops.autodeploy
@@ -72,6 +74,27 @@ def test_gemv_int4_tensor_cores(dtype, group, symmetric, config):
     ref = (torch.nn.functional.silu(up[:, :24]).to(dtype).float() * up[:, 24:]).to(dtype)
     out = gemv(x, W_INT4, q, s, z, None, 128, config=config, glu_activation="silu")
     torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("config", [GemvConfig(16, 128, 2, 4, 1, True), GemvConfig(8, 256, 3, 4, 1)])
+def test_gemv_tiled_weight_layout(config):
+    """Weights stored tile by tile (``gemv_tile_layout``): the same products, split-K included."""
+    x = torch.randn(2, 768)
+    w = torch.randn(32, 768) * 0.05
+    tiled = gemv(x, W_DENSE, gemv_tile_layout(w, W_DENSE, config), config=config, tiled=True)
+    torch.testing.assert_close(tiled, x @ w.t(), atol=2e-5, rtol=2e-5)
+    q, s = quantize_fp8_weight(w)
+    tiled = gemv(x, W_FP8, gemv_tile_layout(q, W_FP8, config), s, config=config, tiled=True)
+    torch.testing.assert_close(tiled, ops.torch_quant_fp8_linear(x, q, s), atol=2e-5, rtol=2e-5)
+    int4_config = GemvConfig(config.block_n, 128, config.split_k, 4, 1, config.tensor_cores)
+    q, s, z = quantize_int4_weight(w, 128)
+    xb = x.bfloat16() if config.tensor_cores else x
+    tiled = gemv(xb, W_INT4, gemv_tile_layout(q, W_INT4, int4_config), s, z, None, 128, config=int4_config,
+                 tiled=True)
+    torch.testing.assert_close(tiled.float(), ops.torch_quant_int4_linear(xb.float(), q, s, z, None, 128),
+                               atol=1e-2, rtol=1e-2)
+    with pytest.raises(ValueError, match="whole"):
+        gemv(x, W_DENSE, w[:30], config=config, tiled=True)
 
 
 @pytest.mark.parametrize("fmt", [W_DENSE, W_FP8, W_INT4])
