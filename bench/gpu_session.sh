@@ -41,7 +41,6 @@ for step in "$@"; do
     gemv-tc)   timeout 330 python3 bench/gemv.py --fmts fp8,dense --tokens 1 --variants tc --out "$OUT/gemv_tc.json" 2>&1 | tee "$OUT/gemv_tc.log" | grep '^{' | cut -c1-700 ;;
     quant-fp8) timeout 150 python3 bench/quant.py --only fp8 --out "$OUT/quant_fp8.json" 2>&1 | tee "$OUT/quant_fp8.log" | grep '^{' | tail -10 ;;
     gemv-int4) timeout 300 python3 bench/gemv.py --fmts int4 --tokens ${GEMV_TOKENS:-1,2} --variants tc --out "$OUT/gemv_int4.json" 2>&1 | tee "$OUT/gemv_int4.log" | grep '^{' | grep -v '"phase": "prefill"' | cut -c1-700 ;;
-    gemv-layout) timeout 240 python3 bench/gemv_layout.py --out "$OUT/gemv_layout.json" 2>&1 | tee "$OUT/gemv_layout.log" | grep '^{' | cut -c1-330 ;;
     gemv-ncu)  NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1); echo "ncu: ${NCU:-none}"
                for spec in "int4 o 64,128,4,4,4,true" "int4 gate_up 64,128,1,4,4,true"; do set -- $spec
                  timeout 120 "$NCU" -k regex:_gemv_kernel -s 3 -c 1 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis --section SourceCounters python3 bench/gemv_profile.py --fmt $1 --shape $2 --cfg $3 > "$OUT/ncu_$1_$2.txt" 2>&1; grep -E "Duration|DRAM Throughput|Achieved Occupancy|Warp Cycles Per Issued|Eligible Warps|Registers Per|Est. Speedup|stalled|ERR" "$OUT/ncu_$1_$2.txt" | head -30; sed -n '/Section: Source Counters/,$p' "$OUT/ncu_$1_$2.txt" | head -60 | cut -c1-200; done ;;

@@ -85,7 +85,7 @@ def moe_variants():
 def variants():
     """(name, kernel, signature, constexprs, options) of every variant checked."""
     yield from moe_variants()
-    for fmt, bm, bn, bk, split, warps, stages, glu, norm, *tiled in [
+    for fmt, bm, bn, bk, split, warps, stages, glu, norm in [
         (W_DENSE, 1, 4, 512, 1, 4, 2, -1, True), (W_DENSE, 1, 2, 2048, 1, 4, 1, 0, True),
         (W_DENSE, 16, 32, 256, 4, 4, 4, -1, True),
     ] + [(*v, False) for v in [
@@ -96,25 +96,24 @@ def variants():
         (W_FP8, 16, 64, 256, 2, 4, 3, -1), (W_FP8, 16, 128, 512, 1, 8, 3, 0), (W_DENSE, 16, 64, 128, 1, 4, 3, -1),
         (W_DENSE, 16, 32, 256, 4, 4, 4, 0), (W_INT8, 16, 64, 256, 1, 4, 3, -1),
         (W_INT4, 16, 64, 128, 1, 4, 4, 0), (W_INT4, 16, 64, 128, 4, 4, 4, -1), (W_INT4, 16, 128, 128, 2, 8, 3, -1),
-    ]] + [(W_INT4, 16, 64, 128, 1, 4, 4, -1, False, "tiled"), (W_FP8, 16, 128, 128, 1, 4, 4, -1, False, "tiled")]:
+    ]]:
         tensor_cores = bm == 16  # the tensor-core product pads the activations to 16 rows
         consts = dict(W_FMT=fmt, GROUP=128 if fmt == W_INT4 else 1, HAS_ZEROS=fmt == W_INT4, HAS_BIAS=True,
                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, HW_FP8=True, GLU_ACT=glu, RNE=False,
                       TENSOR_CORES=tensor_cores, NORM=norm, NORM_H=2048 if norm else 1, NORM_OFFSET=False,
                       NORM_PROD=tl.bfloat16, X_COLS=1 if bm == 16 else bm, OFFSET_CHUNKS=16 if split == 1 else 4,
-                      W_TILED=bool(tiled), USE_PDL=True)
-        name = (f"gemv fmt={fmt} M<={bm} {bn}x{bk} split={split} warps={warps} glu={glu} tc={tensor_cores} norm={norm}"
-                f"{' tiled' if tiled else ''}")
+                      ROW_TILE=64 if fmt == W_INT4 and glu < 0 else 1, USE_PDL=True)
+        name = f"gemv fmt={fmt} M<={bm} {bn}x{bk} split={split} warps={warps} glu={glu} tc={tensor_cores} norm={norm}"
         yield (name, _gemv_kernel, gemv_signature(fmt, consts), consts, dict(num_warps=warps, num_stages=stages))
     for fmt, act_fp8, bm, bn, bk, split, warps, stages in [
         (W_INT4, False, 16, 64, 128, 4, 4, 4), (W_INT8, False, 16, 64, 256, 4, 4, 3), (W_FP8, True, 64, 64, 128, 1, 4, 4),
     ]:
         consts = dict(W_FMT=fmt, ACT_FP8=act_fp8, GROUP=128 if fmt == W_INT4 else 1, PLANES=8 if fmt == W_INT4 else 1,
                       HAS_ZEROS=fmt == W_INT4, HAS_BIAS=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
-                      DOT=tl.bfloat16, IEEE=False)
+                      DOT=tl.bfloat16, IEEE=False, ROW_TILE=64 if fmt == W_INT4 else 1)
         yield (f"wq_gemm fmt={fmt} {bm}x{bn}x{bk} split={split}", _wq_gemm_kernel,
                linear_signature(fmt, "chunks_per_split", consts), consts, dict(num_warps=warps, num_stages=stages))
-    consts = dict(GROUP=128, HAS_ZEROS=True, BLOCK_N=16, CHUNKS=2)
+    consts = dict(GROUP=128, HAS_ZEROS=True, BLOCK_N=16, CHUNKS=2, ROW_TILE=64)
     signature = {"q_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "w_ptr": "*bf16", "N": "i32", "K": "i32",
                  "stride_qn": "i32", "stride_sg": "i32", "stride_wn": "i32", **{k: "constexpr" for k in consts}}
     yield "int4_dequant 16x2", _int4_dequant_kernel, signature, consts, dict(num_warps=4)

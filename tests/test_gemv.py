@@ -12,9 +12,7 @@ from autodeploy.custom_ops.quant_linear import (
     quantize_int4_weight,
     quantize_int8_weight,
 )
-from autodeploy.custom_ops.triton.gemv import (
-    W_DENSE, W_FP8, W_INT4, W_INT8, GemvConfig, gemv, gemv_config, gemv_tile_layout,
-)
+from autodeploy.custom_ops.triton.gemv import W_DENSE, W_FP8, W_INT4, W_INT8, GemvConfig, gemv, gemv_config
 from autodeploy.custom_ops.triton.dequant_linear import int4_dequant_linear, int4_dequantize
 
 ops = torch.ops.autodeploy
@@ -44,7 +42,7 @@ def test_gemv_8_and_16_bit_weights(m, k, n, config):
      (-1, True, CONFIGS[0]), (256, False, CONFIGS[1])],
 )
 def test_gemv_int4(group, symmetric, config):
-    for m, k, n in SHAPES:
+    for m, k, n in SHAPES + [(2, 300, 64)]:  # N = 64: one 64-row tile
         x = torch.randn(m, k)
         q, s, z = quantize_int4_weight(torch.randn(n, k) * 0.05, group, symmetric)
         bias = torch.randn(n) if symmetric else None
@@ -62,39 +60,18 @@ def test_gemv_int4_tensor_cores(dtype, group, symmetric, config):
     """The tensor-core int4 product (codes as 16-bit floats, offset and zero point removed in float32): every
     token count, K not a multiple of 128, split-K, a gated pair of projections; K = 2200 (no split) has more
     chunks than the offset loads up front (16), so the rest of its offset is summed after the chunk loop."""
-    for m, k, n in SHAPES + [(1, 2200, 16)]:
+    for m, k, n in SHAPES + [(1, 2200, 16), (2, 300, 128)]:  # N = 128: rows in 64-row tiles
         x = torch.randn(m, k).to(dtype)
         q, s, z = quantize_int4_weight(torch.randn(n, k) * 0.05, group, symmetric)
         bias = torch.randn(n) if symmetric else None
         torch.testing.assert_close(gemv(x, W_INT4, q, s, z, bias, group, config=config).float(),
                                    ops.torch_quant_int4_linear(x.float(), q, s, z, bias, group), atol=1e-2, rtol=1e-2)
     x = torch.randn(2, 300).to(dtype)
-    q, s, z = quantize_int4_weight(torch.randn(2 * 24, 300) * 0.05, 128)
+    q, s, z = quantize_int4_weight(torch.randn(2 * 64, 300) * 0.05, 128)  # gate rows and up rows in 64-row tiles
     up = ops.torch_quant_int4_linear(x.float(), q, s, z, None, 128).to(dtype).float()
-    ref = (torch.nn.functional.silu(up[:, :24]).to(dtype).float() * up[:, 24:]).to(dtype)
+    ref = (torch.nn.functional.silu(up[:, :64]).to(dtype).float() * up[:, 64:]).to(dtype)
     out = gemv(x, W_INT4, q, s, z, None, 128, config=config, glu_activation="silu")
     torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=1e-2)
-
-
-@pytest.mark.parametrize("config", [GemvConfig(16, 128, 2, 4, 1, True), GemvConfig(8, 256, 3, 4, 1)])
-def test_gemv_tiled_weight_layout(config):
-    """Weights stored tile by tile (``gemv_tile_layout``): the same products, split-K included."""
-    x = torch.randn(2, 768)
-    w = torch.randn(32, 768) * 0.05
-    tiled = gemv(x, W_DENSE, gemv_tile_layout(w, W_DENSE, config), config=config, tiled=True)
-    torch.testing.assert_close(tiled, x @ w.t(), atol=2e-5, rtol=2e-5)
-    q, s = quantize_fp8_weight(w)
-    tiled = gemv(x, W_FP8, gemv_tile_layout(q, W_FP8, config), s, config=config, tiled=True)
-    torch.testing.assert_close(tiled, ops.torch_quant_fp8_linear(x, q, s), atol=2e-5, rtol=2e-5)
-    int4_config = GemvConfig(config.block_n, 128, config.split_k, 4, 1, config.tensor_cores)
-    q, s, z = quantize_int4_weight(w, 128)
-    xb = x.bfloat16() if config.tensor_cores else x
-    tiled = gemv(xb, W_INT4, gemv_tile_layout(q, W_INT4, int4_config), s, z, None, 128, config=int4_config,
-                 tiled=True)
-    torch.testing.assert_close(tiled.float(), ops.torch_quant_int4_linear(xb.float(), q, s, z, None, 128),
-                               atol=1e-2, rtol=1e-2)
-    with pytest.raises(ValueError, match="whole"):
-        gemv(x, W_DENSE, w[:30], config=config, tiled=True)
 
 
 @pytest.mark.parametrize("fmt", [W_DENSE, W_FP8, W_INT4])
@@ -158,7 +135,7 @@ def test_gemv_refuses_too_many_tokens():
 
 @pytest.mark.parametrize("group,symmetric", [(128, False), (32, True), (-1, False)])
 def test_int4_dequantize_equals_reference(group, symmetric):
-    for k, n in [(200, 83), (576, 40)]:
+    for k, n in [(200, 83), (576, 40), (300, 128)]:  # N = 128: rows in 64-row tiles
         q, s, z = quantize_int4_weight(torch.randn(n, k), group, symmetric)
         ref = dequantize_int4(q, s, z, group, k)
         assert torch.equal(int4_dequantize(q, s, z, group, k, torch.float32), ref)

@@ -20,6 +20,7 @@ from autodeploy.config import build_config
 from autodeploy.custom_ops.cached_attention import from_cache, to_cache
 from autodeploy.custom_ops.quant_linear import (
     dequantize_int4,
+    int4_cat_rows,
     pack_int4,
     quantize_fp8_per_token,
     quantize_fp8_weight,
@@ -137,7 +138,8 @@ def test_int8_linear_matches_reference(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "group,symmetric,shape",
-    [(128, False, SHAPES[0]), (32, True, SHAPES[1]), (64, False, SHAPES[2]), (-1, True, SHAPES[1]), (256, False, SHAPES[0])],
+    [(128, False, SHAPES[0]), (32, True, SHAPES[1]), (64, False, SHAPES[2]), (-1, True, SHAPES[1]),
+     (256, False, SHAPES[0]), (64, False, (5, 300, 128))],  # N = 128: rows in 64-row tiles
 )
 def test_int4_linear_matches_reference(dtype, group, symmetric, shape):
     m, k, n = shape
@@ -164,6 +166,19 @@ def test_fp8_activation_quantization_kernel_is_exact():
     xq, scale = fp8_quantize_rows(x)
     ref_q, ref_scale = quantize_fp8_per_token(x)
     assert torch.equal(xq.view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(scale, ref_scale)
+
+
+def test_int4_row_tiles():
+    """N a multiple of 64: each 64-row tile's chunks stored one after another; unpack and concatenation undo it."""
+    codes = torch.randint(0, 16, (192, 300), dtype=torch.uint8)
+    packed = pack_int4(codes)
+    for n, c in [(0, 0), (70, 1), (191, 2)]:
+        start = ((n // 64) * 3 + c) * 64 * 16 + (n % 64) * 16
+        one_row = pack_int4(codes[n : n + 1, 128 * c : 128 * c + 128])[0]  # 1 row: not tiled
+        assert torch.equal(packed.view(-1)[start : start + 16], one_row)
+    assert torch.equal(unpack_int4(packed, 300), codes)
+    parts = [codes[:64], codes[64:96], codes[96:]]  # tiled, row-major (32 rows), row-major (96 rows)
+    assert torch.equal(int4_cat_rows([pack_int4(p) for p in parts]), packed)
 
 
 def test_int4_packing_and_quantizer():
@@ -312,6 +327,18 @@ def test_gptq_checkpoint_engine_greedy_equals_hf(tmp_path):
         with torch.no_grad():
             expected = reference.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)[0, len(prompt):]
         assert out.outputs[0].token_ids == expected.tolist()
+
+
+def test_int4_fusion_of_rows_in_different_tiles():
+    """hidden 256 (two chunks a row): q has 64 rows (one tile), k and v 32 each (row-major); the fused qkv has 128
+    (two tiles), so fusing re-tiles their rows; the graph still equals HF on the same int4 weights."""
+    model = tiny_model("llama", hidden_size=256)
+    gm, _ = export_and_transform(ModelFactory(model, device="cpu"), build_config({"quantize": "int4_weight_only"}),
+                                 stages=BEFORE_CACHE)
+    assert count_op(gm, ops.torch_quant_int4_linear.default) == FUSED_PER_LAYER * model.config.num_hidden_layers
+    reference = _fake_quantize(copy.deepcopy(model), "int4")
+    ids, pos = random_inputs(2, 9, model.config.vocab_size)
+    torch.testing.assert_close(gm(ids, pos), eager_logits(reference, ids, pos), atol=1e-4, rtol=1e-4)
 
 
 def test_quantized_lm_head_engine_greedy_equals_hf():

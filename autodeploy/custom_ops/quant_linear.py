@@ -22,6 +22,13 @@ summation order.
 code of ``k = 128c + 16j + w``. A kernel loads one ``[BLOCK_N, 16]`` word tile per chunk and gets eight
 contiguous ``[BLOCK_N, 16]`` K-slices from it with one shift and mask each, so no register shuffles are
 needed. ``group_size`` must be 16, 32, 64 or a multiple of 128 (every 16-wide slice lies in one group).
+
+**int4 row tiles**: when N is a multiple of ``INT4_ROW_TILE`` (T = 64), the same ``[N, Kp/8]`` tensor holds
+each T-row tile's chunks one after another, ``[N/T, chunks, T, 16]`` words: row ``n``'s chunk ``c`` starts
+at word ``((n // T) * chunks + c) * T * 16 + (n % T) * 16``. A kernel reading one chunk of a tile's rows then
+reads one contiguous 4 KB block instead of 64 bytes from each of 64 rows kilobytes apart (Llama-3.1-8B's int4
+linears at one token: 73.8 -> 68.5 µs a layer on an H100, run 35). Otherwise (T = 1) rows are stored one after
+another. Slicing or concatenating rows at multiples of T keeps the layout; ``int4_cat_rows`` concatenates any.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ FP8_MAX = 448.0
 FP8_SCALE_MIN = 1e-12 / FP8_MAX  # floor of the per-token scale (all-zero rows quantize to zeros, not NaN)
 INT4_CHUNK = 128  # K elements per packed chunk (16 int32 words)
 INT4_SLICE = 16  # K elements per nibble plane of a chunk
+INT4_ROW_TILE = 64  # rows of a stored tile of int4 codes (module docstring)
 _F16_SCALE_MIN = 2.0**-14  # smallest normal float16: stored scales never underflow
 
 
@@ -78,8 +86,26 @@ def int4_num_groups(k: int, group_size: int) -> int:
     return -(-int4_padded_k(k) // g)
 
 
+def int4_row_tile(n: int) -> int:
+    """Rows of a stored tile of an int4 ``qweight`` with ``n`` rows: ``INT4_ROW_TILE`` when it divides ``n``, else 1."""
+    return INT4_ROW_TILE if n % INT4_ROW_TILE == 0 else 1
+
+
+def _retile(words: torch.Tensor, tile: int, to_tiles: bool) -> torch.Tensor:
+    """Row-major ``[N, Kp/8]`` words to ``tile``-row tiles (``to_tiles``) or back."""
+    n, cols = words.shape
+    if tile == 1:
+        return words
+    if to_tiles:
+        shape = (n // tile, tile, cols // INT4_SLICE, INT4_SLICE)
+    else:
+        shape = (n // tile, cols // INT4_SLICE, tile, INT4_SLICE)
+    return words.reshape(shape).permute(0, 2, 1, 3).reshape(n, cols)
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """Codes ``[N, K]`` (0..15, any integer dtype) -> planar ``qweight [N, Kp/8]`` int32 (K zero-padded)."""
+    """Codes ``[N, K]`` (0..15, any integer dtype) -> planar ``qweight [N, Kp/8]`` int32 (K zero-padded, rows in
+    ``int4_row_tile(N)``-row tiles)."""
     n, k = q.shape
     kp = int4_padded_k(k)
     codes = torch.zeros((n, kp), dtype=torch.int32, device=q.device)
@@ -88,16 +114,23 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     packed = torch.zeros((n, kp // INT4_CHUNK, INT4_SLICE), dtype=torch.int32, device=q.device)
     for j in range(8):
         packed |= planes[:, :, j, :] << (4 * j)
-    return packed.view(n, kp // 8)
+    return _retile(packed.view(n, kp // 8), int4_row_tile(n), to_tiles=True)
 
 
 def unpack_int4(qweight: torch.Tensor, k: int | None = None) -> torch.Tensor:
     """Planar ``qweight [N, Kp/8]`` -> codes ``[N, k]`` (uint8, 0..15)."""
     n, words = qweight.shape
-    chunks = qweight.view(n, words // INT4_SLICE, 1, INT4_SLICE)
+    rows = _retile(qweight, int4_row_tile(n), to_tiles=False)
+    chunks = rows.reshape(n, words // INT4_SLICE, 1, INT4_SLICE)
     shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qweight.device).view(1, 1, 8, 1)
     codes = ((chunks >> shifts) & 0xF).to(torch.uint8).view(n, words * 8)
     return codes if k is None else codes[:, :k]
+
+
+def int4_cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``qweight``s concatenated along N, in the row tiles the total takes (each part's own may differ)."""
+    rows = torch.cat([_retile(p, int4_row_tile(p.shape[0]), to_tiles=False) for p in parts])
+    return _retile(rows, int4_row_tile(rows.shape[0]), to_tiles=True)
 
 
 def quantize_int4_weight(

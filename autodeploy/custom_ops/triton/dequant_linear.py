@@ -15,8 +15,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..quant_linear import INT4_CHUNK, int4_group
+from ..quant_linear import INT4_CHUNK, int4_group, int4_row_tile
 from ._common import INTERPRET
+from .int4_layout import int4_cols, int4_rows
 
 _MAGIC: tl.constexpr = tl.constexpr(0x4B000000)  # float bits of 2^23
 
@@ -25,13 +26,14 @@ _MAGIC: tl.constexpr = tl.constexpr(0x4B000000)  # float bits of 2^23
 def _int4_dequant_kernel(
     q_ptr, s_ptr, z_ptr, w_ptr, N, K, stride_qn, stride_sg, stride_wn,
     GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
+    ROW_TILE: tl.constexpr,
 ):
     WORDS: tl.constexpr = CHUNKS * 16
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     word = tl.program_id(1) * WORDS + tl.arange(0, WORDS)
     n_ok = offs_n < N
     k_base = 128 * (word // 16) + word % 16  # k of nibble 0
-    words = tl.load(q_ptr + offs_n.to(tl.int64)[:, None] * stride_qn + word[None, :],
+    words = tl.load(int4_rows(q_ptr, offs_n, stride_qn, ROW_TILE) + int4_cols(0, word, ROW_TILE)[None, :],
                     mask=n_ok[:, None] & (k_base < K)[None, :], other=0)
     for j in tl.static_range(8):
         kk = k_base + 16 * j
@@ -62,7 +64,7 @@ def int4_dequantize(
         qweight, scales, zeros if zeros is not None else scales, w, n, k,
         qweight.stride(0), scales.stride(0), w.stride(0),
         GROUP=int4_group(group_size, k), HAS_ZEROS=zeros is not None, BLOCK_N=block_n, CHUNKS=chunks,
-        num_warps=1 if INTERPRET else 4,
+        ROW_TILE=int4_row_tile(n), num_warps=1 if INTERPRET else 4,
     )
     return w
 

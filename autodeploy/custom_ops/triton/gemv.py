@@ -45,12 +45,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quant_linear import FP8_MAX, FP8_SCALE_MIN, INT4_CHUNK, int4_group
+from ..quant_linear import FP8_MAX, FP8_SCALE_MIN, INT4_CHUNK, int4_group, int4_row_tile
 from ._common import (
     INTERPRET, NUM_LOCKS, cast_rne, fp8_round, next_pow2, pdl_enter, pdl_flags, split_k_sum, split_locks, tl_dtype,
 )
 from .gemv_int4 import int4_step, int4_tc_offset, int4_tc_offset_inputs, int4_tc_step, int4_tc_x
 from .glu import ACTIVATION_CODES, _activate
+from .int4_layout import int4_cols, int4_rows
 from .rmsnorm import add_rmsnorm_row, normed_chunk
 
 W_DENSE, W_FP8, W_INT8, W_INT4 = 3, 0, 1, 2  # the 8/4-bit codes are those of quant_linear.py
@@ -167,15 +168,6 @@ def _dense_acc(acc, w, x_rows, kk, k_ok, m_ok, x_scale, x_ptr, r_ptr, nw_ptr, rs
 
 
 @triton.jit
-def _w_col(k0, lanes, DIV: tl.constexpr, W_TILED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Offsets of the step at ``k0``'s weight elements from ``w_rows``: along the row, or in the tiled layout the
-    step's ``[BN, STEP]`` block (``lanes`` are the step's ``STEP`` element columns; ``DIV`` K elements an element)."""
-    if W_TILED:
-        return (k0 // BLOCK_K) * (BLOCK_N * (BLOCK_K // DIV)) + lanes
-    return k0 // DIV + lanes
-
-
-@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, lock_ptr,
     r_ptr, nw_ptr, normed_ptr, summed_ptr, eps, w_offset,
@@ -184,7 +176,7 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     HW_FP8: tl.constexpr, GLU_ACT: tl.constexpr, RNE: tl.constexpr, TENSOR_CORES: tl.constexpr,
     NORM: tl.constexpr, NORM_H: tl.constexpr, NORM_OFFSET: tl.constexpr, NORM_PROD: tl.constexpr,
-    X_COLS: tl.constexpr, OFFSET_CHUNKS: tl.constexpr, W_TILED: tl.constexpr, USE_PDL: tl.constexpr,
+    X_COLS: tl.constexpr, OFFSET_CHUNKS: tl.constexpr, ROW_TILE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     tile = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -199,9 +191,8 @@ def _gemv_kernel(
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # [BM, 1]
-    STEP: tl.constexpr = BLOCK_K // 8 if W_FMT == 2 else BLOCK_K  # weight elements of a row a step
-    if W_TILED:  # each row tile's steps stored one after another, [BN, STEP] each (gemv_tile_layout)
-        w_rows = w_ptr + (tile * BLOCK_N).to(tl.int64) * stride_wn + tl.arange(0, BLOCK_N)[:, None] * STEP
+    if W_FMT == 2:
+        w_rows = int4_rows(w_ptr, offs_n, stride_wn, ROW_TILE)  # [BN, 1]
     else:
         w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BN, 1]
     k_lo = pid_k * steps_per_split * BLOCK_K
@@ -215,13 +206,12 @@ def _gemv_kernel(
         word = tl.arange(0, WORDS)
         col_base = 128 * (word // 16) + word % 16  # k of nibble 0 of each word, within the step
         w_ok = (k_lo + 128 * (word // 16)) < K
-        words = tl.load(w_rows + _w_col(k_lo, word, 8, W_TILED, BLOCK_N, BLOCK_K)[None, :],
-                        mask=n_ok[:, None] & w_ok[None, :], other=0)
+        words = tl.load(w_rows + int4_cols(k_lo, word, ROW_TILE)[None, :], mask=n_ok[:, None] & w_ok[None, :],
+                        other=0)
     else:
         kk = k_lo + tl.arange(0, BLOCK_K)
         k_ok = kk < K
-        w = tl.load(w_rows + _w_col(k_lo, tl.arange(0, BLOCK_K), 1, W_TILED, BLOCK_N, BLOCK_K)[None, :],
-                    mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
     pdl_enter(USE_PDL)
 
     rstd = 1.0
@@ -247,8 +237,7 @@ def _gemv_kernel(
                                    X_COLS)
         acc = int4_tc_step(tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), words, x_chunk, s_chunk, HW_FP8)
         for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
-            words = tl.load(w_rows + _w_col(k0, word, 8, W_TILED, BLOCK_N, BLOCK_K)[None, :], mask=n_ok[:, None],
-                            other=0)
+            words = tl.load(w_rows + int4_cols(k0, word, ROW_TILE)[None, :], mask=n_ok[:, None], other=0)
             x_chunk, s_chunk = x_next, s_next
             x_next, s_next = int4_tc_x(x_ptr, s_ptr, k0 + BLOCK_K, K, M, stride_xm, n_ok, offs_n, stride_sg, GROUP,
                                        X_COLS)
@@ -265,8 +254,8 @@ def _gemv_kernel(
                         stride_sg, GROUP, HAS_ZEROS, BLOCK_M, BLOCK_N, WORDS)
         for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
             w_ok = (k0 + 128 * (word // 16)) < K
-            words = tl.load(w_rows + _w_col(k0, word, 8, W_TILED, BLOCK_N, BLOCK_K)[None, :],
-                            mask=n_ok[:, None] & w_ok[None, :], other=0)
+            words = tl.load(w_rows + int4_cols(k0, word, ROW_TILE)[None, :], mask=n_ok[:, None] & w_ok[None, :],
+                            other=0)
             acc = int4_step(acc, words, x_rows, s_ptr, z_ptr, k0, K, word, col_base, w_ok, m_ok, n_ok, offs_n,
                             stride_sg, GROUP, HAS_ZEROS, BLOCK_M, BLOCK_N, WORDS)
         total = tl.sum(acc, 2)  # [BM, BN]
@@ -280,8 +269,7 @@ def _gemv_kernel(
         for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             k_ok = kk < K
-            w = tl.load(w_rows + _w_col(k0, tl.arange(0, BLOCK_K), 1, W_TILED, BLOCK_N, BLOCK_K)[None, :],
-                        mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             acc = _dense_acc(acc, w, x_rows, kk, k_ok, m_ok, x_scale, x_ptr, r_ptr, nw_ptr, rstd, w_offset,
                              W_FMT, HW_FP8, TENSOR_CORES, NORM, NORM_OFFSET, NORM_PROD)
         if TENSOR_CORES:
@@ -349,15 +337,6 @@ def _norm_args(norm: AddRmsNorm | None, x: torch.Tensor, fmt: int) -> tuple[tupl
     return args, dict(NORM=True, NORM_H=next_pow2(k), NORM_OFFSET=bool(norm.weight_offset), NORM_PROD=tl_dtype(prod))
 
 
-def gemv_tile_layout(weight: torch.Tensor, fmt: int, config: GemvConfig) -> torch.Tensor:
-    """``weight`` (same shape) with each ``config.block_n``-row tile's K steps stored one after another, each step
-    a contiguous ``[block_n, step]`` block, so a program streams one contiguous range (``gemv(tiled=True)``)."""
-    n, cols = weight.shape
-    step = config.block_k // 8 if fmt == W_INT4 else config.block_k
-    tiles = weight.view(n // config.block_n, config.block_n, cols // step, step)
-    return tiles.permute(0, 2, 1, 3).contiguous().view(n, cols)
-
-
 def gemv(
     x: torch.Tensor,  # [M, K], unit last stride, M <= GEMV_MAX_TOKENS
     fmt: int,
@@ -369,7 +348,6 @@ def gemv(
     config: GemvConfig | None = None,
     glu_activation: str | None = None,  # weight is a packed [gate; up]: returns act(gate) * up [M, N / 2]
     norm: AddRmsNorm | None = None,  # x is the add + RMSNorm's input: the product is of its output
-    tiled: bool = False,  # weight in gemv_tile_layout for the config's tiles
 ) -> torch.Tensor:
     m, k = x.shape
     n = weight.shape[0]
@@ -390,9 +368,6 @@ def gemv(
         raise ValueError(f"int4 gemv needs block_k to be a multiple of {INT4_CHUNK}")
     block_n = cfg.block_n if glu_activation is None else max(2, cfg.block_n)  # a gate row and its up row
     tensor_cores = cfg.tensor_cores and tensor_cores_ok
-    step = cfg.block_k // 8 if fmt == W_INT4 else cfg.block_k
-    if tiled and (glu_activation is not None or n % block_n or weight.shape[1] % step):
-        raise ValueError(f"a tiled gemv weight needs whole {block_n} x {cfg.block_k} tiles and no gated pair")
     if tensor_cores and (block_n < 16 or cfg.block_k < 16 or (fmt == W_INT4 and cfg.block_k != INT4_CHUNK)):
         raise ValueError(f"a tensor-core gemv needs tiles of at least 16 x 16 (int4: K steps of {INT4_CHUNK}), "
                          f"got {block_n} x {cfg.block_k}")
@@ -413,7 +388,7 @@ def gemv(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, HW_FP8=not INTERPRET,
         GLU_ACT=-1 if glu_activation is None else ACTIVATION_CODES[glu_activation],
         RNE=INTERPRET and x.dtype == torch.bfloat16, TENSOR_CORES=tensor_cores, **norm_flags, X_COLS=next_pow2(m),
-        OFFSET_CHUNKS=min(OFFSET_HOIST_CHUNKS, next_pow2(per_split)), W_TILED=tiled,
+        OFFSET_CHUNKS=min(OFFSET_HOIST_CHUNKS, next_pow2(per_split)), ROW_TILE=int4_row_tile(n) if fmt == W_INT4 else 1,
         num_warps=1 if INTERPRET else cfg.warps, num_stages=cfg.stages,
         **pdl_flags(x.device, m),
     )

@@ -40,12 +40,13 @@ import triton
 import triton.language as tl
 
 from .. import quant_linear as _reference  # noqa: F401  (registers the torch op family)
-from ..quant_linear import FP8_DTYPE, FP8_MAX, FP8_SCALE_MIN, INT4_CHUNK, INT4_SLICE, int4_group
+from ..quant_linear import FP8_DTYPE, FP8_MAX, FP8_SCALE_MIN, INT4_CHUNK, INT4_SLICE, int4_group, int4_row_tile
 from ._common import (
     INTERPRET, NUM_LOCKS, device_sms, fp8_round, mma, next_pow2, split_k_sum, split_locks, tl_dtype, upcast_dots,
 )
 from .dequant_linear import int4_dequant_linear
 from .gemv import GEMV_MAX_TOKENS, gemv, tensor_core_gemv_ok
+from .int4_layout import int4_cols, int4_rows
 
 W_FP8, W_INT8, W_INT4 = 0, 1, 2
 FP8_GEMV_MAX_TOKENS = 1  # fp8 up to here: the GEMV (H100, M=1: 117 vs 144 us a layer); above, _scaled_mm
@@ -114,7 +115,7 @@ def _wq_gemm_kernel(
     W_FMT: tl.constexpr, ACT_FP8: tl.constexpr, GROUP: tl.constexpr, PLANES: tl.constexpr,
     HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    DOT: tl.constexpr, IEEE: tl.constexpr,
+    DOT: tl.constexpr, IEEE: tl.constexpr, ROW_TILE: tl.constexpr,
 ):
     tile = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -124,7 +125,10 @@ def _wq_gemm_kernel(
     m_ok = offs_m < M
     n_ok = offs_n < N
     x_rows = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm  # [1, BLOCK_M]
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
+    if W_FMT == 2:
+        w_rows = int4_rows(w_ptr, offs_n, stride_wn, ROW_TILE)  # [BLOCK_N, 1]
+    else:
+        w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
 
     x_scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if ACT_FP8:  # per-token scale over the whole row (short rows: this path serves decode-sized M)
@@ -140,7 +144,8 @@ def _wq_gemm_kernel(
     k_hi = tl.minimum(k_lo + chunks_per_split * BLOCK_K, K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if W_FMT == 2:
-            words = tl.load(w_rows + (k0 // 8 + tl.arange(0, 16))[None, :], mask=n_ok[:, None], other=0)  # [BN, 16]
+            words = tl.load(w_rows + int4_cols(k0, tl.arange(0, 16), ROW_TILE)[None, :], mask=n_ok[:, None],
+                            other=0)  # [BN, 16]
             part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
             for j in tl.static_range(8):
@@ -238,7 +243,7 @@ def wq_gemm(
         HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split,
         DOT=tl.float32 if x.dtype == torch.float32 or upcast_dots(x.dtype) else tl_dtype(x.dtype),
-        IEEE=x.dtype == torch.float32,
+        IEEE=x.dtype == torch.float32, ROW_TILE=int4_row_tile(n) if fmt == W_INT4 else 1,
         num_warps=1 if INTERPRET else cfg.warps, num_stages=cfg.stages,
     )
     return y
