@@ -51,7 +51,7 @@ for step in "$@"; do
     quant-engines) timeout 230 python3 bench/quant.py --only fp8,int4 --out "$OUT/quant.json" 2>&1 | tee "$OUT/quant.log" | grep '^{' | tail -30 ;;
     quant)     timeout 300 python3 bench/quant.py --out "$OUT/quant.json" 2>&1 | tee "$OUT/quant.log" | grep '^{' | tail -30 ;;
     moe)       timeout 420 python3 bench/moe.py --out "$OUT/moe.json" 2>&1 | tee "$OUT/moe.log" | grep '^{' | tail -20 ;;
-    moe-decode) timeout 150 python3 bench/moe.py --skip-e2e --tokens 1 --sweep --out "$OUT/moe_decode.json" 2>&1 | tee "$OUT/moe_decode.log" | grep '^{' | cut -c1-260 ;;
+    moe-decode) timeout 300 python3 bench/moe.py --skip-e2e --tokens 1 --sweep --out "$OUT/moe_decode.json" 2>&1 | tee "$OUT/moe_decode.log" | grep '^{' | cut -c1-260 ;;
     moe-trace) AUTODEPLOY_PDL=0 timeout 240 python3 bench/moe.py --skip-kernels --skip-reference --num-requests 16 --trace-decode --out "$OUT/moe_trace.json" 2>&1 | tee "$OUT/moe_trace.log" | grep '^{' | cut -c1-4000 ;;
     moe-tiles) timeout 300 python3 bench/moe.py --skip-kernels --skip-reference --num-requests 16 --decode-tiles --gemv-variants --out "$OUT/moe_tiles.json" 2>&1 | tee "$OUT/moe_tiles.log" | grep '^{' | cut -c1-400 ;;
     moe-decode-ab) for fuse in true false; do timeout 200 python3 bench/moe.py --skip-kernels --skip-reference --num-requests 16 --set transforms.fuse_add_rmsnorm_linear.enabled=$fuse --out "$OUT/moe_norm_$fuse.json" 2>&1 | tee "$OUT/moe_norm_$fuse.log" | grep -E '"phase": "(build|decode)"' | cut -c1-300; done ;;

@@ -54,7 +54,11 @@ DECODE_SWEEP = [  # --sweep / --decode-tiles: decode (T = 1) candidates beside t
     MoeTiles(16, 64, 128, 4, 4, 64, 128, 4, 4),  # the default before run 33
     MoeTiles(16, 128, 128, 4, 4, 128, 128, 4, 4),
     MoeTiles(16, 64, 128, 4, 4, 32, 256, 4, 3),
-]
+] + [  # run 35: longer GEMM-1 steps (more contiguous bytes a weight row a step), then other GEMM-2 tiles
+    MoeTiles(16, *up, 64, 256, 4, 3) for up in [(64, 256, 4, 4), (64, 512, 4, 3), (128, 256, 8, 3), (32, 512, 4, 4),
+                                                (64, 256, 8, 4), (128, 256, 8, 4), (32, 1024, 4, 3)]
+] + [MoeTiles(16, 128, 128, 8, 4, *down) for down in [(32, 256, 4, 3), (128, 256, 8, 3), (64, 256, 4, 4),
+                                                        (32, 256, 4, 4), (64, 256, 8, 3)]]
 
 
 def median_us(fn, rep_ms: int = 100) -> float:
