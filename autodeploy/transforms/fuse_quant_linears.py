@@ -5,9 +5,9 @@ whose weights, scales (and zero points, biases) are loaded ``get_attr`` paramete
 group size, all with or all without zero points) — q/k/v and gate/up after ``quantize_*``. Every layout keeps
 output channels N outermost, so fusing is a concatenation along N: fp8/int8 ``weight`` and ``weight_scale`` on
 dim 0, int4 ``qweight`` on dim 0 and ``scales``/``qzeros`` ``[G, N]`` on dim 1 (per-tensor fp8 scales are
-stored broadcast to ``[N]``, so they concatenate too; int4 ``qweight`` rows go back into the row tiles the total
-takes, ``int4_cat_rows``). Emits the fused op and an ``aten.split_with_sizes`` on the
-last dim, the shape ``fuse_parallel_linears`` gives full-precision linears (so ``fuse_glu`` packs gate/up).
+stored broadcast to ``[N]``, so they concatenate too; int4 ``qweight`` rows go back into the row tiles the
+total takes, ``int4_cat_rows``). Emits the fused op and an ``aten.split_with_sizes`` on the last dim, the shape
+``fuse_parallel_linears`` gives full-precision linears (so ``fuse_glu`` packs gate/up).
 Limits: runs after ``load_weights`` (meta weights are skipped).
 """
 
@@ -108,7 +108,10 @@ def _fuse_group(gm: GraphModule, group: list[Node]) -> list[int]:
                          for c, s in zip(column, sizes)]
             else:
                 parts = [t.detach() for t in present]
-            fused = int4_cat_rows(parts) if i == 1 and len(dims) == 5 else torch.cat(parts, dim=dim)
+            if i == 1 and dims == _LAYOUT_BY_FORMAT["int4"]:  # the int4 qweight: rows in the total's row tiles
+                fused = int4_cat_rows(parts)
+            else:
+                fused = torch.cat(parts, dim=dim)
             fused_args.append(graph.get_attr(add_parameter(gm, f"fused_quant_linear_arg{i}", fused)))
         fused_node = graph.call_function(target, tuple(fused_args))
         split = graph.call_function(aten.split_with_sizes.default, (fused_node, sizes, -1))

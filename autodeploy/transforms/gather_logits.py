@@ -27,9 +27,8 @@ def _is_linear(node: Node) -> bool:
     """``aten.linear`` or a quantized linear op; either takes its input as the first argument."""
     if is_op(node, torch.ops.aten.linear.default):
         return True
-    schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
-    return schema is not None and schema.name.startswith("autodeploy::") and "_quant_" in schema.name \
-        and schema.name.endswith("_linear")
+    name = getattr(getattr(node.target, "_schema", None), "name", "") if node.op == "call_function" else ""
+    return name.startswith("autodeploy::") and "_quant_" in name and name.endswith("_linear")
 
 
 def find_lm_head(gm: GraphModule) -> Node:
