@@ -2,6 +2,8 @@
 
     PYTHONPATH=$PWD python3 bench/gemv.py --out $OUT/gemv.json     # ~4 min on an H100
     options: --fmts fp8,int4,dense,int8  --tokens 1,2,4  --workers 14 (parallel Triton compiles)
+             --glu halves|pairs (gate_up with the SiLU gating in the GEMV's epilogue, as the engine runs it,
+             its rows stored [gate; up] or gate and up alternately)
              --shapes llama-tp2 (one rank's linears at tensor parallel 2), qwen3-moe (the MoE model's dense linears)
              --variants cuda,tc (CUDA-core and tensor-core products; int4 on the tensor cores: 50 tiles)
 
@@ -80,7 +82,7 @@ def cuda_core_grid(fmt: str, m: int) -> list[tuple]:
 def make_weights(fmt: str, n: int, k: int, copies: int) -> list[tuple]:
     out = []
     for _ in range(copies):
-        w = (torch.randn(n, k, device="cuda") * k**-0.5).to(torch.bfloat16)
+        w = (torch.randn(n, k, device="cuda") * k**-0.5).to(torch.bfloat16)  # random: [gate; up] or pairs alike
         if fmt == "dense":
             out.append((w,))
         elif fmt == "fp8":
@@ -93,16 +95,19 @@ def make_weights(fmt: str, n: int, k: int, copies: int) -> list[tuple]:
     return out
 
 
-def gemv_call(fmt: str, x, weights: tuple, cfg: tuple | None):
+def gemv_call(fmt: str, x, weights: tuple, cfg: tuple | None, glu: str = ""):
+    """The GEMV on ``weights``; ``glu``: as the engine runs a packed gate/up, SiLU(gate) * up in its epilogue, the
+    rows stored ``halves`` ([gate; up]) or in ``pairs`` (gate 0, up 0, ...)."""
     from autodeploy.custom_ops.triton.gemv import W_DENSE, W_FP8, W_INT4, W_INT8, GemvConfig, gemv
 
     config = GemvConfig(*cfg) if cfg else None
     code = {"dense": W_DENSE, "fp8": W_FP8, "int8": W_INT8, "int4": W_INT4}[fmt]
+    glu_args = dict(glu_activation="silu" if glu else None, glu_pairs=glu == "pairs")
     if fmt == "int4":
-        return gemv(x, code, weights[0], weights[1], weights[2], None, GROUP, config=config)
+        return gemv(x, code, weights[0], weights[1], weights[2], None, GROUP, config=config, **glu_args)
     if fmt == "dense":
-        return gemv(x, code, weights[0], config=config)
-    return gemv(x, code, weights[0], weights[1], config=config)
+        return gemv(x, code, weights[0], config=config, **glu_args)
+    return gemv(x, code, weights[0], weights[1], config=config, **glu_args)
 
 
 def compile_worker(work: tuple[list[tuple], dict]) -> int:
@@ -143,7 +148,11 @@ def rel_err(out, ref) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
-def reference(fmt: str, x, args: tuple):
+def reference(fmt: str, x, args: tuple, glu: str = ""):
+    if glu:
+        out = reference(fmt, x, args)
+        gate, up = (out[:, 0::2], out[:, 1::2]) if glu == "pairs" else out.chunk(2, dim=-1)
+        return F.silu(gate) * up
     ops = torch.ops.autodeploy
     if fmt == "dense":
         return x.float() @ args[0].float().t()
@@ -180,6 +189,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=14)
     parser.add_argument("--variants", default="cuda,tc", help="cuda (CUDA-core product), tc (tensor cores)")
     parser.add_argument("--shapes", default="llama", choices=sorted(SHAPE_SETS))
+    parser.add_argument("--glu", default="", choices=["", "halves", "pairs"],
+                        help="gate_up with the SiLU gating epilogue, as in the engine, rows as [gate; up] or in pairs")
     args = parser.parse_args()
     shapes = SHAPE_SETS[args.shapes]
     import autodeploy.custom_ops.triton  # noqa: F401
@@ -200,17 +211,18 @@ def main() -> None:
     for fmt in fmts:
         for name, (n, k) in shapes.items():
             ws = make_weights(fmt, n, k, COPIES)
+            glu = args.glu if name == "gate_up" else ""
             size = nbytes(ws[0])
             for m in tokens:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                ref = reference(fmt, x, ws[0])
-                row = {"phase": "gemv", "fmt": fmt, "M": m, "shape": name, "MB": round(size / 1e6, 1)}
+                ref = reference(fmt, x, ws[0], glu)
+                row = {"phase": "gemv", "fmt": fmt, "M": m, "shape": name, "glu": glu, "MB": round(size / 1e6, 1)}
                 base = graph_us(lambda: [baseline(fmt, x, w) for w in ws], COPIES)
                 row["baseline_us"], row["baseline_GB_s"] = round(base, 2), round(size / base / 1e3)
                 results = []
                 for cfg in sweep[fmt, m]:
                     try:
-                        us = graph_us(lambda: [gemv_call(fmt, x, w, cfg) for w in ws], COPIES)
+                        us = graph_us(lambda: [gemv_call(fmt, x, w, cfg, glu) for w in ws], COPIES)
                     except Exception as e:  # an illegal config (registers, shared memory) is skipped
                         row.setdefault("errors", []).append(f"{cfg}: {type(e).__name__}")
                         continue
@@ -221,14 +233,15 @@ def main() -> None:
                     row.update(best_us=round(best_us, 2), best_GB_s=round(size / best_us / 1e3), best_cfg=best_cfg,
                                roof_us=round(size / COPY_BPS * 1e6, 2),
                                top5=[(round(u, 2), c) for u, c in results[:5]],
-                               rel_err=rel_err(gemv_call(fmt, x, ws[0], best_cfg), ref),
-                               default_us=round(graph_us(lambda: [gemv_call(fmt, x, w, None) for w in ws], COPIES), 2))
+                               rel_err=rel_err(gemv_call(fmt, x, ws[0], best_cfg, glu), ref),
+                               default_us=round(graph_us(lambda: [gemv_call(fmt, x, w, None, glu) for w in ws],
+                                                         COPIES), 2))
                     row["all"] = [(round(u, 2), c) for u, c in results]
                     for kind, best in (("tc", [r for r in results if len(r[1]) > 5]),
                                        ("cuda", [r for r in results if len(r[1]) == 5])):
                         if best:
                             row[f"best_{kind}_us"], row[f"best_{kind}_cfg"] = round(best[0][0], 2), best[0][1]
-                            row[f"best_{kind}_rel_err"] = rel_err(gemv_call(fmt, x, ws[0], best[0][1]), ref)
+                            row[f"best_{kind}_rel_err"] = rel_err(gemv_call(fmt, x, ws[0], best[0][1], glu), ref)
                 res.add(row)
             if fmt == "int4":
                 for m in PREFILL_TOKENS:
