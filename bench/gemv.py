@@ -2,8 +2,7 @@
 
     PYTHONPATH=$PWD python3 bench/gemv.py --out $OUT/gemv.json     # ~4 min on an H100
     options: --fmts fp8,int4,dense,int8  --tokens 1,2,4  --workers 14 (parallel Triton compiles)
-             --glu halves|pairs (gate_up with the SiLU gating in the GEMV's epilogue, as the engine runs it,
-             its rows stored [gate; up] or gate and up alternately)
+             --glu (gate_up with the SiLU gating in the GEMV's epilogue, as the engine runs it)
              --shapes llama-tp2 (one rank's linears at tensor parallel 2), qwen3-moe (the MoE model's dense linears)
              --variants cuda,tc (CUDA-core and tensor-core products; int4 on the tensor cores: 50 tiles)
 
@@ -82,7 +81,7 @@ def cuda_core_grid(fmt: str, m: int) -> list[tuple]:
 def make_weights(fmt: str, n: int, k: int, copies: int) -> list[tuple]:
     out = []
     for _ in range(copies):
-        w = (torch.randn(n, k, device="cuda") * k**-0.5).to(torch.bfloat16)  # random: [gate; up] or pairs alike
+        w = (torch.randn(n, k, device="cuda") * k**-0.5).to(torch.bfloat16)
         if fmt == "dense":
             out.append((w,))
         elif fmt == "fp8":
@@ -95,14 +94,14 @@ def make_weights(fmt: str, n: int, k: int, copies: int) -> list[tuple]:
     return out
 
 
-def gemv_call(fmt: str, x, weights: tuple, cfg: tuple | None, glu: str = ""):
-    """The GEMV on ``weights``; ``glu``: as the engine runs a packed gate/up, SiLU(gate) * up in its epilogue, the
-    rows stored ``halves`` ([gate; up]) or in ``pairs`` (gate 0, up 0, ...)."""
+def gemv_call(fmt: str, x, weights: tuple, cfg: tuple | None, glu: bool = False):
+    """The GEMV on ``weights``; ``glu``: as the engine runs a packed ``[gate; up]``, SiLU(gate) * up in its
+    epilogue."""
     from autodeploy.custom_ops.triton.gemv import W_DENSE, W_FP8, W_INT4, W_INT8, GemvConfig, gemv
 
     config = GemvConfig(*cfg) if cfg else None
     code = {"dense": W_DENSE, "fp8": W_FP8, "int8": W_INT8, "int4": W_INT4}[fmt]
-    glu_args = dict(glu_activation="silu" if glu else None, glu_pairs=glu == "pairs")
+    glu_args = dict(glu_activation="silu" if glu else None)
     if fmt == "int4":
         return gemv(x, code, weights[0], weights[1], weights[2], None, GROUP, config=config, **glu_args)
     if fmt == "dense":
@@ -148,10 +147,9 @@ def rel_err(out, ref) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
-def reference(fmt: str, x, args: tuple, glu: str = ""):
+def reference(fmt: str, x, args: tuple, glu: bool = False):
     if glu:
-        out = reference(fmt, x, args)
-        gate, up = (out[:, 0::2], out[:, 1::2]) if glu == "pairs" else out.chunk(2, dim=-1)
+        gate, up = reference(fmt, x, args).chunk(2, dim=-1)
         return F.silu(gate) * up
     ops = torch.ops.autodeploy
     if fmt == "dense":
@@ -189,8 +187,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=14)
     parser.add_argument("--variants", default="cuda,tc", help="cuda (CUDA-core product), tc (tensor cores)")
     parser.add_argument("--shapes", default="llama", choices=sorted(SHAPE_SETS))
-    parser.add_argument("--glu", default="", choices=["", "halves", "pairs"],
-                        help="gate_up with the SiLU gating epilogue, as in the engine, rows as [gate; up] or in pairs")
+    parser.add_argument("--glu", action="store_true", help="gate_up with the SiLU gating epilogue, as in the engine")
     args = parser.parse_args()
     shapes = SHAPE_SETS[args.shapes]
     import autodeploy.custom_ops.triton  # noqa: F401
@@ -211,7 +208,7 @@ def main() -> None:
     for fmt in fmts:
         for name, (n, k) in shapes.items():
             ws = make_weights(fmt, n, k, COPIES)
-            glu = args.glu if name == "gate_up" else ""
+            glu = args.glu and name == "gate_up"
             size = nbytes(ws[0])
             for m in tokens:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)

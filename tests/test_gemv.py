@@ -74,19 +74,6 @@ def test_gemv_int4_tensor_cores(dtype, group, symmetric, config):
     torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=1e-2)
 
 
-def test_gemv_glu_pair_rows():
-    """``glu_pairs``: gate and up rows stored alternately give the output of the ``[gate; up]`` layout."""
-    config = GemvConfig(16, 128, 2, 4, 1, True)
-    x = torch.randn(2, 300).bfloat16()
-    w = torch.randn(2 * 64, 300) * 0.05
-    pairs = w.view(2, 64, 300).transpose(0, 1).reshape(128, 300)
-    q, s, z = quantize_int4_weight(w, 128)
-    qp, sp, zp = quantize_int4_weight(pairs, 128)
-    ref = gemv(x, W_INT4, q, s, z, None, 128, config=config, glu_activation="silu")
-    out = gemv(x, W_INT4, qp, sp, zp, None, 128, config=config, glu_activation="silu", glu_pairs=True)
-    torch.testing.assert_close(out, ref, atol=0, rtol=0)
-
-
 @pytest.mark.parametrize("fmt", [W_DENSE, W_FP8, W_INT4])
 @pytest.mark.parametrize("m,k,n", [(1, 4096, 24), (2, 576, 40), (1, 8320, 16)])
 def test_gemv_gpu_tiles(fmt, m, k, n):

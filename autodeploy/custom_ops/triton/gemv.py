@@ -176,17 +176,13 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     HW_FP8: tl.constexpr, GLU_ACT: tl.constexpr, RNE: tl.constexpr, TENSOR_CORES: tl.constexpr,
     NORM: tl.constexpr, NORM_H: tl.constexpr, NORM_OFFSET: tl.constexpr, NORM_PROD: tl.constexpr,
-    X_COLS: tl.constexpr, OFFSET_CHUNKS: tl.constexpr, ROW_TILE: tl.constexpr, GLU_PAIRS: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    X_COLS: tl.constexpr, OFFSET_CHUNKS: tl.constexpr, ROW_TILE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     tile = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
-    if GLU_ACT >= 0 and GLU_PAIRS:  # stored rows 2c and 2c + 1 are gate row c and up row c
-        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-    elif GLU_ACT >= 0:  # rows 2i and 2i + 1 are gate row c and up row c (N / 2 + c), c = tile * BLOCK_N / 2 + i
+    if GLU_ACT >= 0:  # rows 2i and 2i + 1 are gate row c and up row c (N / 2 + c), c = tile * BLOCK_N / 2 + i
         rows = tl.arange(0, BLOCK_N)
         cols = tile * (BLOCK_N // 2) + rows // 2
         offs_n = cols + (rows % 2) * (N // 2)
@@ -352,7 +348,6 @@ def gemv(
     config: GemvConfig | None = None,
     glu_activation: str | None = None,  # weight is a packed [gate; up]: returns act(gate) * up [M, N / 2]
     norm: AddRmsNorm | None = None,  # x is the add + RMSNorm's input: the product is of its output
-    glu_pairs: bool = False,  # with glu_activation: rows stored (gate 0, up 0, gate 1, up 1, ...), not [gate; up]
 ) -> torch.Tensor:
     m, k = x.shape
     n = weight.shape[0]
@@ -394,7 +389,6 @@ def gemv(
         GLU_ACT=-1 if glu_activation is None else ACTIVATION_CODES[glu_activation],
         RNE=INTERPRET and x.dtype == torch.bfloat16, TENSOR_CORES=tensor_cores, **norm_flags, X_COLS=next_pow2(m),
         OFFSET_CHUNKS=min(OFFSET_HOIST_CHUNKS, next_pow2(per_split)), ROW_TILE=int4_row_tile(n) if fmt == W_INT4 else 1,
-        GLU_PAIRS=glu_pairs,
         num_warps=1 if INTERPRET else cfg.warps, num_stages=cfg.stages,
         **pdl_flags(x.device, m),
     )
