@@ -316,10 +316,7 @@ def test_prequantized_checkpoint(tmp_path, layout, options, param, param_dtype):
         h.remove()
 
 
-def test_gptq_checkpoint_engine_greedy_equals_hf(tmp_path):
-    model = tiny_model("llama")
-    reference = _with_weights(model, write_quantized_checkpoint(model, tmp_path, "gptq", group_size=32, sym=True))
-    engine = autodeploy.optimize(tmp_path, device="cpu", max_batch_size=4, max_seq_len=64)
+def _assert_greedy_equals_hf(engine, reference: torch.nn.Module) -> None:
     prompts = [[5, 17, 99, 3, 250], [1, 2, 3]]
     outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     for prompt, out in zip(prompts, outs):
@@ -327,6 +324,13 @@ def test_gptq_checkpoint_engine_greedy_equals_hf(tmp_path):
         with torch.no_grad():
             expected = reference.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)[0, len(prompt):]
         assert out.outputs[0].token_ids == expected.tolist()
+
+
+def test_gptq_checkpoint_engine_greedy_equals_hf(tmp_path):
+    model = tiny_model("llama")
+    reference = _with_weights(model, write_quantized_checkpoint(model, tmp_path, "gptq", group_size=32, sym=True))
+    engine = autodeploy.optimize(tmp_path, device="cpu", max_batch_size=4, max_seq_len=64)
+    _assert_greedy_equals_hf(engine, reference)
 
 
 def test_int4_fusion_of_rows_in_different_tiles():
@@ -352,13 +356,7 @@ def test_quantized_lm_head_engine_greedy_equals_hf():
                                  **{"transforms.quantize_int4_linear.quantize_lm_head": True})
     assert engine.runner.gm.graph.find_nodes(op="placeholder", target="logits_indices")
     assert "quant_int4" in str(find_lm_head(engine.runner.gm).target)
-    prompts = [[5, 17, 99, 3, 250], [1, 2, 3]]
-    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
-    for prompt, out in zip(prompts, outs):
-        ids = torch.tensor([prompt])
-        with torch.no_grad():
-            expected = reference.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)[0, len(prompt):]
-        assert out.outputs[0].token_ids == expected.tolist()
+    _assert_greedy_equals_hf(engine, reference)
 
 
 def test_checkpoint_errors(tmp_path):
