@@ -51,7 +51,7 @@ def tensor_core_grid(fmt: str) -> list[tuple]:
     product against the activations padded to 16 rows."""
     if fmt == "int4":  # one 128-long chunk a step (gemv_int4.py)
         return [(bn, 128, sk, w, s, True) for bn, sk, (w, s) in
-                itertools.product([16, 32, 64, 128], [1, 2, 4, 8, 16], [(4, 3), (4, 4), (4, 6), (8, 3), (8, 6)])]
+                itertools.product([64, 128], [1, 2, 4, 8, 16], [(4, 3), (4, 4), (4, 6), (8, 3), (8, 6)])]
     block_ks = [128, 256, 512] if fmt in ("fp8", "int8") else [64, 128, 256]
     return [(bn, bk, sk, w, s, True) for bn, bk, sk, (w, s) in
             itertools.product([32, 64, 128], block_ks, [1, 2, 4, 8], [(4, 3), (4, 4), (8, 3)])]
