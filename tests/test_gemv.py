@@ -60,7 +60,7 @@ def test_gemv_int4_tensor_cores(dtype, group, symmetric, config):
     """The tensor-core int4 product (codes as 16-bit floats, offset and zero point removed in float32): every
     token count, K not a multiple of 128, split-K, a gated pair of projections; K = 2200 (no split) has more
     chunks than the offset loads up front (16), so the rest of its offset is summed after the chunk loop."""
-    for m, k, n in SHAPES + [(1, 2200, 16), (2, 300, 128)]:  # N = 128: rows in 64-row tiles
+    for m, k, n in SHAPES + [(1, 2200, 16), (2, 300, 64)]:  # N = 64: rows in one 64-row tile
         x = torch.randn(m, k).to(dtype)
         q, s, z = quantize_int4_weight(torch.randn(n, k) * 0.05, group, symmetric)
         bias = torch.randn(n) if symmetric else None
@@ -135,7 +135,7 @@ def test_gemv_refuses_too_many_tokens():
 
 @pytest.mark.parametrize("group,symmetric", [(128, False), (32, True), (-1, False)])
 def test_int4_dequantize_equals_reference(group, symmetric):
-    for k, n in [(200, 83), (576, 40), (300, 128)]:  # N = 128: rows in 64-row tiles
+    for k, n in [(200, 83), (576, 40), (300, 64)]:  # N = 64: rows in one 64-row tile
         q, s, z = quantize_int4_weight(torch.randn(n, k), group, symmetric)
         ref = dequantize_int4(q, s, z, group, k)
         assert torch.equal(int4_dequantize(q, s, z, group, k, torch.float32), ref)
