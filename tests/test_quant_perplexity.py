@@ -7,7 +7,9 @@ That shapes what each format can reach (measured here, 1024 tokens; see the repo
 
 - fp8 (per-channel weights, per-token activations): +2.4 % (weights alone +2.0 %, activations alone +1.2 %). The
   weight share comes mostly from one linear, the last layer's ``down_proj`` (alone +1.4 %); with it left in
-  bf16 (``exclude``) fp8 gives +1.2 %. The issue's 1 % is not reached on this model.
+  bf16 (``exclude``) fp8 gives +1.2 %. The issue's 1 % is reached by leaving the first and the last layer's
+  ``down_proj`` in bf16 (2 of 210 linears): +0.43 %; every ``down_proj`` +0.51 %; the first and last layers
+  whole +0.06 %. Per-channel scales chosen for the least squared error instead of the amax: +4.4 %.
 - int4 group 32, asymmetric: Q4_1's own grid, reproduced exactly (+0.0 %). int4 group 128 re-rounds 32-wide
   grids onto 128-wide ones: +48 % (a second 4-bit rounding of an already 4-bit model; not asserted, too slow).
 """
@@ -34,7 +36,7 @@ BEFORE_CACHE = [s for s in Stage if s.order < Stage.CACHE_INIT.order]
 AFTER_MATCHING = [s for s in BEFORE_CACHE if s.order > Stage.PATTERN_MATCHER.order]
 
 
-pytestmark = pytest.mark.slow  # ~2.5 min on 2 CPU cores: SmolLM2 export and three 1024-token forwards
+pytestmark = pytest.mark.slow  # ~3 min on 2 CPU cores: SmolLM2 export and four 1024-token forwards
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +73,13 @@ def base_perplexity(smollm2) -> float:
 
 def test_fp8_perplexity(smollm2, base_perplexity):
     fp8 = _quantized_perplexity(smollm2, quantize="fp8") / base_perplexity - 1
-    print(f"\nSmolLM2 ppl {base_perplexity:.4f}: fp8 {fp8:+.2%}")
-    assert 0 < fp8 < 0.04  # issue 10 aims at 1 %: not reached on this Q4_1-derived model (module docstring)
+    last = smollm2[0].config.num_hidden_layers - 1
+    sensitive = ["model.layers.0.mlp.down_proj", f"model.layers.{last}.mlp.down_proj"]
+    mixed = _quantized_perplexity(smollm2, quantize="fp8", **{"transforms.quantize_fp8_linear.exclude": sensitive})
+    mixed = mixed / base_perplexity - 1
+    print(f"\nSmolLM2 ppl {base_perplexity:.4f}: fp8 {fp8:+.2%}, first/last down_proj in bf16 {mixed:+.2%}")
+    assert 0 < fp8 < 0.04  # every linear: issue 10's 1 % is not reached on this Q4_1-derived model
+    assert abs(mixed) < 0.01  # two sensitive linears left in bf16 (module docstring)
 
 
 def test_int4_perplexity(smollm2, base_perplexity):
