@@ -34,7 +34,7 @@ from torch.fx import GraphModule, Node
 from ..errors import TransformError
 from .base import SharedContext, Transform, TransformConfig, TransformInfo, TransformRegistry
 from .gather_logits import find_lm_head
-from .graph import find_nodes, is_op, node_val
+from .graph import find_nodes, is_op, is_quantized_linear, node_val
 from .sharding import (
     PLAN_KEY,
     AttentionShard,
@@ -364,11 +364,6 @@ def _view_chain(node: Node) -> list[Node]:
     return chain
 
 
-def _quantized_linears(gm: GraphModule) -> list[Node]:
-    return [n for n in gm.graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
-            and n.target.namespace == "autodeploy" and "quant" in n.target.__name__ and "linear" in n.target.__name__]
-
-
 @TransformRegistry.register("detect_sharding")
 class DetectSharding(Transform):
     config_class = DetectShardingConfig
@@ -377,7 +372,7 @@ class DetectSharding(Transform):
     def _apply(self, gm: GraphModule, ctx: SharedContext) -> TransformInfo:
         if ctx.world_size <= 1:
             return TransformInfo(num_matches=0, details={"world_size": ctx.world_size})
-        quantized = _quantized_linears(gm)
+        quantized = [n for n in gm.graph.nodes if is_quantized_linear(n)]
         if quantized:
             raise TransformError(
                 f"tensor parallelism does not shard quantized linears yet ({quantized[0].target} at "

@@ -14,7 +14,7 @@ from torch.fx import GraphModule, Node
 
 from ..errors import TransformError
 from .base import SharedContext, Transform, TransformInfo, TransformRegistry
-from .graph import is_op, placeholders
+from .graph import is_op, is_quantized_linear, placeholders
 
 LOGITS_INDICES = "logits_indices"
 
@@ -23,19 +23,11 @@ def _tensor_inputs(node: Node) -> list[Node]:
     return [a for a in node.all_input_nodes if a.op != "get_attr"]
 
 
-def _is_linear(node: Node) -> bool:
-    """``aten.linear`` or a quantized linear op; either takes its input as the first argument."""
-    if is_op(node, torch.ops.aten.linear.default):
-        return True
-    name = getattr(getattr(node.target, "_schema", None), "name", "") if node.op == "call_function" else ""
-    return name.startswith("autodeploy::") and "_quant_" in name and name.endswith("_linear")
-
-
 def find_lm_head(gm: GraphModule) -> Node:
     (output,) = [n for n in gm.graph.nodes if n.op == "output"]
     node = output.args[0]
     while isinstance(node, Node):
-        if _is_linear(node):
+        if is_op(node, torch.ops.aten.linear.default) or is_quantized_linear(node):
             return node
         inputs = _tensor_inputs(node)
         if len(inputs) != 1:

@@ -42,6 +42,13 @@ def find_nodes(gm: GraphModule, targets: OpTarget | Iterable[OpTarget]) -> list[
     return [n for n in gm.graph.nodes if is_op(n, targets)]
 
 
+def is_quantized_linear(node: Node) -> bool:
+    """True if ``node`` calls a quantized linear (``autodeploy::<backend>_quant_<format>_linear``, input first)."""
+    target = node.target
+    return (node.op == "call_function" and isinstance(target, torch._ops.OpOverload)
+            and target.namespace == "autodeploy" and "_quant_" in target.__name__ and "_linear" in target.__name__)
+
+
 def node_val(node: Any) -> Any:
     """The fake value recorded for a node (``None`` for non-nodes or nodes without one)."""
     return node.meta.get("val") if isinstance(node, Node) else None

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from ..quant_linear import INT4_CHUNK, int4_group, int4_row_tile
 from ._common import INTERPRET
-from .int4_layout import int4_cols, int4_rows
+from .int4_layout import int4_cols, weight_rows
 
 _MAGIC: tl.constexpr = tl.constexpr(0x4B000000)  # float bits of 2^23
 
@@ -33,7 +33,7 @@ def _int4_dequant_kernel(
     word = tl.program_id(1) * WORDS + tl.arange(0, WORDS)
     n_ok = offs_n < N
     k_base = 128 * (word // 16) + word % 16  # k of nibble 0
-    words = tl.load(int4_rows(q_ptr, offs_n, stride_qn, ROW_TILE) + int4_cols(0, word, ROW_TILE)[None, :],
+    words = tl.load(weight_rows(q_ptr, offs_n, stride_qn, ROW_TILE) + int4_cols(0, word, ROW_TILE)[None, :],
                     mask=n_ok[:, None] & (k_base < K)[None, :], other=0)
     for j in tl.static_range(8):
         kk = k_base + 16 * j

@@ -51,7 +51,7 @@ from ._common import (
 )
 from .gemv_int4 import int4_step, int4_tc_offset, int4_tc_offset_inputs, int4_tc_step, int4_tc_x
 from .glu import ACTIVATION_CODES, _activate
-from .int4_layout import int4_cols, int4_rows
+from .int4_layout import int4_cols, weight_rows
 from .rmsnorm import add_rmsnorm_row, normed_chunk
 
 W_DENSE, W_FP8, W_INT8, W_INT4 = 3, 0, 1, 2  # the 8/4-bit codes are those of quant_linear.py
@@ -191,10 +191,7 @@ def _gemv_kernel(
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # [BM, 1]
-    if W_FMT == 2:
-        w_rows = int4_rows(w_ptr, offs_n, stride_wn, ROW_TILE)  # [BN, 1]
-    else:
-        w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BN, 1]
+    w_rows = weight_rows(w_ptr, offs_n, stride_wn, ROW_TILE)  # [BN, 1]; ROW_TILE > 1: int4 in row tiles
     k_lo = pid_k * steps_per_split * BLOCK_K
     k_hi = tl.minimum(k_lo + steps_per_split * BLOCK_K, K)  # k_lo < k_hi: every split has a step
     # (masks test K, not k_hi: a split ends on a step boundary or at K, and K keeps its divisibility hint)

@@ -46,7 +46,7 @@ from ._common import (
 )
 from .dequant_linear import int4_dequant_linear
 from .gemv import GEMV_MAX_TOKENS, gemv, tensor_core_gemv_ok
-from .int4_layout import int4_cols, int4_rows
+from .int4_layout import int4_cols, weight_rows
 
 W_FP8, W_INT8, W_INT4 = 0, 1, 2
 FP8_GEMV_MAX_TOKENS = 1  # fp8 up to here: the GEMV (H100, M=1: 117 vs 144 us a layer); above, _scaled_mm
@@ -125,10 +125,7 @@ def _wq_gemm_kernel(
     m_ok = offs_m < M
     n_ok = offs_n < N
     x_rows = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm  # [1, BLOCK_M]
-    if W_FMT == 2:
-        w_rows = int4_rows(w_ptr, offs_n, stride_wn, ROW_TILE)  # [BLOCK_N, 1]
-    else:
-        w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
+    w_rows = weight_rows(w_ptr, offs_n, stride_wn, ROW_TILE)  # [BN, 1]; ROW_TILE > 1: int4 in row tiles
 
     x_scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if ACT_FP8:  # per-token scale over the whole row (short rows: this path serves decode-sized M)
