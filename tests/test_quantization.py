@@ -35,6 +35,7 @@ from autodeploy.models import ModelFactory
 from autodeploy.models.tiny import tiny_model
 from autodeploy.transforms import Stage
 from autodeploy.transforms.gather_logits import find_lm_head
+from autodeploy.transforms.graph import find_nodes, is_quantized_linear
 from autodeploy.transforms.pipeline import export_and_transform
 from quant_checkpoints import write_quantized_checkpoint
 from test_triton_kernels import _paged_batch
@@ -331,6 +332,18 @@ def test_gptq_checkpoint_engine_greedy_equals_hf(tmp_path):
     reference = _with_weights(model, write_quantized_checkpoint(model, tmp_path, "gptq", group_size=32, sym=True))
     engine = autodeploy.optimize(tmp_path, device="cpu", max_batch_size=4, max_seq_len=64)
     _assert_greedy_equals_hf(engine, reference)
+
+
+def test_is_quantized_linear():
+    """The predicate ``gather_logits`` (a quantized head) and ``detect_sharding`` (refusing TP) share."""
+    model = tiny_model("llama")
+    gm, _ = export_and_transform(ModelFactory(model, device="cpu"), build_config({"quantize": "fp8"}),
+                                 stages=[Stage.EXPORT, Stage.QUANTIZATION])
+    quantized = [n for n in gm.graph.nodes if is_quantized_linear(n)]
+    assert len(quantized) == 7 * model.config.num_hidden_layers
+    assert all(n.target == ops.torch_quant_fp8_linear.default for n in quantized)
+    assert not any(is_quantized_linear(n) for n in find_nodes(gm, aten.linear.default))  # the LM head
+    assert find_lm_head(gm).target == aten.linear.default
 
 
 def test_int4_fusion_of_rows_in_different_tiles():
