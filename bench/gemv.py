@@ -4,14 +4,16 @@
     options: --fmts fp8,int4,dense,int8  --tokens 1,2,4  --workers 14 (parallel Triton compiles)
              --glu (gate_up with the SiLU gating in the GEMV's epilogue, as the engine runs it)
              --shapes llama-tp2 (one rank's linears at tensor parallel 2), qwen3-moe (the MoE model's dense linears)
-             --variants cuda,tc (CUDA-core and tensor-core products; int4 on the tensor cores: 50 tiles)
+             --variants cuda,tc (CUDA-core and tensor-core products; int4 on the tensor cores: 50 tiles),
+                        default (only each shape's gemv_config tiles)
+             --prefetch 0,4,8 (each tile timed with each L2 prefetch distance, in K steps; l2_prefetch.py)
 
 For Llama-3.1-8B's four linears per layer (fused qkv, o, fused gate/up, down), each format and M, every tile
-config of the grid is timed; the weights rotate over ``COPIES`` copies inside one CUDA graph so L2 holds none
-of them. One JSON line per result: the best config per shape with its GB/s of weight read, the baselines
-(cuBLAS ``F.linear`` on bf16 weights, ``torch._scaled_mm`` for fp8, the tensor-core Triton GEMM for int4/int8) and,
-for int4 from 16 tokens up, ``dequantize + cuBLAS`` against the GEMM. The heuristics in
-``gemv_config`` / ``quant_linear.py`` are read off these lines.
+config of the grid is timed; the weights rotate over at least ``COPIES`` copies and ``ROTATE_BYTES`` inside one
+CUDA graph so L2 (50 MB) holds none of them. One JSON line per result: the best config per shape with its GB/s of
+weight read, the baselines (cuBLAS ``F.linear`` on bf16 weights, ``torch._scaled_mm`` for fp8, the tensor-core
+Triton GEMM for int4/int8) and, for int4 from 16 tokens up, ``dequantize + cuBLAS`` against the GEMM. The
+heuristics in ``gemv_config`` / ``quant_linear.py`` are read off these lines.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ SHAPE_SETS = {  # (N, K) of Llama-3.1-8B's linears, whole and as one rank of two
     "qwen3-moe": {"qkv": (5120, 2048), "o": (2048, 4096), "router": (128, 2048), "lm_head": (151936, 2048)},
 }
 COPIES = 4
+ROTATE_BYTES = 200e6
 COPY_BPS = 3.0e12
 GROUP = 128
 PREFILL_TOKENS = [16, 64, 256, 2048]
@@ -60,6 +63,8 @@ def tensor_core_grid(fmt: str) -> list[tuple]:
 def grid(fmt: str, m: int, variants: str = "cuda,tc") -> list[tuple]:
     """(block_n, block_k, split_k, warps, stages[, tensor_cores]) candidates: around the bests of the first H100
     sweep for the CUDA-core product (``cuda``), and the tensor-core one (``tc``)."""
+    if variants == "default":  # each shape's gemv_config tiles, chosen in main
+        return []
     tc = tensor_core_grid(fmt) if "tc" in variants else []
     if "cuda" not in variants:
         return tc
@@ -99,7 +104,7 @@ def gemv_call(fmt: str, x, weights: tuple, cfg: tuple | None, glu: bool = False)
     epilogue."""
     from autodeploy.custom_ops.triton.gemv import W_DENSE, W_FP8, W_INT4, W_INT8, GemvConfig, gemv
 
-    config = GemvConfig(*cfg) if cfg else None
+    config = (cfg if isinstance(cfg, GemvConfig) else GemvConfig(*cfg)) if cfg else None
     code = {"dense": W_DENSE, "fp8": W_FP8, "int8": W_INT8, "int4": W_INT4}[fmt]
     glu_args = dict(glu_activation="silu" if glu else None)
     if fmt == "int4":
@@ -107,6 +112,23 @@ def gemv_call(fmt: str, x, weights: tuple, cfg: tuple | None, glu: bool = False)
     if fmt == "dense":
         return gemv(x, code, weights[0], config=config, **glu_args)
     return gemv(x, code, weights[0], weights[1], config=config, **glu_args)
+
+
+def with_prefetch(cfgs: list, prefetches: list[int] | None) -> list:
+    """Each tile once per L2 prefetch distance, as 7-tuples (..., tensor_cores, prefetch); as they are without."""
+    if prefetches is None:
+        return cfgs
+    return [(*cfg[:5], cfg[5] if len(cfg) > 5 else False, p) for cfg in cfgs for p in prefetches]
+
+
+def default_tiles(fmt: str, m: int, n: int, k: int) -> list[tuple]:
+    """``gemv_config``'s tiles for the shape (``--variants default``)."""
+    import dataclasses
+
+    from autodeploy.custom_ops.triton.gemv import W_DENSE, W_FP8, W_INT4, W_INT8, gemv_config
+
+    code = {"dense": W_DENSE, "fp8": W_FP8, "int8": W_INT8, "int4": W_INT4}[fmt]
+    return [dataclasses.astuple(gemv_config(m, n, k, code, torch.device("cuda")))[:6]]
 
 
 def compile_worker(work: tuple[list[tuple], dict]) -> int:
@@ -188,38 +210,43 @@ def main() -> None:
     parser.add_argument("--variants", default="cuda,tc", help="cuda (CUDA-core product), tc (tensor cores)")
     parser.add_argument("--shapes", default="llama", choices=sorted(SHAPE_SETS))
     parser.add_argument("--glu", action="store_true", help="gate_up with the SiLU gating epilogue, as in the engine")
+    parser.add_argument("--prefetch", default=None, help="L2 prefetch distances (K steps) to time each tile with")
     args = parser.parse_args()
     shapes = SHAPE_SETS[args.shapes]
     import autodeploy.custom_ops.triton  # noqa: F401
 
     fmts, tokens = args.fmts.split(","), [int(t) for t in args.tokens.split(",")]
+    prefetches = [int(p) for p in args.prefetch.split(",")] if args.prefetch else None
     res = JsonResults(args.out, {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
                                  "shapes": args.shapes},
                       quiet=("all", "top5"))
     t0 = time.time()
-    sweep = {(f, m): grid(f, m, args.variants) for f in fmts for m in tokens}
+    sweep = {(f, m): with_prefetch(grid(f, m, args.variants), prefetches) for f in fmts for m in tokens}
     tasks = [(f, m, cfg) for (f, m), cfgs in sweep.items() for cfg in cfgs]
     chunks = [tasks[i :: args.workers] for i in range(args.workers)]
-    with mp.get_context("spawn").Pool(args.workers) as pool:
-        failures = sum(pool.map(compile_worker, [(chunk, shapes) for chunk in chunks]))
+    failures = 0
+    if tasks:
+        with mp.get_context("spawn").Pool(args.workers) as pool:
+            failures = sum(pool.map(compile_worker, [(chunk, shapes) for chunk in chunks]))
     res.emit("compile", configs=len(tasks), failures=failures, s=round(time.time() - t0, 1))
 
     torch.manual_seed(0)
     for fmt in fmts:
         for name, (n, k) in shapes.items():
-            ws = make_weights(fmt, n, k, COPIES)
             glu = args.glu and name == "gate_up"
-            size = nbytes(ws[0])
+            size = nbytes(make_weights(fmt, n, k, 1)[0])
+            copies = max(COPIES, math.ceil(ROTATE_BYTES / size))
+            ws = make_weights(fmt, n, k, copies)
             for m in tokens:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 ref = reference(fmt, x, ws[0], glu)
                 row = {"phase": "gemv", "fmt": fmt, "M": m, "shape": name, "glu": glu, "MB": round(size / 1e6, 1)}
-                base = graph_us(lambda: [baseline(fmt, x, w) for w in ws], COPIES)
+                base = graph_us(lambda: [baseline(fmt, x, w) for w in ws], copies)
                 row["baseline_us"], row["baseline_GB_s"] = round(base, 2), round(size / base / 1e3)
                 results = []
-                for cfg in sweep[fmt, m]:
+                for cfg in sweep[fmt, m] or with_prefetch(default_tiles(fmt, m, n, k), prefetches):
                     try:
-                        us = graph_us(lambda: [gemv_call(fmt, x, w, cfg, glu) for w in ws], COPIES)
+                        us = graph_us(lambda: [gemv_call(fmt, x, w, cfg, glu) for w in ws], copies)
                     except Exception as e:  # an illegal config (registers, shared memory) is skipped
                         row.setdefault("errors", []).append(f"{cfg}: {type(e).__name__}")
                         continue
@@ -232,10 +259,10 @@ def main() -> None:
                                top5=[(round(u, 2), c) for u, c in results[:5]],
                                rel_err=rel_err(gemv_call(fmt, x, ws[0], best_cfg, glu), ref),
                                default_us=round(graph_us(lambda: [gemv_call(fmt, x, w, None, glu) for w in ws],
-                                                         COPIES), 2))
+                                                         copies), 2))
                     row["all"] = [(round(u, 2), c) for u, c in results]
-                    for kind, best in (("tc", [r for r in results if len(r[1]) > 5]),
-                                       ("cuda", [r for r in results if len(r[1]) == 5])):
+                    for kind, best in (("tc", [r for r in results if len(r[1]) > 5 and r[1][5]]),
+                                       ("cuda", [r for r in results if len(r[1]) == 5 or not r[1][5]])):
                         if best:
                             row[f"best_{kind}_us"], row[f"best_{kind}_cfg"] = round(best[0][0], 2), best[0][1]
                             row[f"best_{kind}_rel_err"] = rel_err(gemv_call(fmt, x, ws[0], best[0][1], glu), ref)
@@ -245,8 +272,8 @@ def main() -> None:
                     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                     ref = reference(fmt, x, ws[0])
                     row = {"phase": "prefill", "fmt": fmt, "M": m, "shape": name}
-                    row["gemm_us"] = round(graph_us(lambda: [baseline(fmt, x, w) for w in ws], COPIES), 2)
-                    row["dequant_mm_us"] = round(graph_us(lambda: [dequant_mm(fmt, x, w) for w in ws], COPIES), 2)
+                    row["gemm_us"] = round(graph_us(lambda: [baseline(fmt, x, w) for w in ws], copies), 2)
+                    row["dequant_mm_us"] = round(graph_us(lambda: [dequant_mm(fmt, x, w) for w in ws], copies), 2)
                     row["dequant_mm_rel_err"] = rel_err(dequant_mm(fmt, x, ws[0]), ref)
                     res.add(row)
             del ws
