@@ -5,15 +5,14 @@
              --glu (gate_up with the SiLU gating in the GEMV's epilogue, as the engine runs it)
              --shapes llama-tp2 (one rank's linears at tensor parallel 2), qwen3-moe (the MoE model's dense linears)
              --variants cuda,tc (CUDA-core and tensor-core products; int4 on the tensor cores: 50 tiles),
-                        default (only each shape's gemv_config tiles)
-             --prefetch 0,4,8 (each tile timed with each L2 prefetch distance, in K steps; l2_prefetch.py)
+                        wide (CUDA-core tiles of 1-8 rows and 1-4K-long steps), default (gemv_config's tiles only)
 
 For Llama-3.1-8B's four linears per layer (fused qkv, o, fused gate/up, down), each format and M, every tile
 config of the grid is timed; the weights rotate over at least ``COPIES`` copies and ``ROTATE_BYTES`` inside one
-CUDA graph so L2 (50 MB) holds none of them. One JSON line per result: the best config per shape with its GB/s of
-weight read, the baselines (cuBLAS ``F.linear`` on bf16 weights, ``torch._scaled_mm`` for fp8, the tensor-core
-Triton GEMM for int4/int8) and, for int4 from 16 tokens up, ``dequantize + cuBLAS`` against the GEMM. The
-heuristics in ``gemv_config`` / ``quant_linear.py`` are read off these lines.
+CUDA graph so L2 (50 MB) holds none of them. One JSON line per result: the best config per shape with its GB/s of weight read, the baselines
+(cuBLAS ``F.linear`` on bf16 weights, ``torch._scaled_mm`` for fp8, the tensor-core Triton GEMM for int4/int8) and,
+for int4 from 16 tokens up, ``dequantize + cuBLAS`` against the GEMM. The heuristics in
+``gemv_config`` / ``quant_linear.py`` are read off these lines.
 """
 
 from __future__ import annotations
@@ -65,6 +64,8 @@ def grid(fmt: str, m: int, variants: str = "cuda,tc") -> list[tuple]:
     sweep for the CUDA-core product (``cuda``), and the tensor-core one (``tc``)."""
     if variants == "default":  # each shape's gemv_config tiles, chosen in main
         return []
+    if variants == "wide":
+        return wide_grid()
     tc = tensor_core_grid(fmt) if "tc" in variants else []
     if "cuda" not in variants:
         return tc
@@ -114,11 +115,11 @@ def gemv_call(fmt: str, x, weights: tuple, cfg: tuple | None, glu: bool = False)
     return gemv(x, code, weights[0], weights[1], config=config, **glu_args)
 
 
-def with_prefetch(cfgs: list, prefetches: list[int] | None) -> list:
-    """Each tile once per L2 prefetch distance, as 7-tuples (..., tensor_cores, prefetch); as they are without."""
-    if prefetches is None:
-        return cfgs
-    return [(*cfg[:5], cfg[5] if len(cfg) > 5 else False, p) for cfg in cfgs for p in prefetches]
+def wide_grid() -> list[tuple]:
+    """CUDA-core tiles of few rows and long steps, as the bf16 GEMV's best (2 rows x 2048): for 8-bit weights
+    the same bytes a row a step take 4096-long steps."""
+    return [(bn, bk, sk, w, s) for bn, bk, sk, (w, s) in
+            itertools.product([1, 2, 4, 8], [1024, 2048, 4096], [1, 2], [(4, 1), (4, 2), (8, 1), (8, 2)])]
 
 
 def default_tiles(fmt: str, m: int, n: int, k: int) -> list[tuple]:
@@ -128,7 +129,7 @@ def default_tiles(fmt: str, m: int, n: int, k: int) -> list[tuple]:
     from autodeploy.custom_ops.triton.gemv import W_DENSE, W_FP8, W_INT4, W_INT8, gemv_config
 
     code = {"dense": W_DENSE, "fp8": W_FP8, "int8": W_INT8, "int4": W_INT4}[fmt]
-    return [dataclasses.astuple(gemv_config(m, n, k, code, torch.device("cuda")))[:6]]
+    return [dataclasses.astuple(gemv_config(m, n, k, code, torch.device("cuda")))]
 
 
 def compile_worker(work: tuple[list[tuple], dict]) -> int:
@@ -210,18 +211,16 @@ def main() -> None:
     parser.add_argument("--variants", default="cuda,tc", help="cuda (CUDA-core product), tc (tensor cores)")
     parser.add_argument("--shapes", default="llama", choices=sorted(SHAPE_SETS))
     parser.add_argument("--glu", action="store_true", help="gate_up with the SiLU gating epilogue, as in the engine")
-    parser.add_argument("--prefetch", default=None, help="L2 prefetch distances (K steps) to time each tile with")
     args = parser.parse_args()
     shapes = SHAPE_SETS[args.shapes]
     import autodeploy.custom_ops.triton  # noqa: F401
 
     fmts, tokens = args.fmts.split(","), [int(t) for t in args.tokens.split(",")]
-    prefetches = [int(p) for p in args.prefetch.split(",")] if args.prefetch else None
     res = JsonResults(args.out, {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
                                  "shapes": args.shapes},
                       quiet=("all", "top5"))
     t0 = time.time()
-    sweep = {(f, m): with_prefetch(grid(f, m, args.variants), prefetches) for f in fmts for m in tokens}
+    sweep = {(f, m): grid(f, m, args.variants) for f in fmts for m in tokens}
     tasks = [(f, m, cfg) for (f, m), cfgs in sweep.items() for cfg in cfgs]
     chunks = [tasks[i :: args.workers] for i in range(args.workers)]
     failures = 0
@@ -244,7 +243,7 @@ def main() -> None:
                 base = graph_us(lambda: [baseline(fmt, x, w) for w in ws], copies)
                 row["baseline_us"], row["baseline_GB_s"] = round(base, 2), round(size / base / 1e3)
                 results = []
-                for cfg in sweep[fmt, m] or with_prefetch(default_tiles(fmt, m, n, k), prefetches):
+                for cfg in sweep[fmt, m] or default_tiles(fmt, m, n, k):
                     try:
                         us = graph_us(lambda: [gemv_call(fmt, x, w, cfg, glu) for w in ws], copies)
                     except Exception as e:  # an illegal config (registers, shared memory) is skipped
