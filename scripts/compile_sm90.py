@@ -102,9 +102,7 @@ def variants():
                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, HW_FP8=True, GLU_ACT=glu, RNE=False,
                       TENSOR_CORES=tensor_cores, NORM=norm, NORM_H=2048 if norm else 1, NORM_OFFSET=False,
                       NORM_PROD=tl.bfloat16, X_COLS=1 if bm == 16 else bm, OFFSET_CHUNKS=16 if split == 1 else 4,
-                      ROW_TILE=64 if fmt == W_INT4 and glu < 0 else 1, USE_PDL=True,
-                      AMAX_BLOCK=4096 if fmt == W_FP8 and bm in (1, 16) else 1,
-                      AMAX_STEPS=4 if fmt == W_FP8 and bm in (1, 16) else 1)
+                      ROW_TILE=64 if fmt == W_INT4 and glu < 0 else 1, USE_PDL=True)
         name = f"gemv fmt={fmt} M<={bm} {bn}x{bk} split={split} warps={warps} glu={glu} tc={tensor_cores} norm={norm}"
         yield (name, _gemv_kernel, gemv_signature(fmt, consts), consts, dict(num_warps=warps, num_stages=stages))
     for fmt, act_fp8, bm, bn, bk, split, warps, stages in [

@@ -57,7 +57,6 @@ from .rmsnorm import add_rmsnorm_row, normed_chunk
 W_DENSE, W_FP8, W_INT8, W_INT4 = 3, 0, 1, 2  # the 8/4-bit codes are those of quant_linear.py
 GEMV_MAX_TOKENS = 4  # what the kernel takes; quant_linear.py sends it fewer where it is the fastest path
 NORM_MAX_K = 16384  # the longest row the add + RMSNorm prologue holds in registers
-AMAX_BLOCK_MAX = 4096  # fp8, one token: the longest load of its row the per-token scale takes at once
 OFFSET_HOIST_CHUNKS = 16  # int4 tensor cores: chunks whose offset inputs are loaded before the chunk loop
 _FP8_MAX: tl.constexpr = tl.constexpr(FP8_MAX)
 _FP8_SCALE_MIN: tl.constexpr = tl.constexpr(FP8_SCALE_MIN)
@@ -177,8 +176,7 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     HW_FP8: tl.constexpr, GLU_ACT: tl.constexpr, RNE: tl.constexpr, TENSOR_CORES: tl.constexpr,
     NORM: tl.constexpr, NORM_H: tl.constexpr, NORM_OFFSET: tl.constexpr, NORM_PROD: tl.constexpr,
-    X_COLS: tl.constexpr, OFFSET_CHUNKS: tl.constexpr, ROW_TILE: tl.constexpr, AMAX_BLOCK: tl.constexpr,
-    AMAX_STEPS: tl.constexpr, USE_PDL: tl.constexpr,
+    X_COLS: tl.constexpr, OFFSET_CHUNKS: tl.constexpr, ROW_TILE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     tile = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -218,13 +216,7 @@ def _gemv_kernel(
         rstd = add_rmsnorm_row(x_ptr, r_ptr, nw_ptr, normed_ptr, summed_ptr, K, eps, w_offset,
                                (tile == 0) & (pid_k == 0), NORM_H, NORM_OFFSET, NORM_PROD)
     x_scale = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
-    if W_FMT == 0 and X_COLS == 1:  # one token: its row in AMAX_STEPS unrolled loads, all in flight at once
-        amax1 = tl.zeros((AMAX_BLOCK,), dtype=tl.float32)
-        for i in tl.static_range(AMAX_STEPS):
-            kx = i * AMAX_BLOCK + tl.arange(0, AMAX_BLOCK)
-            amax1 = tl.maximum(amax1, tl.abs(tl.load(x_ptr + kx, mask=kx < K, other=0.0).to(tl.float32)))
-        x_scale = tl.full((BLOCK_M,), tl.maximum(tl.max(amax1, 0) / _FP8_MAX, _FP8_SCALE_MIN), dtype=tl.float32)
-    elif W_FMT == 0:  # per-token fp8 scale over the whole row
+    if W_FMT == 0:  # per-token fp8 scale over the whole row
         amax = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kx = k0 + tl.arange(0, BLOCK_K)
@@ -342,13 +334,6 @@ def _norm_args(norm: AddRmsNorm | None, x: torch.Tensor, fmt: int) -> tuple[tupl
     return args, dict(NORM=True, NORM_H=next_pow2(k), NORM_OFFSET=bool(norm.weight_offset), NORM_PROD=tl_dtype(prod))
 
 
-def _amax_tiles(fmt: int, m: int, k: int) -> dict:
-    """fp8 at one token: the row's loads for its scale (a variant per row length); else unused."""
-    if fmt != W_FP8 or m != 1:
-        return dict(AMAX_BLOCK=1, AMAX_STEPS=1)
-    return dict(AMAX_BLOCK=min(next_pow2(k), AMAX_BLOCK_MAX), AMAX_STEPS=triton.cdiv(k, AMAX_BLOCK_MAX))
-
-
 def gemv(
     x: torch.Tensor,  # [M, K], unit last stride, M <= GEMV_MAX_TOKENS
     fmt: int,
@@ -401,7 +386,7 @@ def gemv(
         GLU_ACT=-1 if glu_activation is None else ACTIVATION_CODES[glu_activation],
         RNE=INTERPRET and x.dtype == torch.bfloat16, TENSOR_CORES=tensor_cores, **norm_flags, X_COLS=next_pow2(m),
         OFFSET_CHUNKS=min(OFFSET_HOIST_CHUNKS, next_pow2(per_split)), ROW_TILE=int4_row_tile(n) if fmt == W_INT4 else 1,
-        **_amax_tiles(fmt, m, k), num_warps=1 if INTERPRET else cfg.warps, num_stages=cfg.stages,
+        num_warps=1 if INTERPRET else cfg.warps, num_stages=cfg.stages,
         **pdl_flags(x.device, m),
     )
     return y
