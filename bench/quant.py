@@ -3,7 +3,6 @@
     PYTHONPATH=$PWD python3 bench/quant.py --out $OUT/quant.json     # ~4 min: kernels, fp8 engine, int4 engine
     python bench/quant.py --smoke --out /tmp/quant.json               # CPU, Triton interpreter, tiny llama
     options: --only kernels,fp8,int4   --num-requests N (fp8 offline, default 1000)   --set key=value (engines)
-             --gemv-prefetch 0,16000000 (one round of the phases per L2 prefetch size forced on every GEMV)
 
 One JSON line is printed per measurement (``{"phase": ..., ...}``); ``--out`` gets all of them and the device.
 
@@ -21,8 +20,6 @@ int4 batch-1 >= 400 tok/s.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import gc
 import math
 import os
@@ -207,8 +204,6 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=1024)
     parser.add_argument("--max-num-tokens", type=int, default=8192)
     parser.add_argument("--set", action="append", default=[], help="engine override key=value (YAML value)")
-    parser.add_argument("--gemv-prefetch", default=None,
-                        help="bytes a GEMV launch asks L2 for before its wait, forced on every tile; a round each")
     args = parser.parse_args()
     import yaml
 
@@ -217,29 +212,6 @@ def main() -> None:
                                  "torch": torch.__version__, "triton": triton.__version__, "smoke": SMOKE})
     torch.manual_seed(0)
     phases = args.only.split(",")
-    rounds = [int(p) for p in args.gemv_prefetch.split(",")] if args.gemv_prefetch else [None]
-    for prefetch in rounds:
-        with forced_gemv_prefetch(prefetch):
-            if prefetch is not None:
-                res.emit("gemv_prefetch", steps=prefetch)
-            run_phases(res, phases, args, extra)
-
-
-@contextlib.contextmanager
-def forced_gemv_prefetch(steps: int | None):
-    """Every GEMV tile ``gemv_config`` picks, with ``prefetch_bytes`` set to ``steps`` (None: as chosen)."""
-    from autodeploy.custom_ops.triton import gemv as gemv_kernels
-
-    default = gemv_kernels.gemv_config
-    if steps is not None:
-        gemv_kernels.gemv_config = lambda *a, **kw: dataclasses.replace(default(*a, **kw), prefetch_bytes=steps)
-    try:
-        yield
-    finally:
-        gemv_kernels.gemv_config = default
-
-
-def run_phases(res: JsonResults, phases: list[str], args, extra: dict) -> None:
     for phase in phases:
         try:
             if phase == "kernels":

@@ -103,7 +103,6 @@ def variants():
                       TENSOR_CORES=tensor_cores, NORM=norm, NORM_H=2048 if norm else 1, NORM_OFFSET=False,
                       NORM_PROD=tl.bfloat16, X_COLS=1 if bm == 16 else bm, OFFSET_CHUNKS=16 if split == 1 else 4,
                       ROW_TILE=64 if fmt == W_INT4 and glu < 0 else 1, USE_PDL=True)
-        consts["PREFETCH"] = 0 if fmt == W_INT4 and consts["ROW_TILE"] == 1 else 4  # l2_prefetch.py's contract
         name = f"gemv fmt={fmt} M<={bm} {bn}x{bk} split={split} warps={warps} glu={glu} tc={tensor_cores} norm={norm}"
         yield (name, _gemv_kernel, gemv_signature(fmt, consts), consts, dict(num_warps=warps, num_stages=stages))
     for fmt, act_fp8, bm, bn, bk, split, warps, stages in [

@@ -175,31 +175,3 @@ def test_gemv_llama_shapes_gpu(n, k):
         got = gemv(xm, W_INT4, q, s, z, None, 128).float()
         ref = ops.torch_quant_int4_linear(xm.float(), q, s, z, None, 128)
         assert ((got - ref).norm() / ref.norm()).item() < 1e-2
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("glu", [False, True])
-@pytest.mark.parametrize("n,k", [(4160, 1024), (1600, 4096), (384, 8448)])
-def test_gemv_l2_prefetch_changes_no_value_gpu(n, k, glu):
-    """The L2 prefetch before the wait (``l2_prefetch.py``) is a hint: each format's output is bit for bit the one
-    without it, on row tails, split K, gate/up row pairs and int4 row tiles; and the launcher does issue it."""
-    from autodeploy.custom_ops.quant_linear import int4_row_tile
-    from autodeploy.custom_ops.triton.gemv import prefetch_steps
-
-    w = torch.randn(n, k, device="cuda") * k**-0.5
-    weights = {W_DENSE: (w.to(torch.bfloat16),), W_FP8: quantize_fp8_weight(w), W_INT8: quantize_int8_weight(w),
-               W_INT4: (*quantize_int4_weight(w, 128), None, 128)}
-    act = "silu" if glu else None
-    for fmt, args in weights.items():
-        configs = [GemvConfig(64, 128, 4, 4, 4, True), GemvConfig(128, 128 if fmt == W_INT4 else 256, 1, 8, 3, True),
-                   GemvConfig(8, 1024, 2, 4, 2), GemvConfig(2, 512, 1, 4, 1)]
-        for m in (1, 3):
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            for cfg in configs:
-                if fmt == W_INT4 and cfg.block_k % 128:
-                    continue
-                on = GemvConfig(**{**cfg.__dict__, "prefetch_bytes": 1 << 30})
-                row_tile = int4_row_tile(n) if fmt == W_INT4 else 1
-                assert prefetch_steps(on, args[0], fmt, row_tile, cfg.block_n, glu, 1) == 1, (fmt, cfg)
-                torch.testing.assert_close(gemv(x, fmt, *args, config=on, glu_activation=act),
-                                           gemv(x, fmt, *args, config=cfg, glu_activation=act), atol=0, rtol=0)

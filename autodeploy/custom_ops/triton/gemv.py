@@ -52,7 +52,6 @@ from ._common import (
 from .gemv_int4 import int4_step, int4_tc_offset, int4_tc_offset_inputs, int4_tc_step, int4_tc_x
 from .glu import ACTIVATION_CODES, _activate
 from .int4_layout import int4_cols, weight_rows
-from .l2_prefetch import prefetch_weight_steps
 from .rmsnorm import add_rmsnorm_row, normed_chunk
 
 W_DENSE, W_FP8, W_INT8, W_INT4 = 3, 0, 1, 2  # the 8/4-bit codes are those of quant_linear.py
@@ -71,7 +70,6 @@ class GemvConfig:
     warps: int = 4
     stages: int = 3
     tensor_cores: bool = False  # see tensor_core_gemv_ok; the padded activations take 16 rows
-    prefetch_bytes: int = 0  # weights a launch asks L2 for before waiting on its input (l2_prefetch.py); 0: none
 
 
 def gemv_config(m: int, n: int, k: int, fmt: int, device: torch.device, int4_tensor_cores: bool = True) -> GemvConfig:
@@ -111,28 +109,6 @@ def gemv_config(m: int, n: int, k: int, fmt: int, device: torch.device, int4_ten
     if m == 1:  # int8
         return GemvConfig(16, min(1024 if n <= 4096 else 512, k_cap), 1, 4, 3)
     return GemvConfig(16, min(512, k_cap), 1, 4, 2)
-
-
-def prefetch_steps(cfg: GemvConfig, weight: torch.Tensor, fmt: int, row_tile: int, block_n: int, glu: bool,
-                   per_split: int) -> int:
-    """K steps of each program's weights asked for in L2 before its wait: as many as keep the launch's within
-    ``cfg.prefetch_bytes``; 0 where ``l2_prefetch_blocks``' contract does not hold (the interpreter, int4 rows one
-    after another or gated up rows across two row tiles, more blocks than the program's threads, blocks off
-    16-byte alignment)."""
-    threads = 32 * cfg.warps
-    if cfg.prefetch_bytes <= 0 or INTERPRET or weight.device.type != "cuda" or weight.data_ptr() % 16:
-        return 0
-    n = weight.shape[0]
-    step_bytes = n * cfg.block_k // 2 if fmt == W_INT4 else n * cfg.block_k * weight.element_size()
-    steps = min(per_split, cfg.prefetch_bytes // step_bytes)
-    if fmt == W_INT4:  # with glu the up rows start at N / 2: a run of them must not straddle two row tiles
-        run = min(block_n // 2, row_tile) if glu else 1
-        ok = row_tile > 1 and steps * cfg.block_k // INT4_CHUNK <= threads and n // 2 % run == 0
-    else:
-        row_bytes, k_bytes = (weight.stride(0) * weight.element_size(), cfg.block_k * weight.element_size())
-        ok = (block_n // 2 if glu else block_n) <= threads and row_bytes % 16 == 0 and k_bytes % 16 == 0 and (
-            weight.shape[1] * weight.element_size() % 16 == 0)
-    return steps if ok else 0
 
 
 def tensor_core_gemv_ok(fmt: int, dtype: torch.dtype, group: int = 0) -> bool:
@@ -200,8 +176,7 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     HW_FP8: tl.constexpr, GLU_ACT: tl.constexpr, RNE: tl.constexpr, TENSOR_CORES: tl.constexpr,
     NORM: tl.constexpr, NORM_H: tl.constexpr, NORM_OFFSET: tl.constexpr, NORM_PROD: tl.constexpr,
-    X_COLS: tl.constexpr, OFFSET_CHUNKS: tl.constexpr, ROW_TILE: tl.constexpr, PREFETCH: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    X_COLS: tl.constexpr, OFFSET_CHUNKS: tl.constexpr, ROW_TILE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     tile = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -221,11 +196,8 @@ def _gemv_kernel(
     k_hi = tl.minimum(k_lo + steps_per_split * BLOCK_K, K)  # k_lo < k_hi: every split has a step
     # (masks test K, not k_hi: a split ends on a step boundary or at K, and K keeps its divisibility hint)
 
-    # The first step's weights (and the first PREFETCH steps' into L2) are read before waiting for the previous
-    # kernel (no kernel writes them), so the stream of weights starts while that kernel drains; everything else
-    # comes after pdl_enter.
-    if PREFETCH > 0:
-        _prefetch(w_ptr, tile, N, k_lo, PREFETCH, k_hi, stride_wn, GLU_ACT >= 0, BLOCK_N, BLOCK_K, ROW_TILE)
+    # The first step's weights are read before waiting for the previous kernel (no kernel writes them), so
+    # the stream of weights starts while that kernel drains; everything else comes after pdl_enter.
     if W_FMT == 2:
         WORDS: tl.constexpr = BLOCK_K // 8
         word = tl.arange(0, WORDS)
@@ -310,22 +282,6 @@ def _gemv_kernel(
     else:
         _gemv_epilogue(total, x_scale, s_ptr, b_ptr, y_ptr, tile, offs_m, offs_n, m_ok, n_ok, N, stride_ym,
                        W_FMT, HAS_BIAS, GLU_ACT, BLOCK_M, BLOCK_N, RNE)
-
-
-@triton.jit
-def _prefetch(w_ptr, tile, N, k0, steps, k_hi, stride_wn, GLU: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, ROW_TILE: tl.constexpr):
-    """L2 prefetch of ``steps`` K steps from ``k0`` of the program's rows: one run of ``BLOCK_N`` rows, or with
-    ``GLU`` ``BLOCK_N / 2`` gate rows and their up rows ``N / 2`` further."""
-    if GLU:
-        c0 = tile * (BLOCK_N // 2)
-        rows = tl.minimum(BLOCK_N // 2, N // 2 - c0)
-        prefetch_weight_steps(w_ptr, c0, rows, k0, steps, k_hi, stride_wn, BLOCK_N // 2, BLOCK_K, ROW_TILE)
-        prefetch_weight_steps(w_ptr, N // 2 + c0, rows, k0, steps, k_hi, stride_wn, BLOCK_N // 2, BLOCK_K, ROW_TILE)
-    else:
-        row0 = tile * BLOCK_N
-        prefetch_weight_steps(w_ptr, row0, tl.minimum(BLOCK_N, N - row0), k0, steps, k_hi, stride_wn, BLOCK_N,
-                              BLOCK_K, ROW_TILE)
 
 
 @triton.jit
@@ -422,7 +378,6 @@ def gemv(
     part = torch.empty(split * tiles * block_m * block_n, dtype=torch.float32, device=x.device) if split > 1 else y
     locks = split_locks(x.device) if split > 1 else y
     s = scales if scales is not None else y
-    row_tile = int4_row_tile(n) if fmt == W_INT4 else 1
     _gemv_kernel[(tiles, split)](
         x, weight, s, zeros if zeros is not None else s, bias if bias is not None else s, y, part, locks, *norm_args,
         m, n, k, x.stride(0), y.stride(0), weight.stride(0), scales.stride(0) if fmt == W_INT4 else 0, per_split,
@@ -430,8 +385,7 @@ def gemv(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, HW_FP8=not INTERPRET,
         GLU_ACT=-1 if glu_activation is None else ACTIVATION_CODES[glu_activation],
         RNE=INTERPRET and x.dtype == torch.bfloat16, TENSOR_CORES=tensor_cores, **norm_flags, X_COLS=next_pow2(m),
-        OFFSET_CHUNKS=min(OFFSET_HOIST_CHUNKS, next_pow2(per_split)), ROW_TILE=row_tile,
-        PREFETCH=prefetch_steps(cfg, weight, fmt, row_tile, block_n, glu_activation is not None, per_split),
+        OFFSET_CHUNKS=min(OFFSET_HOIST_CHUNKS, next_pow2(per_split)), ROW_TILE=int4_row_tile(n) if fmt == W_INT4 else 1,
         num_warps=1 if INTERPRET else cfg.warps, num_stages=cfg.stages,
         **pdl_flags(x.device, m),
     )
