@@ -5,7 +5,8 @@
              --glu (gate_up with the SiLU gating in the GEMV's epilogue, as the engine runs it)
              --shapes llama-tp2 (one rank's linears at tensor parallel 2), qwen3-moe (the MoE model's dense linears)
              --variants cuda,tc (CUDA-core and tensor-core products; int4 on the tensor cores: 50 tiles),
-                        wide (CUDA-core tiles of 1-8 rows and 1-4K-long steps), default (gemv_config's tiles only)
+                        wide (CUDA-core tiles of 1-8 rows and 1-4K-long steps), tc-narrow (int4 tensor-core tiles
+                        over 1-2 warps), default (gemv_config's tiles only)
 
 For Llama-3.1-8B's four linears per layer (fused qkv, o, fused gate/up, down), each format and M, every tile
 config of the grid is timed; the weights rotate over at least ``COPIES`` copies and ``ROTATE_BYTES`` inside one
@@ -66,6 +67,9 @@ def grid(fmt: str, m: int, variants: str = "cuda,tc") -> list[tuple]:
         return []
     if variants == "wide":
         return wide_grid()
+    if variants == "tc-narrow":  # int4 tensor-core tiles of 1-2 warps: programs with no barrier across 4 warps
+        return [(bn, 128, sk, w, s, True) for bn, sk, w, s in
+                itertools.product([16, 32, 64], [1, 2, 4, 8], [1, 2], [3, 4, 6])]
     tc = tensor_core_grid(fmt) if "tc" in variants else []
     if "cuda" not in variants:
         return tc
