@@ -98,7 +98,7 @@ def test_engine_decode_through_the_fused_mlp_equals_hf():
     assert engine.generate([prompt], greedy(8))[0].outputs[0].token_ids == hf_greedy(model, prompt, 8)
 
 
-@pytest.mark.parametrize("formats,fused", [(None, 0), (["dense", "fp8"], 1)])  # default: 16-bit linears only
+@pytest.mark.parametrize("formats,fused", [(None, 1), (["dense", "int4"], 0)])  # default: every format
 def test_transform_fuses_only_the_configured_formats(formats, fused):
     from test_quantization import _fake_quantize  # weights on the fp8 grid: only the activations round
 

@@ -6,11 +6,10 @@ Matches: ``triton_glu_packed(linear(x, ...), activation)`` where ``linear`` is `
 (``custom_ops/triton/linear_glu.py``) with the linear's weights: at decode sizes the GEMV computes the activation
 in its epilogue, one launch fewer per MLP. The torch backend has no such nodes, so the graph is left alone there.
 
-``formats`` defaults to ``dense``: on an H100 (``bench/pdl.py``, runs 14 and 17 of docs/PERFORMANCE.md,
-Llama-3.1-8B layers with PDL) the fused bf16 MLP saves 1.3-1.4 us a layer; the fused int4 one loses 18.6 us (its
-gate rows and up rows interleave, which the int4 GEMV's scale loads and tiles do not suit); the fused fp8 one
-lost 0.7 us with older tiles and saved 0.9 us with the CUDA-core tiles of run 17, and was not timed since fp8's
-gate/up GEMV moved to the tensor cores (run 21).
+``formats`` lists the weight formats fused, by default all three. On an H100, Llama-3.1-8B shape, batch-1 decode,
+fused against the GEMV and the activation's own launch, same machine and call (docs/PERFORMANCE.md): bf16 saves
+1.3-1.4 us a layer (``bench/pdl.py``, runs 14 and 17); int4 on the tensor-core GEMV 337.8 -> 341.7 tok/s and fp8
+257.5 -> 258.8 tok/s (``bench/quant.py``, run 36; the CUDA-core int4 GEMV of run 14 lost 18.6 us a layer fused).
 """
 
 from __future__ import annotations
@@ -47,7 +46,7 @@ def _arguments(node: Node, names: tuple[str, ...], defaults: dict) -> dict:
 
 
 class FuseGLULinearConfig(TransformConfig):
-    formats: list[Literal["dense", "fp8", "int4"]] = ["dense"]
+    formats: list[Literal["dense", "fp8", "int4"]] = ["dense", "fp8", "int4"]
 
 
 @TransformRegistry.register("fuse_glu_linear")
