@@ -10,10 +10,10 @@
 
 For Llama-3.1-8B's four linears per layer (fused qkv, o, fused gate/up, down), each format and M, every tile
 config of the grid is timed; the weights rotate over at least ``COPIES`` copies and ``ROTATE_BYTES`` inside one
-CUDA graph so L2 (50 MB) holds none of them. One JSON line per result: the best config per shape with its GB/s of weight read, the baselines
-(cuBLAS ``F.linear`` on bf16 weights, ``torch._scaled_mm`` for fp8, the tensor-core Triton GEMM for int4/int8) and,
-for int4 from 16 tokens up, ``dequantize + cuBLAS`` against the GEMM. The heuristics in
-``gemv_config`` / ``quant_linear.py`` are read off these lines.
+CUDA graph so L2 (50 MB) holds none of them. One JSON line per result: the best config per shape with its GB/s of
+weight read, the baselines (cuBLAS ``F.linear`` on bf16 weights, ``torch._scaled_mm`` for fp8, the tensor-core
+Triton GEMM for int4/int8) and, for int4 from 16 tokens up, ``dequantize + cuBLAS`` against the GEMM. The
+heuristics in ``gemv_config`` / ``quant_linear.py`` are read off these lines.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def gemv_call(fmt: str, x, weights: tuple, cfg: tuple | None, glu: bool = False)
     epilogue."""
     from autodeploy.custom_ops.triton.gemv import W_DENSE, W_FP8, W_INT4, W_INT8, GemvConfig, gemv
 
-    config = (cfg if isinstance(cfg, GemvConfig) else GemvConfig(*cfg)) if cfg else None
+    config = GemvConfig(*cfg) if cfg else None
     code = {"dense": W_DENSE, "fp8": W_FP8, "int8": W_INT8, "int4": W_INT4}[fmt]
     glu_args = dict(glu_activation="silu" if glu else None)
     if fmt == "int4":
