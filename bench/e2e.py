@@ -116,6 +116,7 @@ def main() -> None:
     parser.add_argument("--profile-steps", action="store_true", help="per-step GPU vs wall time of the offline run")
     parser.add_argument("--profile-ttft", action="store_true", help="GPU vs wall time of the TTFT prefill steps")
     parser.add_argument("--host-steps", action="store_true", help="per-step host time and GPU wait, no syncs added")
+    parser.add_argument("--host-profile-from", type=int, default=None, help="with --host-steps: cProfile 10 steps")
     parser.add_argument("--trace-from", type=int, default=None, help="torch.profiler over 6 offline steps from here")
     parser.add_argument("--trace-ttft", action="store_true", help="torch.profiler: the TTFT steps' top kernels")
     parser.add_argument("--trace-decode", action="store_true", help="torch.profiler: the batch-1 decode graph")
@@ -189,7 +190,7 @@ def offline(engine, args, vocab: int) -> dict:
     profiler = None
     if args.profile_steps:
         profiler = StepProfiler(engine, trace_from=args.trace_from, python_profile_first=True)
-    host_steps = HostStepProfiler(engine) if args.host_steps else None
+    host_steps = HostStepProfiler(engine, args.host_profile_from) if args.host_steps else None
     results["gpu_before_offline"] = gpu_state() if torch.cuda.is_available() else None
     r = run_engine_bench(engine, synthetic_requests(args.num_requests, 128, 128, vocab, seed=4), 0, name="offline")
     if host_steps is not None:
@@ -197,6 +198,8 @@ def offline(engine, args, vocab: int) -> dict:
         results["offline_host_steps"] = host_steps.summary()
         for row in results["offline_host_steps"]:
             print("host step:", json.dumps(row), flush=True)
+        if host_steps.profile_text:
+            print("host profile:\n" + host_steps.profile_text, flush=True)
     results["gpu_after_offline"] = gpu_state() if torch.cuda.is_available() else None
     if profiler is not None:
         profiler.detach()

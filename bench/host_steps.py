@@ -14,8 +14,11 @@ from autodeploy.executor import engine as engine_module
 
 
 class HostStepProfiler:
-    def __init__(self, engine):
+    def __init__(self, engine, profile_from: int | None = None, profile_steps: int = 10):
         self.engine = engine
+        self.profile_from, self.profile_steps = profile_from, profile_steps
+        self.profile_text: str | None = None  # cProfile of steps [profile_from, profile_from + profile_steps)
+        self._profile = None
         self.records: list[tuple[str, int, float, float]] = []  # kind, scheduled tokens, wall ms, wait ms
         self._wait_s = 0.0
         self._original_step = engine.step
@@ -35,13 +38,33 @@ class HostStepProfiler:
     def _step(self):
         self._wait_s = 0.0
         scheduler = self.engine.scheduler
+        if self.profile_from is not None and len(self.records) == self.profile_from:
+            import cProfile
+
+            self._profile = cProfile.Profile()
+            self._profile.enable()
         t0 = time.perf_counter()
         out = self._original_step()
         wall = (time.perf_counter() - t0) * 1e3
+        if self._profile is not None and len(self.records) + 1 == self.profile_from + self.profile_steps:
+            self._profile.disable()
+            self.profile_text = self._profile_table(self._profile)
+            self._profile = None
         running = len(scheduler.running)
         kind = "waiting>0" if scheduler.waiting else "decode"
         self.records.append((kind, running, wall, self._wait_s * 1e3))
         return out
+
+    @staticmethod
+    def _profile_table(profile) -> str:
+        import io
+        import pstats
+
+        text = io.StringIO()
+        stats = pstats.Stats(profile, stream=text)
+        stats.sort_stats("tottime").print_stats(40)
+        stats.sort_stats("cumulative").print_stats(40)
+        return text.getvalue()
 
     def detach(self) -> None:
         self.engine.step = self._original_step
