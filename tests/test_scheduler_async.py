@@ -10,6 +10,7 @@ import random
 
 import pytest
 
+from autodeploy.executor.block_manager import chain_hash
 from autodeploy.executor.request import PLACEHOLDER_TOKEN, Request
 from autodeploy.executor.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from test_scheduler import PROMPT, STREAM, VOCAB, FakeRunner, config, first_new, random_prompt, req, run_alone
@@ -132,3 +133,19 @@ def test_async_stress_with_preemption_matches_running_alone(chunked, prefix_cach
     assert sched.block_manager.num_free_blocks == 24
     for r in requests:
         assert (r.output_token_ids, r.finish_reason, r.stop_reason) == run_alone(r, max_model_len), r.request_id
+
+
+def test_async_prefix_cache_hashes_only_known_tokens():
+    """A block the in-flight token completes is hashed once that token is known, never over its placeholder."""
+    sched = Scheduler(config())
+    r = req("hashes", PROMPT, max_tokens=21)
+    (done,) = run_async(sched, {0: [r]})
+    tokens = done.prompt_token_ids + done.output_token_ids
+    bs = sched.config.block_size
+    expected: list[bytes] = []
+    for i in range(len(done.block_hashes)):
+        expected.append(chain_hash(expected[-1] if expected else None, tokens[i * bs : (i + 1) * bs]))
+    assert len(done.block_hashes) >= (len(tokens) - 1) // bs
+    assert done.block_hashes == expected
+    again = req("again", tokens[:-1], max_tokens=1)
+    assert sched.block_manager.num_cached_prefix_tokens(again) == (len(tokens) - 2) // bs * bs

@@ -142,7 +142,10 @@ class BlockManager:
         counts the tokens after the cached prefix (get the prefix length from ``num_cached_prefix_tokens``).
         On failure nothing changes.
         """
-        first = not request.block_ids
+        table = request.block_ids
+        if table and request.num_computed_tokens + num_new_tokens <= len(table) * self.block_size:
+            return True  # the tokens fit in the blocks it holds (every decode step but one a block)
+        first = not table
         hits = self._prefix_hits(request)
         if self._num_fresh_needed(request, hits, num_new_tokens) > self.num_free_blocks:
             return False
@@ -187,12 +190,14 @@ class BlockManager:
             return
         start = self._num_hashed.get(request.request_id, 0)
         end = min(request.num_computed_tokens // self.block_size, len(request.block_ids))
+        if end <= start:
+            return
         hashes = self._block_hashes(request, end)
         for i in range(start, end):
             block = self.blocks[request.block_ids[i]]
             block.hash = hashes[i]
             self.cached.setdefault(hashes[i], block.block_id)  # an equal block computed earlier stays the one
-        self._num_hashed[request.request_id] = max(start, end)
+        self._num_hashed[request.request_id] = end
 
     def free(self, request: Request) -> None:
         """Drop the request's hold on its blocks (tail first: evicted first) and clear its table."""

@@ -82,6 +82,8 @@ class ScheduledEntry:
     num_new_tokens: int
     start_pos: int
     sample: bool
+    #: one token of a request in the decode phase (set when scheduled: only its last sampled token is left)
+    is_decode: bool = field(default=False, compare=False)
 
     @property
     def request_id(self) -> str:
@@ -242,8 +244,10 @@ class Scheduler:
         scheduled: dict[str, ScheduledEntry] = {}
         preempted: list[Request] = []
 
-        decoding = [r for r in self.running if r.in_decode_phase]
-        prefilling = [r for r in self.running if not r.in_decode_phase]
+        decoding: list[Request] = []
+        prefilling: list[Request] = []
+        for request in self.running:
+            (decoding if request.in_decode_phase else prefilling).append(request)
         for request in decoding + prefilling:
             if budget == 0:
                 break
@@ -286,14 +290,16 @@ class Scheduler:
 
         out = SchedulerOutput(preempted=preempted)
         for entry in scheduled.values():
-            is_decode = entry.request.in_decode_phase and entry.num_new_tokens == 1
-            (out.decodes if is_decode else out.prefills).append(entry)
+            (out.decodes if entry.is_decode else out.prefills).append(entry)
         return out
 
     @staticmethod
     def _entry(request: Request, num_new: int) -> ScheduledEntry:
         start = request.num_computed_tokens
-        return ScheduledEntry(request, num_new, start, sample=start + num_new == request.num_tokens)
+        num_tokens = request.num_tokens
+        entry = ScheduledEntry(request, num_new, start, sample=start + num_new == num_tokens)
+        entry.is_decode = num_new == 1 and start == num_tokens - 1 and bool(request.output_token_ids)
+        return entry
 
     def commit(self, output: SchedulerOutput) -> None:
         """The step is launched: advance computed tokens and give each sampling entry a placeholder output."""
@@ -338,9 +344,9 @@ class Scheduler:
                 continue
             else:
                 request.num_computed_tokens += entry.num_new_tokens
-            if request.status is RequestStatus.RUNNING:
-                bm.mark_computed(request)
             if not entry.sample:
+                if request.status is RequestStatus.RUNNING:
+                    bm.mark_computed(request)
                 continue
             token_ids = sampled_token_ids.get(request.request_id)
             if not token_ids:
@@ -355,11 +361,14 @@ class Scheduler:
                 stop = self._check_stop(request, position)
                 if stop is not None:
                     del request.output_token_ids[position + 1 :]
+                    if request.status is RequestStatus.RUNNING:
+                        bm.mark_computed(request)  # its full blocks stay cached once it is freed
                     self._retire(request, *stop)
                     finished.append(request)
                     break
-            if output.committed and request.status is RequestStatus.RUNNING:
-                bm.mark_computed(request)  # blocks that filled up with the now-known token
+            if request.status is RequestStatus.RUNNING:
+                # only now: a committed step's computed tokens end with the one just read back
+                bm.mark_computed(request)
         self._last_finished = {r.request_id: r for r in finished}
         return finished
 
