@@ -254,7 +254,9 @@ class Engine:
         return self._publish(launched.out, sampled, extras, finished)
 
     def _generators(self, rows: list[Request]) -> list[torch.Generator | None]:
-        return [self._parent_of[r.request_id].generator_for(r, self.device) for r in rows]
+        parent_of, device = self._parent_of, self.device
+        return [None if r.sampling_params.seed is None else parent_of[r.request_id].generator_for(r, device)
+                for r in rows]
 
     def _logprob_extras(self, rows: list[Request], result: Any) -> dict[str, Any]:
         sampled_lp = result.logprobs.tolist()
@@ -296,9 +298,10 @@ class Engine:
         self.last_sampled.update(sampled)
         outputs = []
         for state in touched.values():  # only streams and finished requests need an output object now
-            if state.sink is not None or state.finished:
+            finished = state.finished
+            if state.sink is not None or finished:
                 outputs.append(state.publish(now))
-            if state.finished:
+            if finished:
                 self._forget(state)
         return outputs
 

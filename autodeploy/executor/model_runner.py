@@ -103,7 +103,8 @@ class ModelRunner:
         pad_len = 1
         if prefill_pad is not None:
             padded_seqs, pad_len, num_prefill = max(prefill_pad[0], num_seqs), 0, max(prefill_pad[0], num_seqs)
-        lens = np.fromiter((len(e.token_ids) for e in entries), dtype=np.int64, count=num_seqs)
+        token_lists = [e.token_ids for e in entries]
+        lens = np.fromiter(map(len, token_lists), dtype=np.int64, count=num_seqs)
         starts = np.fromiter((e.start_pos for e in entries), dtype=np.int64, count=num_seqs)
         lens = np.concatenate([lens, np.full(padded_seqs - num_seqs, pad_len, dtype=np.int64)])
         starts = np.concatenate([starts, np.zeros(padded_seqs - num_seqs, dtype=np.int64)])
@@ -126,14 +127,20 @@ class ModelRunner:
 
         pages = buffers.host("page_table").numpy().reshape(padded_seqs, -1)
         pages[:] = 0
-        for s, entry in enumerate(entries):
-            pages[s, : len(entry.block_ids)] = entry.block_ids
+        tables = [e.block_ids for e in entries]
+        table_lens = np.fromiter(map(len, tables), dtype=np.int64, count=num_seqs)
+        table_rows = np.repeat(np.arange(num_seqs), table_lens)
+        table_starts = np.cumsum(table_lens) - table_lens
+        table_cols = np.arange(len(table_rows)) - np.repeat(table_starts, table_lens)
+        pages[table_rows, table_cols] = np.fromiter(
+            itertools.chain.from_iterable(tables), dtype=pages.dtype, count=len(table_rows)
+        )
         bs = self.block_size
         slots = pages[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
         slots[cu[num_seqs] :] = -1
 
         buffers.host("input_ids").numpy()[:] = (
-            list(itertools.chain.from_iterable(e.token_ids for e in entries))
+            list(itertools.chain.from_iterable(token_lists))
             + [0] * (num_tokens + extra - int(cu[num_seqs]))
         )
         buffers.host("position_ids").numpy()[:] = np.concatenate([positions, np.zeros(extra, dtype=np.int64)])

@@ -139,7 +139,12 @@ class RequestState:
 
     @property
     def finished(self) -> bool:
-        return self.error is not None or all(s.completion.finish_reason is not None for s in self.sequences.values())
+        if self.error is not None:
+            return True
+        for seq in self.sequences.values():
+            if seq.completion.finish_reason is None:
+                return False
+        return True
 
     # ---- outputs ------------------------------------------------------------------------------------------
     def _streamable_text(self, seq: _Sequence) -> str:

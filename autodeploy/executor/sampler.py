@@ -133,20 +133,20 @@ class SamplingBatch:
         converting a long prompt every step.
         """
         device = torch.device(device)
-        rows = [SamplingRow(*r) for r in rows]
+        rows = [r if type(r) is SamplingRow else SamplingRow(*r) for r in rows]
         n, v = len(rows), vocab_size
         if n == 0:
             raise RequestError("a sampling batch needs at least one row")
-        host = np.zeros((n, 7), dtype=np.float32)
-        greedy = np.zeros(n, dtype=bool)
+        host_rows: list[tuple] = []
+        greedy_rows: list[bool] = []
         seeded: list[tuple[int, torch.Generator]] = []
         unseeded: list[int] = []
         rep_rows, count_rows, banned = [], [], []
         max_logprobs: int | None = None
         for i, (p, prompt, output, generator, eos) in enumerate(rows):
             is_greedy = p.temperature < GREEDY_TEMPERATURE
-            greedy[i] = is_greedy
-            host[i] = (
+            greedy_rows.append(is_greedy)
+            host_rows.append((
                 1.0 if is_greedy else p.temperature,
                 v if p.top_k <= 0 else min(p.top_k, v),
                 p.top_p,
@@ -154,7 +154,7 @@ class SamplingBatch:
                 p.repetition_penalty,
                 p.presence_penalty,
                 p.frequency_penalty,
-            )
+            ))
             if not is_greedy:
                 if generator is None:
                     unseeded.append(i)
@@ -177,6 +177,8 @@ class SamplingBatch:
             if p.logprobs is not None:
                 max_logprobs = max(max_logprobs or 0, min(p.logprobs, v))
 
+        host = np.array(host_rows, dtype=np.float32)
+        greedy = np.array(greedy_rows, dtype=bool)
         if greedy.all() and not rep_rows and not count_rows and not banned:  # argmax alone: nothing to upload
             return cls(n, v, device, all_greedy=True, max_logprobs=max_logprobs)
         random_rows = ~greedy
