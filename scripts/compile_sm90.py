@@ -33,7 +33,7 @@ from autodeploy.custom_ops.triton.glu import _glu_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.kv_write import _kv_write_kernel, _rope_kv_write_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.moe import _moe_down_kernel, _moe_up_kernel, default_tiles  # noqa: E402
 from autodeploy.custom_ops.triton.moe_router import _moe_router_kernel, router_launch  # noqa: E402
-from autodeploy.custom_ops.triton.quant_linear import _fp8_rows_kernel, _wq_gemm_kernel  # noqa: E402
+from autodeploy.custom_ops.triton.quant_linear import _wq_gemm_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.rmsnorm import _rmsnorm_rows_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.rope import _rope_kernel  # noqa: E402
 
@@ -145,12 +145,6 @@ def decode_chain_variants():
                      **{k: "constexpr" for k in consts}}
         yield (f"all_reduce_rmsnorm {dtype} world={world}", _all_reduce_rmsnorm_kernel, signature, consts,
                dict(num_warps=8))
-    for block, one_pass in ((4096, True), (16384, True), (8192, False)):
-        consts = dict(BLOCK_K=block, ONE_PASS=one_pass)
-        signature = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "K": "i32", "stride_x": "i32",
-                     "stride_q": "i32", **{k: "constexpr" for k in consts}}
-        yield f"fp8 rows block={block} one_pass={one_pass}", _fp8_rows_kernel, signature, consts, \
-            dict(num_warps=min(16, block // 512))
     consts = dict(BLOCK=2048, ACT=0, RNE=False, USE_PDL=True)
     signature = {"gu_ptr": "*bf16", "o_ptr": "*bf16", "inter": "i32", "stride_gu": "i32", "stride_o": "i32",
                  **{k: "constexpr" for k in consts}}

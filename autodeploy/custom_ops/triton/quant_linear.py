@@ -183,17 +183,10 @@ def _wq_gemm_kernel(
 
 
 @triton.jit
-def _fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr):
-    """Per-token fp8 quantization of one row: ``scale = max|x| / 448``, ``q = fp8(clamp(x / scale))``.
-    ``ONE_PASS``: the row fits one block, read once and kept in registers."""
+def _fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK_K: tl.constexpr):
+    """Per-token fp8 quantization of one row: ``scale = max|x| / 448``, ``q = fp8(clamp(x / scale))``."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
-    if ONE_PASS:
-        x = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(x), 0) / _FP8_MAX, _FP8_SCALE_MIN)
-        tl.store(s_ptr + row, scale)
-        tl.store(q_ptr + row * stride_q + offs, fp8_round(x / scale).to(tl.float8e4nv), mask=offs < K)
-        return
     amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_ptr + row * stride_x + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
@@ -253,15 +246,14 @@ def wq_gemm(
     return y
 
 
-def fp8_quantize_rows(x: torch.Tensor, max_block: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(xq [M, K] fp8, scale [M, 1] f32)``: what ``quantize_fp8_per_token`` computes, in one launch (rows
-    up to ``max_block`` long are read once, longer ones twice)."""
+def fp8_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(xq [M, K] fp8, scale [M, 1] f32)``: what ``quantize_fp8_per_token`` computes, in one launch."""
     m, k = x.shape
     xq = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m:
-        block = min(next_pow2(k), max_block)
-        _fp8_rows_kernel[(m,)](x, xq, scale, k, x.stride(0), xq.stride(0), BLOCK_K=block, ONE_PASS=block >= k,
+        block = min(next_pow2(k), 8192)
+        _fp8_rows_kernel[(m,)](x, xq, scale, k, x.stride(0), xq.stride(0), BLOCK_K=block,
                                num_warps=1 if INTERPRET else max(1, min(16, block // 512)))
     return xq, scale
 
