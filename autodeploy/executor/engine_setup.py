@@ -7,6 +7,7 @@ the KV pool takes ``kv_cache.free_memory_fraction`` of what remains.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 
@@ -63,6 +64,7 @@ def measure_free_memory(gm: GraphModule, ctx: SharedContext, config: AutoDeployC
     torch.cuda.synchronize()
     activation_peak = torch.cuda.max_memory_allocated() - before
     del runner, caches
+    gc.collect()  # garbage in reference cycles would otherwise count as used memory here
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info()
     logger.info("profiling step: activation peak %.2f GiB, free %.2f GiB", activation_peak / 2**30, free / 2**30)

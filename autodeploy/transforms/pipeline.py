@@ -8,6 +8,7 @@ those of the requested stages and calls ``on_transform(name, gm_before_copy, gm_
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -67,6 +68,10 @@ def export_and_transform(
     model = factory.build_model()
     max_seq_len = config.max_seq_len or factory.max_position_embeddings or 8192
     gm = export_causal_lm(model, config.export, max_batch=max(config.max_batch_size, 2), max_seq_len=max_seq_len)
+    # The source model's modules hold reference cycles, so they outlive ``del`` until the collector runs, and with
+    # them every weight a transform replaces (fused, quantized): collected now, each such weight is freed as soon as
+    # its transform drops it (the build's peak memory, and the free memory the KV cache is sized from).
     del model
+    gc.collect()
     gm = run_transforms(gm, build_transforms(config), ctx, stages, before, after)
     return gm, ctx
