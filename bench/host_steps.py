@@ -19,7 +19,7 @@ class HostStepProfiler:
         self.profile_from, self.profile_steps = profile_from, profile_steps
         self.profile_text: str | None = None  # cProfile of steps [profile_from, profile_from + profile_steps)
         self._profile = None
-        self.records: list[tuple[str, int, float, float]] = []  # kind, scheduled tokens, wall ms, wait ms
+        self.records: list[tuple[str, int, float, float]] = []  # phase, running requests, wall ms, wait ms
         self._wait_s = 0.0
         self._original_step = engine.step
         self._original_wait = engine_module._HostTokens.wait
