@@ -82,8 +82,6 @@ class ScheduledEntry:
     num_new_tokens: int
     start_pos: int
     sample: bool
-    #: one token of a request in the decode phase (set when scheduled: only its last sampled token is left)
-    is_decode: bool = field(default=False, compare=False)
 
     @property
     def request_id(self) -> str:
@@ -290,16 +288,14 @@ class Scheduler:
 
         out = SchedulerOutput(preempted=preempted)
         for entry in scheduled.values():
-            (out.decodes if entry.is_decode else out.prefills).append(entry)
+            is_decode = entry.request.in_decode_phase and entry.num_new_tokens == 1
+            (out.decodes if is_decode else out.prefills).append(entry)
         return out
 
     @staticmethod
     def _entry(request: Request, num_new: int) -> ScheduledEntry:
         start = request.num_computed_tokens
-        num_tokens = request.num_tokens
-        entry = ScheduledEntry(request, num_new, start, sample=start + num_new == num_tokens)
-        entry.is_decode = num_new == 1 and start == num_tokens - 1 and bool(request.output_token_ids)
-        return entry
+        return ScheduledEntry(request, num_new, start, sample=start + num_new == request.num_tokens)
 
     def commit(self, output: SchedulerOutput) -> None:
         """The step is launched: advance computed tokens and give each sampling entry a placeholder output."""
