@@ -470,7 +470,8 @@ def test_attention_with_rope_in_the_cache_write(dtype, interleaved, rotary, n_q,
     assert torch.equal(ours_in["v_cache"], ref_in["v_cache"])
 
 
-def test_attention_with_rope_into_an_fp8_cache():
+@pytest.mark.parametrize("num_splits", [1, 3])  # the decode writes its output / the reduction does (V's scale)
+def test_attention_with_rope_into_an_fp8_cache(num_splits):
     """float32 activations (no interpreter bf16 rounding) into float8 pools: the reference's codes."""
     batch = _paged_batch([(0, 6), (3, 1)], 1, 4, 2, 16, 4, torch.float32)
     for name in ("k_cache", "v_cache"):
@@ -480,7 +481,7 @@ def test_attention_with_rope_into_an_fp8_cache():
     ours_in = {name: t.clone() for name, t in batch.inputs.items()}
     ref_in = {name: t.clone() for name, t in batch.inputs.items()}
     expected = ops.torch_cached_attention(**ref_in, **rope)
-    out = cached_attention_into(torch.empty_like(expected), **ours_in, **rope)
+    out = cached_attention_into(torch.empty_like(expected), **ours_in, **rope, num_splits=num_splits)
     _assert_close(out, expected, ATTN_TOL[torch.float32])
     assert torch.equal(ours_in["v_cache"].view(torch.uint8), ref_in["v_cache"].view(torch.uint8))
     ours_k, ref_k = ours_in["k_cache"].float(), ref_in["k_cache"].float()

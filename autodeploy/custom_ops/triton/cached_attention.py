@@ -183,7 +183,7 @@ def _prefill_kernel(
     num_seqs,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_pt,
-    qk_scale, cap_scale, cap_inv, window, chunk,
+    qk_scale, cap_scale, cap_inv, window, chunk, v_scale,
     G: tl.constexpr, HEADS: tl.constexpr, NUM_HG: tl.constexpr, TOK: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SEQ: tl.constexpr, PAGE: tl.constexpr,
@@ -271,7 +271,7 @@ def _prefill_kernel(
             qk_scale, cap_scale, cap_inv, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, PAGE,
             True, True, HAS_WINDOW, HAS_CHUNK, HAS_CAP, HAS_ALIBI, UPCAST, IEEE,
         )
-        out = _finish(acc, m_i, l_i, sinks_ptr, head, row_ok, HAS_SINKS)
+        out = _finish(acc, m_i, l_i, sinks_ptr, head, row_ok, HAS_SINKS) * v_scale
         offs_dv = tl.arange(0, BLOCK_DV)
         tl.store(
             o_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_dv[None, :],
@@ -287,7 +287,7 @@ def _decode_kernel(
     first_seq, num_splits, n_q,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_pt,
-    qk_scale, cap_scale, cap_inv, window, chunk,
+    qk_scale, cap_scale, cap_inv, window, chunk, v_scale,
     G: tl.constexpr, HEADS: tl.constexpr, NUM_HG: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
@@ -343,7 +343,7 @@ def _decode_kernel(
         tl.store(part_ml_ptr + part * 2, m_i, mask=row_ok)
         tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_ok)
     else:
-        out = _finish(acc, m_i, l_i, sinks_ptr, head, row_ok, HAS_SINKS)
+        out = _finish(acc, m_i, l_i, sinks_ptr, head, row_ok, HAS_SINKS) * v_scale
         tl.store(
             o_ptr + tok * stride_ot + head[:, None] * stride_oh + offs_dv[None, :],
             out.to(o_ptr.dtype.element_ty),
@@ -354,7 +354,7 @@ def _decode_kernel(
 @triton.jit(do_not_specialize=["first_seq", "num_splits"])
 def _decode_reduce_kernel(
     part_acc_ptr, part_ml_ptr, o_ptr, seq_lens_ptr, cu_ptr, sinks_ptr,
-    first_seq, num_splits, n_q, stride_ot, stride_oh,
+    first_seq, num_splits, n_q, stride_ot, stride_oh, v_scale,
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SINKS: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
@@ -381,7 +381,7 @@ def _decode_reduce_kernel(
             denom += tl.exp2(sink - m_max)
         acc_mask = s_ok[:, None] & (offs_dv[None, :] < DV)
         acc = tl.load(part_acc_ptr + part[:, None] * DV + offs_dv[None, :], mask=acc_mask, other=0.0)  # [S, DV]
-        out = tl.sum(acc * w[:, None], 0) / denom
+        out = tl.sum(acc * w[:, None], 0) * (v_scale / denom)
         tl.store(o_ptr + tok * stride_ot + h * stride_oh + offs_dv, out.to(o_ptr.dtype.element_ty), mask=offs_dv < DV)
 
 
@@ -476,7 +476,8 @@ def cached_attention_into(
         if q_norm_weight is not None or k_norm_weight is not None:
             raise ValueError("triton_cached_attention: q/k norm weights are taken only with rope_cos/rope_sin")
         write_kv(k, v, k_cache, v_cache, slot_mapping, kv_scale)
-    # float8 pools hold k / kv_scale and v / kv_scale: the K factor joins the logit scale, the V factor the output
+    # float8 pools hold k / kv_scale and v / kv_scale: the K factor joins the logit scale, the V factor scales the
+    # normalised output inside the kernels
     kv_scale = float(kv_scale) if k_cache.dtype in FP8_CACHE_DTYPES else 1.0
 
     scale = d**-0.5 if scale is None else float(scale)
@@ -489,6 +490,7 @@ def cached_attention_into(
         cap_inv=scale * kv_scale / float(logit_cap) if has_cap else 0.0,
         window=int(sliding_window) if has_window else 0,
         chunk=int(chunk_size) if has_chunk else 1,
+        v_scale=kv_scale,
     )
     flags = dict(
         HAS_WINDOW=has_window, HAS_CHUNK=has_chunk, HAS_CAP=has_cap, HAS_ALIBI=alibi_slopes is not None, HAS_SINKS=sinks is not None,
@@ -542,11 +544,9 @@ def cached_attention_into(
         if split:
             _decode_reduce_kernel[(num_decode, n_q)](
                 part_acc, part_ml, out, seq_lens, cu_seqlens, sinks_arg, num_prefill, splits, n_q,
-                out.stride(1), out.stride(2), DV=dv, BLOCK_DV=block_dv, BLOCK_S=next_pow2(splits),
+                out.stride(1), out.stride(2), kv_scale, DV=dv, BLOCK_DV=block_dv, BLOCK_S=next_pow2(splits),
                 HAS_SINKS=sinks is not None, num_warps=4, **pdl_flags(q.device, num_decode),
             )
-    if kv_scale != 1.0:
-        out.mul_(kv_scale)
     return out
 
 
