@@ -25,6 +25,7 @@ from . import fuse_moe_router  # noqa: F401
 from . import gemv_linears  # noqa: F401
 from . import fuse_glu_linear  # noqa: F401
 from . import fuse_add_rmsnorm_linear  # noqa: F401
+from . import fuse_fp8_act_quant  # noqa: F401
 from . import detect_sharding  # noqa: F401
 from . import shard_attention  # noqa: F401
 from . import shard_mlp  # noqa: F401

@@ -10,7 +10,8 @@ On CPU the kernels run only under the interpreter (``TRITON_INTERPRET=1`` set be
 from __future__ import annotations
 
 from . import (  # noqa: F401
-    cached_attention, glu, linear, linear_glu, moe, moe_router, norm_linear, quant_linear, rmsnorm, rope,
+    cached_attention, fp8_activations, glu, linear, linear_glu, moe, moe_router, norm_linear, quant_linear, rmsnorm,
+    rope,
 )
 
 #: reference op name -> Triton op name (both under ``torch.ops.autodeploy``)

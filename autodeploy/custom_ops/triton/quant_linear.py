@@ -301,17 +301,32 @@ def scaled_mm_linear(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Per-token fp8 activations times the fp8 weight on ``torch._scaled_mm`` (row-wise scales, 16-aligned K, N)."""
-    m = x.shape[0]
-    if m < SCALED_MM_MIN_ROWS:  # zero rows quantize to zero codes (scale clamped to FP8_SCALE_MIN)
-        x = torch.cat([x, x.new_zeros(SCALED_MM_MIN_ROWS - m, x.shape[1])])
     xq, x_scale = fp8_quantize_rows(x)
+    return scaled_mm_fp8(xq, x_scale, weight, weight_scale, bias, x.dtype)
+
+
+def scaled_mm_fp8(
+    xq: torch.Tensor,  # [M, K] fp8 codes
+    x_scale: torch.Tensor,  # [M, 1] f32
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``scaled_mm_linear`` after the activation quantization: ``[M, N]`` in ``out_dtype``."""
+    m = xq.shape[0]
+    if m < SCALED_MM_MIN_ROWS:  # zero codes (their scale is irrelevant) fill the rows up
+        pad = SCALED_MM_MIN_ROWS - m
+        codes = xq.view(torch.uint8)
+        xq = torch.cat([codes, codes.new_zeros(pad, codes.shape[1])]).view(FP8_DTYPE)
+        x_scale = torch.cat([x_scale, x_scale.new_ones(pad, 1)])
     y = torch._scaled_mm(
         xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1), out_dtype=torch.bfloat16,
         use_fast_accum=True,
     )[:m]
     if bias is not None:
         y = y + bias
-    return y.to(x.dtype)
+    return y.to(out_dtype)
 
 
 # ---- ops ---------------------------------------------------------------------------------------------------------

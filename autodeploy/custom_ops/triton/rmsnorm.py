@@ -6,6 +6,9 @@ small hidden sizes (per-head q/k norms of 64-256) still move >= 4K elements per 
 passes (sum of squares, then scale), the second re-reading ``x`` from L2. Rounding follows the reference
 exactly: the residual sum is rounded to its dtype before it is normalised, and without ``weight_offset`` the
 normalised row is rounded to ``x.dtype`` before the weight product, which is rounded to the product dtype.
+
+With ``fp8_out`` (one-pass rows only) the kernel writes, instead of the output, its per-token fp8 quantization
+(``quantize_fp8_per_token`` of the output as rounded to its dtype): codes and one float32 scale per row.
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ import triton
 import triton.language as tl
 
 from .. import rmsnorm as _reference  # noqa: F401  (registers the torch op family)
-from ._common import INTERPRET, next_pow2, pdl_enter, pdl_flags, tl_dtype
+from ..quant_linear import FP8_MAX, FP8_SCALE_MIN
+from ._common import INTERPRET, cast_rne, fp8_round, next_pow2, pdl_enter, pdl_flags, tl_dtype
 
 MAX_ONE_PASS = 16384
 ROW_ELEMS = 4096  # elements per program in the one-pass kernel
+_FP8_MAX: tl.constexpr = tl.constexpr(FP8_MAX)
+_FP8_SCALE_MIN: tl.constexpr = tl.constexpr(FP8_SCALE_MIN)
 
 
 @triton.jit
@@ -68,12 +74,23 @@ def normed_chunk(x_ptr, r_ptr, w_ptr, cols, ok, rstd, w_offset, OUT_DTYPE: tl.co
 
 
 @triton.jit
+def store_fp8_rows(y, rows, row_ok, cols, col_ok, q_ptr, s_ptr, stride_q):
+    """Per-token fp8 quantization of the float32 tile ``y [R, C]`` of whole rows (``rows`` int64): ``scale =
+    max|y| / 448`` per row into ``s_ptr``, the codes ``y / scale`` into ``q_ptr`` (``_fp8_rows_kernel``'s numbers)."""
+    mask = row_ok[:, None] & col_ok[None, :]
+    scale = tl.maximum(tl.max(tl.where(mask, tl.abs(y), 0.0), 1) / _FP8_MAX, _FP8_SCALE_MIN)  # [R]
+    tl.store(s_ptr + rows, scale, mask=row_ok)
+    codes = fp8_round(y / scale[:, None]).to(tl.float8e4nv)
+    tl.store(q_ptr + rows[:, None] * stride_q + cols[None, :], codes, mask=mask)
+
+
+@triton.jit
 def _rmsnorm_rows_kernel(
-    x_ptr, r_ptr, w_ptr, o_ptr, sum_ptr,
-    n_rows, H, stride_x, stride_r, stride_o, stride_sum, eps, w_offset,
+    x_ptr, r_ptr, w_ptr, o_ptr, sum_ptr, q_ptr, s_ptr,
+    n_rows, H, stride_x, stride_r, stride_o, stride_sum, stride_q, eps, w_offset,
     BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, HAS_OFFSET: tl.constexpr, X_DTYPE: tl.constexpr, PROD_DTYPE: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    FP8_OUT: tl.constexpr, RNE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pdl_enter(USE_PDL)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
@@ -89,7 +106,11 @@ def _rmsnorm_rows_kernel(
     rstd = tl.rsqrt(tl.sum(xf * xf, 1) / H + eps)  # [BLOCK_R]
     w = tl.load(w_ptr + cols, mask=cols < H, other=0.0)
     y = _normalize(xf, rstd[:, None], w[None, :], w_offset, X_DTYPE, PROD_DTYPE, HAS_OFFSET)
-    tl.store(o_ptr + rows64 * stride_o + cols[None, :], y.to(o_ptr.dtype.element_ty), mask=mask)
+    if FP8_OUT:
+        y16 = cast_rne(y, o_ptr.dtype.element_ty, RNE).to(tl.float32)
+        store_fp8_rows(y16, rows.to(tl.int64), rows < n_rows, cols, cols < H, q_ptr, s_ptr, stride_q)
+    else:
+        tl.store(o_ptr + rows64 * stride_o + cols[None, :], y.to(o_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -144,8 +165,10 @@ def rmsnorm_launch(
     residual: torch.Tensor | None = None,  # [..., H]
     summed: torch.Tensor | None = None,  # [..., H] contiguous, receives x + residual
     max_one_pass: int = MAX_ONE_PASS,
+    fp8_out: tuple[torch.Tensor, torch.Tensor] | None = None,  # ([R, H] fp8, [R, 1] f32) written instead of out
 ) -> None:
-    """Normalise ``x`` (or ``x + residual``, also written to ``summed``) into ``out``."""
+    """Normalise ``x`` (or ``x + residual``, also written to ``summed``) into ``out``, or its fp8 codes and
+    scales into ``fp8_out`` (rows of up to ``max_one_pass`` elements)."""
     h = x.shape[-1]
     x2, o2 = _rows(x), out.view(-1, h)
     n_rows = x2.shape[0]
@@ -165,12 +188,16 @@ def rmsnorm_launch(
     )
     args = (x2, r2, weight, o2, s2)
     block_h = next_pow2(h)
+    if fp8_out is not None and block_h > max_one_pass:
+        raise ValueError(f"rmsnorm: fp8 output needs rows of at most {max_one_pass} elements, got {h}")
     if block_h <= max_one_pass:
+        q2, scales = fp8_out if fp8_out is not None else (o2, o2)
         block_r = max(1, min(ROW_ELEMS // block_h, next_pow2(n_rows)))
         warps = 1 if INTERPRET else max(1, min(16, block_r * block_h // 512))
         _rmsnorm_rows_kernel[(triton.cdiv(n_rows, block_r),)](
-            *args, n_rows, h, x2.stride(0), r2.stride(0), o2.stride(0), s2.stride(0), eps, float(weight_offset),
-            BLOCK_R=block_r, BLOCK_H=block_h, **flags, num_warps=warps,
+            *args, q2, scales, n_rows, h, x2.stride(0), r2.stride(0), o2.stride(0), s2.stride(0), q2.stride(0),
+            eps, float(weight_offset), BLOCK_R=block_r, BLOCK_H=block_h, **flags, FP8_OUT=fp8_out is not None,
+            RNE=INTERPRET and o2.dtype == torch.bfloat16, num_warps=warps,
         )
     else:
         block_h = min(block_h, max_one_pass)
