@@ -29,7 +29,7 @@ from autodeploy.custom_ops.triton.all_reduce_rmsnorm import _all_reduce_rmsnorm_
 from autodeploy.custom_ops.triton.cached_attention import _decode_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.dequant_linear import _int4_dequant_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.gemv import W_DENSE, W_FP8, W_INT4, W_INT8, _gemv_kernel  # noqa: E402
-from autodeploy.custom_ops.triton.glu import _glu_kernel  # noqa: E402
+from autodeploy.custom_ops.triton.glu import _glu_fp8_rows_kernel, _glu_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.kv_write import _kv_write_kernel, _rope_kv_write_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.moe import _moe_down_kernel, _moe_up_kernel, default_tiles  # noqa: E402
 from autodeploy.custom_ops.triton.moe_router import _moe_router_kernel, router_launch  # noqa: E402
@@ -130,12 +130,15 @@ def variants():
 
 def decode_chain_variants():
     """The small kernels between a decode step's GEMVs, with programmatic dependent launch on."""
-    consts = dict(BLOCK_R=1, BLOCK_H=4096, HAS_RESIDUAL=True, HAS_OFFSET=False, X_DTYPE=tl.bfloat16,
-                  PROD_DTYPE=tl.bfloat16, USE_PDL=True)
-    signature = {**dict.fromkeys(["x_ptr", "r_ptr", "w_ptr", "o_ptr", "sum_ptr"], "*bf16"),
-                 **dict.fromkeys(["n_rows", "H", "stride_x", "stride_r", "stride_o", "stride_sum"], "i32"),
-                 "eps": "fp32", "w_offset": "fp32", **{k: "constexpr" for k in consts}}
-    yield "rmsnorm rows, residual", _rmsnorm_rows_kernel, signature, consts, dict(num_warps=8)
+    for fp8 in (False, True):  # fp8: the per-token codes of the output instead of the output
+        consts = dict(BLOCK_R=1, BLOCK_H=4096, HAS_RESIDUAL=True, HAS_OFFSET=False, X_DTYPE=tl.bfloat16,
+                      PROD_DTYPE=tl.bfloat16, FP8_OUT=fp8, RNE=False, USE_PDL=True)
+        signature = {**dict.fromkeys(["x_ptr", "r_ptr", "w_ptr", "o_ptr", "sum_ptr"], "*bf16"),
+                     "q_ptr": "*fp8e4nv", "s_ptr": "*fp32",
+                     **dict.fromkeys(["n_rows", "H", "stride_x", "stride_r", "stride_o", "stride_sum", "stride_q"],
+                                     "i32"),
+                     "eps": "fp32", "w_offset": "fp32", **{k: "constexpr" for k in consts}}
+        yield f"rmsnorm rows, residual, fp8={fp8}", _rmsnorm_rows_kernel, signature, consts, dict(num_warps=8)
     for dtype, tl_type, world in (("bf16", tl.bfloat16, 2), ("fp32", tl.float32, 8)):
         consts = dict(RANK=1, WORLD=world, BLOCK_H=4096, HAS_OFFSET=False, X_DTYPE=tl_type, PROD_DTYPE=tl_type,
                       USE_PDL=True, RNE=False)
@@ -149,6 +152,10 @@ def decode_chain_variants():
     signature = {"gu_ptr": "*bf16", "o_ptr": "*bf16", "inter": "i32", "stride_gu": "i32", "stride_o": "i32",
                  **{k: "constexpr" for k in consts}}
     yield "glu silu", _glu_kernel, signature, consts, dict(num_warps=8)
+    consts = dict(BLOCK=16384, ACT=0, OUT_DTYPE=tl.bfloat16, RNE=False, USE_PDL=True)
+    signature = {"gu_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "inter": "i32", "stride_gu": "i32",
+                 "stride_q": "i32", **{k: "constexpr" for k in consts}}
+    yield "glu silu, fp8 codes", _glu_fp8_rows_kernel, signature, consts, dict(num_warps=16)
     consts = dict(R=128, PASS=0, BLOCK_HALF=64, BLOCK_PASS=1, BLOCK_N=16, INTERLEAVED=False, COMPUTE=tl.float32,
                   RNE=False, USE_PDL=True)
     ints = ["S", "N", "sxb", "sxs", "sxn", "scb", "scs", "ssb", "sss", "sob", "sos", "son"]
@@ -184,6 +191,7 @@ def decode_chain_variants():
                      **dict.fromkeys(["seq_lens_ptr", "cu_ptr", "cache_lens_ptr", "pt_ptr"], "*i32"),
                      **dict.fromkeys(["sinks_ptr", "alibi_ptr"], "*bf16"), **dict.fromkeys(ints, "i32"),
                      **dict.fromkeys(["qk_scale", "cap_scale", "cap_inv"], "fp32"), "window": "i32", "chunk": "i32",
+                     "v_scale": "fp32",
                      **{k: "constexpr" for k in consts}}
         yield f"decode attention split={split}", _decode_kernel, signature, consts, dict(num_warps=4, num_stages=3)
 
