@@ -5,8 +5,7 @@
 Llama-3.1-8B's widths (hidden 4096, MLP 14336) at a decode step's and a mixed step's token counts. Per case,
 CUDA-graph replay µs of: the add + RMSNorm then ``fp8_quantize_rows`` (what the fp8 linear before
 ``fuse_fp8_act_quant`` launched), the add + RMSNorm writing codes (``triton_fused_add_rmsnorm_fp8``); the SiLU-mul
-then the quantization, and the SiLU-mul writing codes (``glu_fp8_launch``, with the whole row in one program; also
-at other warp counts).
+then the quantization, and the SiLU-mul writing codes (``glu_fp8_launch``: its default chunk and warps, and others).
 """
 
 from __future__ import annotations
@@ -18,14 +17,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-import triton.language as tl  # noqa: E402
 
 from graph_timing import capture, replay_us  # noqa: E402  (bench/, the script's folder)
 from results import JsonResults  # noqa: E402
 from autodeploy.custom_ops.quant_linear import FP8_DTYPE  # noqa: E402
 from autodeploy.custom_ops.triton import fp8_activations  # noqa: E402, F401  (registers the ops)
-from autodeploy.custom_ops.triton.glu import ACTIVATION_CODES, _glu_fp8_rows_kernel, glu_fp8_launch  # noqa: E402
-from autodeploy.custom_ops.triton.glu import glu_packed_launch  # noqa: E402
+from autodeploy.custom_ops.triton.glu import glu_fp8_launch, glu_packed_launch  # noqa: E402
 from autodeploy.custom_ops.triton.quant_linear import fp8_quantize_rows  # noqa: E402
 
 ops = torch.ops.autodeploy
@@ -68,10 +65,9 @@ def main() -> None:
             "glu_then_quant_us": graph_us(glu_then_quant),
             "glu_codes_us": graph_us(lambda: glu_fp8_launch(gate_up, "silu", codes, scales)),
             "glu_only_us": graph_us(lambda: glu_packed_launch(gate_up, "silu", h)),
-            **{f"glu_codes_warps{warps}_us": graph_us(lambda: _glu_fp8_rows_kernel[(m,)](
-                gate_up, codes, scales, INTER, gate_up.stride(0), codes.stride(0), BLOCK=16384,
-                ACT=ACTIVATION_CODES["silu"], OUT_DTYPE=tl.bfloat16, RNE=False, USE_PDL=False, num_warps=warps))
-               for warps in (4, 8, 32)},
+            **{f"glu_codes_{block}x{warps}_us": graph_us(lambda: glu_fp8_launch(gate_up, "silu", codes, scales,
+                                                                               block=block, warps=warps))
+               for block, warps in ((1024, 4), (2048, 4), (4096, 8), (4096, 16), (1024, 8))},
         })
 
 

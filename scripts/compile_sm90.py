@@ -152,10 +152,10 @@ def decode_chain_variants():
     signature = {"gu_ptr": "*bf16", "o_ptr": "*bf16", "inter": "i32", "stride_gu": "i32", "stride_o": "i32",
                  **{k: "constexpr" for k in consts}}
     yield "glu silu", _glu_kernel, signature, consts, dict(num_warps=8)
-    consts = dict(BLOCK=16384, ACT=0, OUT_DTYPE=tl.bfloat16, RNE=False, USE_PDL=True)
+    consts = dict(BLOCK=2048, ACT=0, OUT_DTYPE=tl.bfloat16, RNE=False, USE_PDL=True)
     signature = {"gu_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "inter": "i32", "stride_gu": "i32",
                  "stride_q": "i32", **{k: "constexpr" for k in consts}}
-    yield "glu silu, fp8 codes", _glu_fp8_rows_kernel, signature, consts, dict(num_warps=16)
+    yield "glu silu, fp8 codes", _glu_fp8_rows_kernel, signature, consts, dict(num_warps=8)
     consts = dict(R=128, PASS=0, BLOCK_HALF=64, BLOCK_PASS=1, BLOCK_N=16, INTERLEAVED=False, COMPUTE=tl.float32,
                   RNE=False, USE_PDL=True)
     ints = ["S", "N", "sxb", "sxs", "sxn", "scb", "scs", "ssb", "sss", "sob", "sos", "son"]

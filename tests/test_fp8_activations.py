@@ -13,6 +13,7 @@ import torch
 import autodeploy.custom_ops.triton  # noqa: F401  (registers the triton ops; the interpreter runs them on CPU)
 from autodeploy.custom_ops.quant_linear import quantize_fp8_per_token, quantize_fp8_weight
 from autodeploy.custom_ops.triton import fp8_activations
+from autodeploy.custom_ops.triton.glu import glu_fp8_launch
 from autodeploy.custom_ops.triton.quant_linear import fp8_quantize_rows, scaled_mm_linear
 
 ops = torch.ops.autodeploy
@@ -102,13 +103,14 @@ def test_linear_glu_fp8_in_and_out(fp8_above_one_row, rows, fp8_in, quantize_out
                                                                                         "silu"), atol=0, rtol=0)
 
 
-def test_glu_codes_of_long_rows(fp8_above_one_row, monkeypatch):
-    """Rows longer than the fused kernel holds: the activation, then the separate quantization."""
-    monkeypatch.setattr(fp8_activations, "MAX_FP8_ROW", 16)
-    x = torch.randn(3, 64).bfloat16()
-    q, s = quantize_fp8_weight(torch.randn(80, 64) * 0.1)
-    _, codes, scales = ops.triton_linear_glu_fp8(x, None, None, q, s, None, "silu", True)
-    _assert_quantized(codes, scales, ops.triton_glu_packed(ops.triton_quant_fp8_linear(x, q, s), "silu"))
+@pytest.mark.parametrize("block", [16, 64])
+def test_glu_codes_over_chunks(block):
+    """The row in several chunks (the last one partial): the maximum over all of them, every chunk's codes."""
+    gate_up = torch.randn(3, 2 * 40).bfloat16()
+    codes = torch.empty(3, 40, dtype=torch.float8_e4m3fn)
+    scales = torch.empty(3, 1)
+    glu_fp8_launch(gate_up, "gelu_tanh", codes, scales, block=block)
+    _assert_quantized(codes, scales, ops.triton_glu_packed(gate_up, "gelu_tanh"))
 
 
 def test_opcheck():

@@ -24,7 +24,7 @@ import torch
 from ..quant_linear import FP8_DTYPE
 from ._common import next_pow2
 from .gemv import gemv
-from .glu import MAX_FP8_ROW, glu_fp8_launch, glu_packed_launch
+from .glu import glu_fp8_launch, glu_packed_launch
 from .linear_glu import _fused_applies
 from .quant_linear import FP8_GEMV_MAX_TOKENS, W_FP8, _rows, fp8_linear, fp8_quantize_rows, scaled_mm_fp8
 from .rmsnorm import MAX_ONE_PASS, rmsnorm_launch
@@ -160,12 +160,10 @@ def triton_linear_glu_fp8(
         gate_up = scaled_mm_fp8(xq, x_scale, weight, weight_scale, bias, x.dtype)
     else:
         gate_up = fp8_linear(_rows(x), weight, weight_scale, bias)
-    if fp8_out and n_out <= MAX_FP8_ROW:
+    if fp8_out:
         glu_fp8_launch(gate_up, activation, codes, scales)
     else:
         glu_packed_launch(gate_up, activation, out)
-        if fp8_out:
-            _quantize_into(out, codes, scales)
     return out.view(*x.shape[:-1], n_out), codes, scales
 
 

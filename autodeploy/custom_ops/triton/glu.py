@@ -6,7 +6,8 @@ row (contiguous 16-byte loads of both halves). As in the reference the activatio
 rounded to the input dtype before the product with ``up``.
 
 ``glu_fp8_launch`` writes, instead of the output, its per-token fp8 quantization (``quantize_fp8_per_token`` of
-the output as rounded to its dtype): one program a row holds the whole row (up to ``MAX_FP8_ROW`` channels).
+the output as rounded to its dtype): one program a row computes the row twice, chunk by chunk, for its maximum
+and then for its codes (the second pass reads the row from L2).
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ import triton
 import triton.language as tl
 
 from .. import gated_mlp as _reference  # noqa: F401  (registers the torch op family)
-from ._common import INTERPRET, cast_rne, next_pow2, pdl_enter, pdl_flags, tanh, tl_dtype
-from .rmsnorm import store_fp8_rows
+from ._common import INTERPRET, cast_rne, fp8_round, next_pow2, pdl_enter, pdl_flags, tanh, tl_dtype
+from ..quant_linear import FP8_MAX, FP8_SCALE_MIN
 
 #: activation name -> the kernel's ``ACT`` code
 ACTIVATION_CODES: dict[str, int] = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "relu2": 4}
 MAX_BLOCK = 2048
-MAX_FP8_ROW = 16384  # channels of a row the fp8-output kernel holds in registers
+FP8_BLOCK, FP8_WARPS = 2048, 8  # the fp8-output kernel's chunk of a row and its warps
+_FP8_MAX: tl.constexpr = tl.constexpr(FP8_MAX)
+_FP8_SCALE_MIN: tl.constexpr = tl.constexpr(FP8_SCALE_MIN)
 
 
 @triton.jit
@@ -56,18 +59,32 @@ def _glu_kernel(gu_ptr, o_ptr, inter, stride_gu, stride_o, BLOCK: tl.constexpr, 
 
 
 @triton.jit
+def _glu_chunk(gu_row_ptr, cols, mask, inter, ACT: tl.constexpr, OUT_DTYPE: tl.constexpr, RNE: tl.constexpr):
+    """``act(gate) * up`` at ``cols`` of one row, rounded as ``_glu_kernel`` stores it, as float32 (0 where masked)."""
+    gate = tl.load(gu_row_ptr + cols, mask=mask, other=0.0)
+    up = tl.load(gu_row_ptr + inter + cols, mask=mask, other=0.0)
+    act = cast_rne(_activate(gate.to(tl.float32), ACT), gate.dtype, RNE)
+    return cast_rne(act.to(tl.float32) * up.to(tl.float32), OUT_DTYPE, RNE).to(tl.float32)
+
+
+@triton.jit
 def _glu_fp8_rows_kernel(gu_ptr, q_ptr, s_ptr, inter, stride_gu, stride_q, BLOCK: tl.constexpr, ACT: tl.constexpr,
                          OUT_DTYPE: tl.constexpr, RNE: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < inter
-    gate = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0)
-    up = tl.load(gu_ptr + row * stride_gu + inter + cols, mask=mask, other=0.0)
-    act = cast_rne(_activate(gate.to(tl.float32), ACT), gate.dtype, RNE)
-    out = cast_rne(act.to(tl.float32) * up.to(tl.float32), OUT_DTYPE, RNE).to(tl.float32)
-    rows = tl.zeros((1,), dtype=tl.int64) + row
-    store_fp8_rows(out[None, :], rows, rows >= 0, cols, mask, q_ptr, s_ptr, stride_q)
+    gu_row = gu_ptr + row * stride_gu
+    offs = tl.arange(0, BLOCK)
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, inter, BLOCK):
+        cols = start + offs
+        amax = tl.maximum(amax, tl.abs(_glu_chunk(gu_row, cols, cols < inter, inter, ACT, OUT_DTYPE, RNE)))
+    scale = tl.maximum(tl.max(amax, 0) / _FP8_MAX, _FP8_SCALE_MIN)
+    tl.store(s_ptr + row, scale)
+    for start in range(0, inter, BLOCK):  # the row again, from L2: recomputed rather than stored and re-read
+        cols = start + offs
+        mask = cols < inter
+        out = _glu_chunk(gu_row, cols, mask, inter, ACT, OUT_DTYPE, RNE)
+        tl.store(q_ptr + row * stride_q + cols, fp8_round(out / scale).to(tl.float8e4nv), mask=mask)
 
 
 def _check_activation(activation: str) -> None:
@@ -75,20 +92,20 @@ def _check_activation(activation: str) -> None:
         raise ValueError(f"triton_glu_packed: unknown activation {activation!r}; known: {sorted(ACTIVATION_CODES)}")
 
 
-def glu_fp8_launch(gate_up: torch.Tensor, activation: str, codes: torch.Tensor, scales: torch.Tensor) -> None:
+def glu_fp8_launch(
+    gate_up: torch.Tensor, activation: str, codes: torch.Tensor, scales: torch.Tensor,
+    block: int = FP8_BLOCK, warps: int = FP8_WARPS,
+) -> None:
     """``gate_up [R, 2I]`` -> the output's per-token fp8 ``codes [R, I]`` and ``scales [R, 1]`` float32."""
     _check_activation(activation)
     inter = gate_up.shape[-1] // 2
-    if inter > MAX_FP8_ROW:
-        raise ValueError(f"glu with fp8 output: at most {MAX_FP8_ROW} channels, got {inter}")
     gu = gate_up if gate_up.stride(-1) == 1 else gate_up.contiguous()
     if gu.shape[0] == 0 or inter == 0:
         return
-    block = next_pow2(inter)
     _glu_fp8_rows_kernel[(gu.shape[0],)](
-        gu, codes, scales, inter, gu.stride(0), codes.stride(0), BLOCK=block, ACT=ACTIVATION_CODES[activation],
-        OUT_DTYPE=tl_dtype(gu.dtype), RNE=INTERPRET and gu.dtype == torch.bfloat16,
-        num_warps=1 if INTERPRET else max(1, min(16, block // 512)), **pdl_flags(gu.device, gu.shape[0]),
+        gu, codes, scales, inter, gu.stride(0), codes.stride(0), BLOCK=min(block, next_pow2(inter)),
+        ACT=ACTIVATION_CODES[activation], OUT_DTYPE=tl_dtype(gu.dtype), RNE=INTERPRET and gu.dtype == torch.bfloat16,
+        num_warps=1 if INTERPRET else warps, **pdl_flags(gu.device, gu.shape[0]),
     )
 
 

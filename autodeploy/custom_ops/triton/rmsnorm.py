@@ -74,7 +74,7 @@ def normed_chunk(x_ptr, r_ptr, w_ptr, cols, ok, rstd, w_offset, OUT_DTYPE: tl.co
 
 
 @triton.jit
-def store_fp8_rows(y, rows, row_ok, cols, col_ok, q_ptr, s_ptr, stride_q):
+def _store_fp8_rows(y, rows, row_ok, cols, col_ok, q_ptr, s_ptr, stride_q):
     """Per-token fp8 quantization of the float32 tile ``y [R, C]`` of whole rows (``rows`` int64): ``scale =
     max|y| / 448`` per row into ``s_ptr``, the codes ``y / scale`` into ``q_ptr`` (``_fp8_rows_kernel``'s numbers)."""
     mask = row_ok[:, None] & col_ok[None, :]
@@ -108,7 +108,7 @@ def _rmsnorm_rows_kernel(
     y = _normalize(xf, rstd[:, None], w[None, :], w_offset, X_DTYPE, PROD_DTYPE, HAS_OFFSET)
     if FP8_OUT:
         y16 = cast_rne(y, o_ptr.dtype.element_ty, RNE).to(tl.float32)
-        store_fp8_rows(y16, rows.to(tl.int64), rows < n_rows, cols, cols < H, q_ptr, s_ptr, stride_q)
+        _store_fp8_rows(y16, rows.to(tl.int64), rows < n_rows, cols, cols < H, q_ptr, s_ptr, stride_q)
     else:
         tl.store(o_ptr + rows64 * stride_o + cols[None, :], y.to(o_ptr.dtype.element_ty), mask=mask)
 
