@@ -53,6 +53,7 @@ class FakeRunner:
         assert out.num_batched_tokens <= cfg.max_num_batched_tokens
         assert len(out.entries) <= cfg.max_num_seqs
         assert len({e.request_id for e in out.entries}) == len(out.entries)
+        assert not {e.request_id for e in out.entries} & {r.request_id for r in out.preempted}
         for entry in out.decodes:
             assert entry.num_new_tokens == 1 and entry.sample
             assert entry.token_ids == [entry.request.last_token_id]
@@ -381,6 +382,31 @@ def test_preemption_evicts_lowest_priority_then_latest():
         sched.update(out, runner.execute(out))
     assert first_preempted[:2] == ["b", "a"]
     assert c.num_preemptions == 0
+
+
+def test_decode_that_needs_a_block_takes_back_an_entry_made_earlier_in_the_step():
+    """A decode whose next token fits its blocks is scheduled without the block manager; one that needs a block
+    may preempt a request scheduled earlier in the same step, whose entry and budget are then taken back."""
+    sched = Scheduler(config(max_num_batched_tokens=3, num_blocks=4, enable_prefix_caching=False))
+    runner = FakeRunner(sched)
+    a = req("a", [1] * 3, max_tokens=20, priority=1)  # admitted first, so first in running order; served last
+    b, c = req("b", [2], max_tokens=20), req("c", [3] * 12, max_tokens=20)
+    sched.add_request(a)
+    runner.step()
+    sched.add_request(b)
+    sched.add_request(c)
+    for _ in range(4):  # a and b decode, c prefills one token a step; a now holds 2 blocks, b and c 1 each
+        runner.step()
+    assert sched.block_manager.num_free_blocks == 0 and (a.num_computed_tokens, b.num_computed_tokens) == (7, 4)
+    out = sched.schedule()  # a's token fits; b's starts a block: a is preempted after its entry was made
+    assert [r.request_id for r in out.preempted] == ["a"] and a.status is RequestStatus.WAITING
+    assert [(e.request_id, e.start_pos) for e in out.decodes] == [("b", 4)]
+    assert [(e.request_id, e.start_pos, e.num_new_tokens) for e in out.prefills] == [("c", 4, 2)]  # a's token too
+    sched.update(out, runner.execute(out))
+    while sched.has_work():
+        runner.step()
+    for r in (a, b, c):  # the context is the 16-slot pool plus one token
+        assert r.output_token_ids == oracle(r.prompt_token_ids, min(20, 17 - len(r.prompt_token_ids)))
 
 
 def test_abort_frees_blocks():

@@ -35,7 +35,7 @@ from .request import PLACEHOLDER_TOKEN, Request
 from .request_state import RequestState
 from .sampler import Sampler
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from .scheduler import ScheduledEntry, Scheduler, SchedulerConfig, SchedulerOutput
 
 logger = logging.getLogger("autodeploy.executor")
 
@@ -70,6 +70,26 @@ class _Launched:
     rows: list[Request]  # the requests sampled, in the order of the sampler's rows
     result: Any  # SamplerOutput (device tensors) or None when nothing was sampled
     host_tokens: _HostTokens | None
+
+
+def _token_fill(entries: list[ScheduledEntry], previous: _Launched) -> TokenFill | None:
+    """The entries whose last new token is a placeholder the previous step sampled: read it on the device."""
+    row_of = {request: row for row, request in enumerate(previous.rows)}
+    entry_indices: list[int] = []
+    source_rows: list[int] = []
+    for i, entry in enumerate(entries):
+        request = entry.request
+        row = row_of.get(request)
+        if row is None:
+            continue
+        outputs = request.output_token_ids
+        num_tokens = len(request.prompt_token_ids) + len(outputs)
+        if outputs[-1] == PLACEHOLDER_TOKEN and entry.start_pos + entry.num_new_tokens == num_tokens:
+            entry_indices.append(i)
+            source_rows.append(row)
+    if not entry_indices:
+        return None
+    return TokenFill(entry_indices, source_rows, previous.result.token_ids)
 
 
 class Engine:
@@ -217,24 +237,18 @@ class Engine:
     def _needs_host_tokens(out: SchedulerOutput) -> bool:
         """Penalties read the previous tokens on the host when the sampling batch is built."""
         for entry in out.entries:
-            p = entry.request.sampling_params
-            if entry.sample and (p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty):
-                return True
+            if entry.sample:
+                p = entry.request.sampling_params
+                if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+                    return True
         return False
 
     def _launch(self, out: SchedulerOutput, previous: _Launched | None) -> _Launched:
         """Run the model and the sampler for ``out``; nothing waits for the GPU."""
-        fill = None
-        if previous is not None:  # decode inputs the previous step sampled: read them on the device
-            source = {r.request_id: i for i, r in enumerate(previous.rows)}
-            entries = out.entries
-            picks = [(i, source[e.request_id]) for i, e in enumerate(entries) if e.request_id in source
-                     and e.request.output_token_ids[-1] == PLACEHOLDER_TOKEN and e.start_pos + e.num_new_tokens
-                     == e.request.num_tokens]
-            if picks:
-                fill = TokenFill([i for i, _ in picks], [j for _, j in picks], previous.result.token_ids)
+        entries = out.entries
+        fill = _token_fill(entries, previous) if previous is not None else None
         logits = self.runner.execute(out.prefills, out.decodes, fill)  # [N, V]
-        rows = [e.request for e in out.entries if e.sample]
+        rows = [e.request for e in entries if e.sample]
         result = None
         if rows:
             batch = self.sampler.batch_for(rows, self._generators(rows), self.device, self.vocab_size)
@@ -280,18 +294,20 @@ class Engine:
     ) -> list[RequestOutput]:
         touched: dict[str, RequestState] = {}
         now = time.monotonic()
+        parent_of = self._parent_of
         for request_id, tokens in sampled.items():
-            state = self._parent_of.get(request_id)
+            state = parent_of.get(request_id)
             if state is None:
                 continue
-            child = state.child(request_id)
-            stop = state.on_tokens(child, tokens, extras.get(request_id), now)
-            if stop is not None and not child.is_finished:
-                self.scheduler.finish_request(request_id, "stop", stop)
-                state.on_finished(child)
+            stop = state.on_tokens(request_id, tokens, extras.get(request_id), now)
+            if stop is not None:
+                child = state.child(request_id)
+                if not child.is_finished:
+                    self.scheduler.finish_request(request_id, "stop", stop)
+                    state.on_finished(child)
             touched[state.request_id] = state
         for request in finished:
-            state = self._parent_of.get(request.request_id)
+            state = parent_of.get(request.request_id)
             if state is not None:
                 state.on_finished(request)
                 touched[state.request_id] = state

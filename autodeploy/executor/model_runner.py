@@ -104,8 +104,9 @@ class ModelRunner:
         if prefill_pad is not None:
             padded_seqs, pad_len, num_prefill = max(prefill_pad[0], num_seqs), 0, max(prefill_pad[0], num_seqs)
         token_lists = [e.token_ids for e in entries]
+        tables = [e.block_ids for e in entries]
         lens = np.fromiter(map(len, token_lists), dtype=np.int64, count=num_seqs)
-        starts = np.fromiter((e.start_pos for e in entries), dtype=np.int64, count=num_seqs)
+        starts = np.array([e.start_pos for e in entries], dtype=np.int64)
         lens = np.concatenate([lens, np.full(padded_seqs - num_seqs, pad_len, dtype=np.int64)])
         starts = np.concatenate([starts, np.zeros(padded_seqs - num_seqs, dtype=np.int64)])
         num_tokens = int(lens.sum())
@@ -115,26 +116,32 @@ class ModelRunner:
         positions = starts[seq_of_token] + (np.arange(num_tokens) - cu[:-1][seq_of_token])
 
         extra = max(0, prefill_pad[1] - num_tokens) if prefill_pad is not None else 0  # tokens of no sequence
-        sample = [bool(e.sample) for e in entries] + [True] * (padded_seqs - num_seqs)
+        sample = np.ones(padded_seqs, dtype=bool)
+        sample[:num_seqs] = np.array([e.sample for e in entries], dtype=bool)
         if prefill_pad is not None:  # a fixed count of rows: the sampled entries', then row 0
-            sampled = (cu[1:] - 1)[:num_seqs][np.asarray(sample[:num_seqs], dtype=bool)]
+            sampled = (cu[1:] - 1)[:num_seqs][sample[:num_seqs]]
             sample_rows = np.concatenate([sampled, np.zeros(padded_seqs - len(sampled), dtype=np.int64)])
         else:
-            sample_rows = (cu[1:] - 1)[np.asarray(sample, dtype=bool)]
-        fill_rows = [int(cu[s + 1]) - 1 for s in fill.entry_indices] if fill is not None else []  # last new token
+            sample_rows = (cu[1:] - 1)[sample]
+        fill_rows = np.zeros(0, dtype=np.int64)
+        if fill is not None:  # each fill entry's last new token
+            fill_rows = cu[np.asarray(fill.entry_indices, dtype=np.int64) + 1] - 1
         buffers = self.buffers
         buffers.begin(num_tokens + extra, padded_seqs, len(sample_rows), len(fill_rows))
 
-        pages = buffers.host("page_table").numpy().reshape(padded_seqs, -1)
-        pages[:] = 0
-        tables = [e.block_ids for e in entries]
+        page_table = buffers.host("page_table").numpy()  # [padded_seqs * max_pages]
+        page_table[:] = 0
         table_lens = np.fromiter(map(len, tables), dtype=np.int64, count=num_seqs)
-        table_rows = np.repeat(np.arange(num_seqs), table_lens)
-        table_starts = np.cumsum(table_lens) - table_lens
-        table_cols = np.arange(len(table_rows)) - np.repeat(table_starts, table_lens)
-        pages[table_rows, table_cols] = np.fromiter(
-            itertools.chain.from_iterable(tables), dtype=pages.dtype, count=len(table_rows)
+        if num_seqs and table_lens.max() > self.max_pages:
+            raise IndexError(f"a block table of {table_lens.max()} blocks, but the page table has {self.max_pages}")
+        table_ends = np.cumsum(table_lens)
+        num_table_blocks = int(table_ends[-1]) if num_seqs else 0
+        # where each block goes in the flat page table: its row's start plus its place in the row
+        row_shift = np.arange(num_seqs) * self.max_pages - (table_ends - table_lens)
+        page_table[np.arange(num_table_blocks) + np.repeat(row_shift, table_lens)] = np.fromiter(
+            itertools.chain.from_iterable(tables), dtype=page_table.dtype, count=num_table_blocks
         )
+        pages = page_table.reshape(padded_seqs, self.max_pages)
         bs = self.block_size
         slots = pages[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
         slots[cu[num_seqs] :] = -1
@@ -161,7 +168,9 @@ class ModelRunner:
         inputs = self._graph_inputs()
         if fill is not None:  # tokens sampled by the previous step, still on the device
             n = len(fill.source_rows)
-            if fill_rows == fill.source_rows == list(range(n)):  # decode after decode: row j takes token j
+            in_place = np.arange(n)
+            if np.array_equal(fill_rows, in_place) and np.array_equal(fill.source_rows, in_place):
+                # decode after decode: row j takes token j
                 inputs["input_ids"].view(-1)[:n].copy_(fill.tokens[:n])
             else:
                 inputs["input_ids"].view(-1)[buffers.device("fill_rows")] = fill.tokens[buffers.device("fill_sources")]

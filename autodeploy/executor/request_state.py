@@ -62,6 +62,7 @@ class RequestState:
         self.metrics = RequestMetrics(arrival_time=time.monotonic())
         self.error: BaseException | None = None
         self.latest: RequestOutput | None = None
+        self._num_unfinished = 0  # sequences without a finish reason yet
 
     # ---- sequences ----------------------------------------------------------------------------------------
     def make_children(self, eos_token_ids: frozenset[int], priority: int) -> list[Request]:
@@ -76,6 +77,7 @@ class RequestState:
             request = Request(child_id, self.prompt_token_ids, params, eos_token_ids, priority=priority)
             self.sequences[child_id] = _Sequence(i, request, self.tokenizer)
             children.append(request)
+        self._num_unfinished = len(self.sequences)
         return children
 
     @property
@@ -97,12 +99,13 @@ class RequestState:
         return seq.generator
 
     # ---- progress -----------------------------------------------------------------------------------------
-    def on_tokens(self, request: Request, tokens: list[int], extra: Any, now: float) -> str | None:
-        """Record sampled tokens (already appended to the request by the scheduler); return a hit stop string."""
-        seq = self.sequences[request.request_id]
+    def on_tokens(self, request_id: str, tokens: list[int], extra: Any, now: float) -> str | None:
+        """Record a sequence's sampled tokens (already appended to its request by the scheduler); return a hit
+        stop string."""
+        seq = self.sequences[request_id]
         if self.metrics.first_token_time is None:
             self.metrics.first_token_time = now
-            self.metrics.num_cached_tokens = request.num_cached_tokens
+            self.metrics.num_cached_tokens = seq.request.num_cached_tokens
         if extra is not None and seq.completion.logprobs is not None:
             sampled_logprob, top = extra
             entry = {tokens[-1]: Logprob(sampled_logprob)}
@@ -135,16 +138,14 @@ class RequestState:
             completion.finish_reason = request.finish_reason
             completion.stop_reason = request.stop_reason
             completion.token_ids = list(request.output_token_ids)
+            if completion.finish_reason is not None:
+                self._num_unfinished -= 1
         self.metrics.num_preemptions += request.num_preemptions
 
     @property
     def finished(self) -> bool:
-        if self.error is not None:
-            return True
-        for seq in self.sequences.values():
-            if seq.completion.finish_reason is None:
-                return False
-        return True
+        """Failed, or every sequence has its finish reason."""
+        return self.error is not None or self._num_unfinished == 0
 
     # ---- outputs ------------------------------------------------------------------------------------------
     def _streamable_text(self, seq: _Sequence) -> str:

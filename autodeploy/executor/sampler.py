@@ -38,6 +38,8 @@ device value back (no host sync); the caller copies the results to the host once
 
 from __future__ import annotations
 
+import itertools
+import operator
 import weakref
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
@@ -86,8 +88,13 @@ class SamplerOutput:
         return self.top_ids, self.top_logprobs
 
 
-# columns of the packed per-row float parameters (one host-to-device copy)
-_TEMP, _TOP_K, _TOP_P, _MIN_P, _REP, _PRES, _FREQ = range(7)
+# the per-row parameters read from SamplingParams: the first 7 are the packed float parameters (one host-to-device
+# copy), min_tokens stays on the host
+_PARAM_FIELDS = (
+    "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens"
+)
+_TEMP, _TOP_K, _TOP_P, _MIN_P, _REP, _PRES, _FREQ, _MIN_TOKENS = range(len(_PARAM_FIELDS))
+_param_values = operator.attrgetter(*_PARAM_FIELDS)
 
 
 @dataclass
@@ -132,55 +139,54 @@ class SamplingBatch:
         ``prompt_token_ids`` may also be an int64 numpy array (e.g. cached per request), which saves
         converting a long prompt every step.
         """
-        device = torch.device(device)
         rows = [r if type(r) is SamplingRow else SamplingRow(*r) for r in rows]
-        n, v = len(rows), vocab_size
+        if not rows:
+            raise RequestError("a sampling batch needs at least one row")
+        return cls.from_columns(*zip(*rows), device=device, vocab_size=vocab_size)
+
+    @classmethod
+    def from_columns(
+        cls,
+        params: Sequence[SamplingParams],
+        prompt_token_ids: Sequence[Sequence[int] | np.ndarray],
+        output_token_ids: Sequence[Sequence[int] | np.ndarray],
+        generators: Sequence[torch.Generator | None],
+        eos_token_ids: Sequence[Collection[int]],
+        *,
+        device: torch.device | str,
+        vocab_size: int,
+    ) -> SamplingBatch:
+        """``build`` for rows given as columns, one sequence per ``SamplingRow`` field (no row objects to make).
+
+        The parameters of all rows are read at once into one array; prompt tokens, EOS ids and generators are
+        read only for the rows that need them.
+        """
+        device = torch.device(device)
+        n, v = len(params), vocab_size
         if n == 0:
             raise RequestError("a sampling batch needs at least one row")
-        host_rows: list[tuple] = []
-        greedy_rows: list[bool] = []
-        seeded: list[tuple[int, torch.Generator]] = []
-        unseeded: list[int] = []
-        rep_rows, count_rows, banned = [], [], []
-        max_logprobs: int | None = None
-        for i, (p, prompt, output, generator, eos) in enumerate(rows):
-            is_greedy = p.temperature < GREEDY_TEMPERATURE
-            greedy_rows.append(is_greedy)
-            host_rows.append((
-                1.0 if is_greedy else p.temperature,
-                v if p.top_k <= 0 else min(p.top_k, v),
-                p.top_p,
-                p.min_p,
-                p.repetition_penalty,
-                p.presence_penalty,
-                p.frequency_penalty,
-            ))
-            if not is_greedy:
-                if generator is None:
-                    unseeded.append(i)
-                elif generator.device.type != device.type:
-                    raise RequestError(
-                        f"the generator of sampling row {i} is on {generator.device}, the logits on {device}",
-                        hint="create per-request generators with torch.Generator(device=<logits device>)",
-                    )
-                else:
-                    seeded.append((i, generator))
-            if p.repetition_penalty != 1.0:
-                rep_rows.append(i)
-            if (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0) and len(output):
-                count_rows.append(i)
-            if len(output) < p.min_tokens:
-                stops = set(p.stop_token_ids or ())
-                if not p.ignore_eos:
-                    stops.update(eos)
-                banned.extend(i * v + t for t in stops if 0 <= t < v)
-            if p.logprobs is not None:
-                max_logprobs = max(max_logprobs or 0, min(p.logprobs, v))
+        num_fields = len(_PARAM_FIELDS)
+        values = np.fromiter(  # [N, 8]; a row's tuple is freed before the next is made
+            itertools.chain.from_iterable(map(_param_values, params)), dtype=np.float64, count=n * num_fields
+        ).reshape(n, num_fields)
+        greedy = values[:, _TEMP] < GREEDY_TEMPERATURE
+        seeded, unseeded = _random_rows_by_generator(generators, np.flatnonzero(~greedy), device)
+        num_outputs = np.fromiter(map(len, output_token_ids), dtype=np.int64, count=n)
+        rep_rows = np.flatnonzero(values[:, _REP] != 1.0).tolist()
+        has_count_penalty = (values[:, _PRES] != 0.0) | (values[:, _FREQ] != 0.0)
+        count_rows = np.flatnonzero(has_count_penalty & (num_outputs > 0)).tolist()
+        below_min_tokens = np.flatnonzero(num_outputs < values[:, _MIN_TOKENS]).tolist()
+        banned = _banned_indices(params, eos_token_ids, below_min_tokens, v)
+        asked = [p.logprobs for p in params if p.logprobs is not None]
+        max_logprobs = min(max(asked), v) if asked else None
 
-        host = np.array(host_rows, dtype=np.float32)
-        greedy = np.array(greedy_rows, dtype=bool)
         if greedy.all() and not rep_rows and not count_rows and not banned:  # argmax alone: nothing to upload
             return cls(n, v, device, all_greedy=True, max_logprobs=max_logprobs)
+        host = values[:, :_MIN_TOKENS].copy()  # [N, 7]: the sampler's view of the parameters
+        host[greedy, _TEMP] = 1.0
+        top_k = host[:, _TOP_K]
+        host[:, _TOP_K] = np.where(top_k <= 0, v, np.minimum(top_k, v))
+        host = host.astype(np.float32)
         random_rows = ~greedy
         filtered = random_rows & ((host[:, _TOP_K] < v) | (host[:, _TOP_P] < 1.0))
         sub = host[filtered]  # [S, 7]
@@ -193,18 +199,18 @@ class SamplingBatch:
         if greedy.any() and not greedy.all():
             ints["greedy"] = greedy.astype(np.int64)
         if rep_rows:
-            seen = [(i, rows[i].prompt_token_ids) for i in rep_rows]
-            ints["seen"] = _flat_indices(seen + [(i, rows[i].output_token_ids) for i in rep_rows], v)
+            seen = [(i, prompt_token_ids[i]) for i in rep_rows] + [(i, output_token_ids[i]) for i in rep_rows]
+            ints["seen"] = _flat_indices(seen, v)
         if count_rows:
-            ints["counts"] = _flat_indices([(i, rows[i].output_token_ids) for i in count_rows], v)
+            ints["counts"] = _flat_indices([(i, output_token_ids[i]) for i in count_rows], v)
         if banned:
             ints["banned"] = np.asarray(banned, dtype=np.int64)
         f = _upload(floats, np.float32, device)
         d = _upload(ints, np.int64, device)
-        params = f["params"].view(n, 7)
+        device_params = f["params"].view(n, 7)
 
         def col(c: int) -> torch.Tensor:  # [N, 1]
-            return params[:, c : c + 1]
+            return device_params[:, c : c + 1]
 
         batch = cls(n, v, device, all_greedy=bool(greedy.all()), max_logprobs=max_logprobs)
         batch.seeded_rows = seeded
@@ -237,6 +243,40 @@ class SamplingBatch:
             batch.output_counts = counts.index_add_(0, d["counts"], ones).view(n, v)
         batch.banned = d.get("banned")
         return batch
+
+
+def _random_rows_by_generator(
+    generators: Sequence[torch.Generator | None], random_rows: np.ndarray, device: torch.device
+) -> tuple[list[tuple[int, torch.Generator]], list[int]]:
+    """The random rows with their own generator, as ``(row, generator)``, and those without one."""
+    seeded: list[tuple[int, torch.Generator]] = []
+    unseeded: list[int] = []
+    for i in random_rows.tolist():
+        generator = generators[i]
+        if generator is None:
+            unseeded.append(i)
+        elif generator.device.type != device.type:
+            raise RequestError(
+                f"the generator of sampling row {i} is on {generator.device}, the logits on {device}",
+                hint="create per-request generators with torch.Generator(device=<logits device>)",
+            )
+        else:
+            seeded.append((i, generator))
+    return seeded, unseeded
+
+
+def _banned_indices(
+    params: Sequence[SamplingParams], eos_token_ids: Sequence[Collection[int]], rows: list[int], vocab_size: int
+) -> list[int]:
+    """``row * V + token`` for the stop tokens (and EOS unless ``ignore_eos``) of ``rows`` (under min_tokens)."""
+    banned: list[int] = []
+    for i in rows:
+        p = params[i]
+        stops = set(p.stop_token_ids or ())
+        if not p.ignore_eos:
+            stops.update(eos_token_ids[i])
+        banned.extend(i * vocab_size + t for t in stops if 0 <= t < vocab_size)
+    return banned
 
 
 def _flat_indices(rows: list[tuple[int, Sequence[int] | np.ndarray]], vocab_size: int) -> np.ndarray:
@@ -285,15 +325,20 @@ class Sampler:
         vocab_size: int,
     ) -> SamplingBatch:
         """The batch for the engine's scheduled requests (one generator or None per request)."""
-        rows = [
-            SamplingRow(r.sampling_params, self._prompt_tokens(r), r.output_token_ids, g, r.eos_token_ids)
-            for r, g in zip(requests, generators, strict=True)
+        if len(generators) != len(requests):
+            raise ValueError(f"{len(generators)} generators for {len(requests)} requests")
+        params = [r.sampling_params for r in requests]
+        prompts = [  # only read for rows with a repetition penalty
+            r.prompt_token_ids if p.repetition_penalty == 1.0 else self._prompt_tokens(r)
+            for r, p in zip(requests, params)
         ]
-        return SamplingBatch.build(rows, device, vocab_size)
+        return SamplingBatch.from_columns(
+            params, prompts, [r.output_token_ids for r in requests], generators, [r.eos_token_ids for r in requests],
+            device=device, vocab_size=vocab_size,
+        )
 
     def _prompt_tokens(self, request: RequestLike) -> Sequence[int] | np.ndarray:
-        if request.sampling_params.repetition_penalty == 1.0:
-            return request.prompt_token_ids  # not read
+        """The distinct prompt tokens of a request with a repetition penalty, converted once per request."""
         try:
             tokens = self._prompt_sets.get(request)
             if tokens is None:

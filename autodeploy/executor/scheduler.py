@@ -69,7 +69,7 @@ class SchedulerConfig:
             )
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledEntry:
     """One request's share of a step: feed tokens ``[start_pos, start_pos + num_new_tokens)``.
 
@@ -236,42 +236,86 @@ class Scheduler:
         return (request.priority, request.arrival_time, self._arrival_seq[request.request_id])
 
     def schedule(self) -> SchedulerOutput:
-        cfg = self.config
-        bm = self.block_manager
-        budget = cfg.max_num_batched_tokens
-        scheduled: dict[str, ScheduledEntry] = {}
-        preempted: list[Request] = []
+        out = SchedulerOutput()
+        scheduled: dict[str, ScheduledEntry] = {}  # by request id: the entries a later preemption takes back
+        budget = self._schedule_running(out, scheduled, self.config.max_num_batched_tokens)
+        if not out.preempted:
+            self._admit_waiting(out, scheduled, budget)
+        return out
 
-        decoding: list[Request] = []
+    def _schedule_running(self, out: SchedulerOutput, scheduled: dict[str, ScheduledEntry], budget: int) -> int:
+        """Steps 1 and 2 of ``schedule()``; returns the budget left.
+
+        A request in the steady decode state whose next token fits the blocks it holds needs no block manager
+        call: its entry is made in the first pass, which collects the partial prefills for the second.
+        """
+        block_size = self.block_manager.block_size
+        running_status = RequestStatus.RUNNING
         prefilling: list[Request] = []
-        for request in self.running:
-            (decoding if request.in_decode_phase else prefilling).append(request)
-        for request in decoding + prefilling:
+        for request in list(self.running):  # a copy: preemption removes requests from ``running``
             if budget == 0:
                 break
-            if request.status is not RequestStatus.RUNNING:  # preempted earlier in this step
+            if request.status is not running_status:  # preempted earlier in this step
+                continue
+            start = request.num_computed_tokens
+            outputs = request.output_token_ids
+            if not outputs or start != len(request.prompt_token_ids) + len(outputs) - 1:  # not in_decode_phase
+                prefilling.append(request)
                 continue
             if self._stops_by_length(request):  # its in-flight token is its last
                 continue
+            if start >= len(request.block_ids) * block_size:  # its next token starts a new block
+                allocated, freed_budget = self._allocate_or_preempt(request, 1, out, scheduled)
+                budget += freed_budget
+                if not allocated:
+                    continue
+            entry = ScheduledEntry(request, 1, start, True)
+            out.decodes.append(entry)
+            scheduled[request.request_id] = entry
+            budget -= 1
+        for request in prefilling:
+            if budget == 0:
+                break
+            if request.status is not running_status or self._stops_by_length(request):
+                continue
             num_new = request.num_pending_tokens
             if num_new > budget:
-                if not cfg.enable_chunked_prefill:
+                if not self.config.enable_chunked_prefill:
                     continue
                 num_new = budget
-            while not bm.allocate_for(request, num_new):
-                victim = max(self.running, key=self._order_key)
-                self._preempt(victim)
-                preempted.append(victim)
-                unscheduled = scheduled.pop(victim.request_id, None)
-                if unscheduled is not None:
-                    budget += unscheduled.num_new_tokens
-                if victim is request:
-                    break
-            else:
-                scheduled[request.request_id] = self._entry(request, num_new)
+            allocated, freed_budget = self._allocate_or_preempt(request, num_new, out, scheduled)
+            budget += freed_budget
+            if allocated:
+                self._add_entry(out, scheduled, request, num_new)
                 budget -= num_new
+        if out.preempted:  # drop the entries that preemption took back
+            out.decodes = [e for e in out.decodes if scheduled.get(e.request.request_id) is e]
+            out.prefills = [e for e in out.prefills if scheduled.get(e.request.request_id) is e]
+        return budget
 
-        while not preempted and self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+    def _allocate_or_preempt(
+        self, request: Request, num_new: int, out: SchedulerOutput, scheduled: dict[str, ScheduledEntry]
+    ) -> tuple[bool, int]:
+        """Blocks for ``num_new`` more tokens of ``request``, preempting the last running request in
+        ``(priority, arrival_time)`` order while none are free. Returns whether ``request`` got them (False when
+        it was preempted itself) and the budget given back by the entries of the preempted requests."""
+        freed_budget = 0
+        while not self.block_manager.allocate_for(request, num_new):
+            victim = max(self.running, key=self._order_key)
+            self._preempt(victim)
+            out.preempted.append(victim)
+            unscheduled = scheduled.pop(victim.request_id, None)
+            if unscheduled is not None:
+                freed_budget += unscheduled.num_new_tokens
+            if victim is request:
+                return False, freed_budget
+        return True, freed_budget
+
+    def _admit_waiting(self, out: SchedulerOutput, scheduled: dict[str, ScheduledEntry], budget: int) -> None:
+        """Step 3 of ``schedule()``: waiting requests in order, while the first of them fits."""
+        cfg = self.config
+        bm = self.block_manager
+        while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
             request = self.waiting[0]
             num_new = request.num_tokens - bm.num_cached_prefix_tokens(request)
             if num_new > budget:
@@ -283,19 +327,19 @@ class Scheduler:
             self.waiting.pop(0)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            scheduled[request.request_id] = self._entry(request, num_new)
+            self._add_entry(out, scheduled, request, num_new)
             budget -= num_new
 
-        out = SchedulerOutput(preempted=preempted)
-        for entry in scheduled.values():
-            is_decode = entry.request.in_decode_phase and entry.num_new_tokens == 1
-            (out.decodes if is_decode else out.prefills).append(entry)
-        return out
-
     @staticmethod
-    def _entry(request: Request, num_new: int) -> ScheduledEntry:
+    def _add_entry(
+        out: SchedulerOutput, scheduled: dict[str, ScheduledEntry], request: Request, num_new: int
+    ) -> None:
+        """Schedule ``num_new`` tokens of ``request`` from its first uncomputed one (its blocks are allocated)."""
         start = request.num_computed_tokens
-        return ScheduledEntry(request, num_new, start, sample=start + num_new == request.num_tokens)
+        entry = ScheduledEntry(request, num_new, start, sample=start + num_new == request.num_tokens)
+        is_decode = num_new == 1 and request.in_decode_phase
+        (out.decodes if is_decode else out.prefills).append(entry)
+        scheduled[request.request_id] = entry
 
     def commit(self, output: SchedulerOutput) -> None:
         """The step is launched: advance computed tokens and give each sampling entry a placeholder output."""
@@ -308,10 +352,14 @@ class Scheduler:
 
     def _stops_by_length(self, request: Request) -> bool:
         """Whether the request's in-flight tokens already reach its length limits."""
-        if not request.output_token_ids or request.output_token_ids[-1] != PLACEHOLDER_TOKEN:
+        outputs = request.output_token_ids
+        if not outputs or outputs[-1] != PLACEHOLDER_TOKEN:
             return False
         max_tokens = request.sampling_params.max_tokens
-        return (max_tokens is not None and request.num_output_tokens >= max_tokens) or request.num_tokens >= self.max_len
+        num_output = len(outputs)
+        return (max_tokens is not None and num_output >= max_tokens) or (
+            len(request.prompt_token_ids) + num_output >= self.max_len
+        )
 
     def _preempt(self, request: Request) -> None:
         self.block_manager.free(request)
@@ -330,57 +378,58 @@ class Scheduler:
         tokens replace the entries' placeholders (also for a request preempted meanwhile).
         """
         finished, self._aborted = self._aborted, []
-        bm = self.block_manager
+        mark_computed = self.block_manager.mark_computed
+        committed = output.committed
+        running_status = RequestStatus.RUNNING
         for entry in output.entries:
             request = entry.request
-            if output.committed:
-                if request.is_finished:
+            status = request.status
+            if status is not running_status:
+                if not committed or status.is_finished:
                     continue
-            elif request.status is not RequestStatus.RUNNING:
-                continue
-            else:
+            elif not committed:
                 request.num_computed_tokens += entry.num_new_tokens
             if not entry.sample:
-                if request.status is RequestStatus.RUNNING:
-                    bm.mark_computed(request)
+                if status is running_status:
+                    mark_computed(request)
                 continue
             token_ids = sampled_token_ids.get(request.request_id)
             if not token_ids:
                 raise ValueError(f"update(): no sampled token for request {request.request_id!r}, which sampled")
-            index = entry.start_pos + entry.num_new_tokens - request.num_prompt_tokens  # of the token in outputs
-            for offset, token_id in enumerate(token_ids):
-                position = index + offset
-                if output.committed:
-                    request.output_token_ids[position] = token_id
+            outputs = request.output_token_ids
+            index = entry.start_pos + entry.num_new_tokens - len(request.prompt_token_ids)  # of the token in outputs
+            for position, token_id in enumerate(token_ids, index):
+                if committed:
+                    outputs[position] = token_id
                 else:
-                    request.output_token_ids.append(token_id)
-                stop = self._check_stop(request, position)
+                    outputs.append(token_id)
+                stop = self._check_stop(request, position, token_id)
                 if stop is not None:
-                    del request.output_token_ids[position + 1 :]
-                    if request.status is RequestStatus.RUNNING:
-                        bm.mark_computed(request)  # its full blocks stay cached once it is freed
+                    del outputs[position + 1 :]
+                    if request.status is running_status:
+                        mark_computed(request)  # its full blocks stay cached once it is freed
                     self._retire(request, *stop)
                     finished.append(request)
                     break
-            if request.status is RequestStatus.RUNNING:
+            if request.status is running_status:
                 # only now: a committed step's computed tokens end with the one just read back
-                bm.mark_computed(request)
+                mark_computed(request)
         self._last_finished = {r.request_id: r for r in finished}
         return finished
 
-    def _check_stop(self, request: Request, index: int) -> tuple[str, int | None] | None:
-        """``(finish_reason, stop_reason)`` if output token ``index`` ends the request, else None."""
+    def _check_stop(self, request: Request, index: int, token_id: int) -> tuple[str, int | None] | None:
+        """``(finish_reason, stop_reason)`` if ``token_id``, output token ``index``, ends the request, else None."""
         params = request.sampling_params
         num_output = index + 1
-        token_id = request.output_token_ids[index]
         if num_output >= params.min_tokens:
             if not params.ignore_eos and token_id in request.eos_token_ids:
                 return "stop", None
             if token_id in params.stop_token_ids:  # type: ignore[operator]
                 return "stop", token_id
-        if params.max_tokens is not None and num_output >= params.max_tokens:
+        max_tokens = params.max_tokens
+        if max_tokens is not None and num_output >= max_tokens:
             return "length", None
-        if request.num_prompt_tokens + num_output >= self.max_len:
+        if len(request.prompt_token_ids) + num_output >= self.max_len:
             return "length", None
         return None
 
