@@ -25,15 +25,18 @@ def fp8_above_one_row(monkeypatch):
 
 
 def _assert_quantized(codes, scales, y):
-    """``(codes, scales)`` is exactly what the unfused fp8 linear's quantization kernel makes of ``y`` (on CPU that
-    is ``quantize_fp8_per_token(y)``; the GPU's fp32 division may round a code the other way than torch's)."""
+    """``(codes, scales)`` is exactly what the unfused fp8 linear's quantization kernel makes of ``y``, and (on CPU
+    exactly) ``quantize_fp8_per_token(y)``: the GPU's fp32 division may put a value across a rounding boundary."""
     expected_codes, expected_scales = fp8_quantize_rows(y.reshape(-1, y.shape[-1]))
     torch.testing.assert_close(scales, expected_scales, atol=0, rtol=0)
     torch.testing.assert_close(codes.float(), expected_codes.float(), atol=0, rtol=0)
-    if y.is_cuda:
-        return
     torch_codes, torch_scales = quantize_fp8_per_token(y.reshape(-1, y.shape[-1]))
     torch.testing.assert_close(scales, torch_scales, atol=0, rtol=1e-6)
+    if y.is_cuda:  # rounding to nearest-even like torch: a code one step off only where the division differs
+        off = codes.float() != torch_codes.float()
+        assert off.float().mean().item() < 1e-3
+        torch.testing.assert_close(codes.float(), torch_codes.float(), atol=2**-9, rtol=0.125)
+        return
     torch.testing.assert_close(codes.float(), torch_codes.float(), atol=0, rtol=0)
 
 

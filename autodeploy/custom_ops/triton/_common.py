@@ -12,6 +12,7 @@ import triton.language as tl
 
 #: Running under ``TRITON_INTERPRET=1`` (CPU tests). Read once: Triton reads it at import time too.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_SOFTWARE_FP8: tl.constexpr = tl.constexpr(INTERPRET)  # to_fp8 rounds in software under the interpreter
 
 #: ``AUTODEPLOY_PDL=0`` launches every kernel the ordinary way (see ``pdl_flags``)
 PDL_ENV = "AUTODEPLOY_PDL"
@@ -138,6 +139,18 @@ def fp8_round(x):
     exponent = tl.maximum(((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
     step = ((exponent + 124) << 23).to(tl.float32, bitcast=True)  # 2^(exponent - 3)
     return ((x / step + 12582912.0) - 12582912.0) * step
+
+
+@triton.jit
+def to_fp8(x):
+    """``x`` (float32) as float8 e4m3fn codes, rounded to nearest-even and saturated at +-448: on the GPU the
+    hardware conversion (a few instructions fewer than ``fp8_round``, which it equals), under the interpreter
+    ``fp8_round`` first (the interpreter's own conversion mis-rounds)."""
+    if _SOFTWARE_FP8:
+        x = fp8_round(x)
+    else:
+        x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+    return x.to(tl.float8e4nv, fp_downcast_rounding="rtne")
 
 
 @triton.jit

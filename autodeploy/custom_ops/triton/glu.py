@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .. import gated_mlp as _reference  # noqa: F401  (registers the torch op family)
-from ._common import INTERPRET, cast_rne, fp8_round, next_pow2, pdl_enter, pdl_flags, tanh, tl_dtype
+from ._common import INTERPRET, cast_rne, next_pow2, pdl_enter, pdl_flags, tanh, tl_dtype, to_fp8
 from ..quant_linear import FP8_MAX, FP8_SCALE_MIN
 
 #: activation name -> the kernel's ``ACT`` code
@@ -84,7 +84,7 @@ def _glu_fp8_rows_kernel(gu_ptr, q_ptr, s_ptr, inter, stride_gu, stride_q, BLOCK
         cols = start + offs
         mask = cols < inter
         out = _glu_chunk(gu_row, cols, mask, inter, ACT, OUT_DTYPE, RNE)
-        tl.store(q_ptr + row * stride_q + cols, fp8_round(out / scale).to(tl.float8e4nv), mask=mask)
+        tl.store(q_ptr + row * stride_q + cols, to_fp8(out / scale), mask=mask)
 
 
 def _check_activation(activation: str) -> None:

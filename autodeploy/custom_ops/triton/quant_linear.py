@@ -42,7 +42,8 @@ import triton.language as tl
 from .. import quant_linear as _reference  # noqa: F401  (registers the torch op family)
 from ..quant_linear import FP8_DTYPE, FP8_MAX, FP8_SCALE_MIN, INT4_CHUNK, INT4_SLICE, int4_group, int4_row_tile
 from ._common import (
-    INTERPRET, NUM_LOCKS, device_sms, fp8_round, mma, next_pow2, split_k_sum, split_locks, tl_dtype, upcast_dots,
+    INTERPRET, NUM_LOCKS, device_sms, fp8_round, mma, next_pow2, split_k_sum, split_locks, tl_dtype, to_fp8,
+    upcast_dots,
 )
 from .dequant_linear import int4_dequant_linear
 from .gemv import GEMV_MAX_TOKENS, gemv, tensor_core_gemv_ok
@@ -195,7 +196,7 @@ def _fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK_K: tl.con
     tl.store(s_ptr + row, scale)
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_ptr + row * stride_x + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-        tl.store(q_ptr + row * stride_q + k0 + offs, fp8_round(x / scale).to(tl.float8e4nv), mask=k0 + offs < K)
+        tl.store(q_ptr + row * stride_q + k0 + offs, to_fp8(x / scale), mask=k0 + offs < K)
 
 
 # ---- launchers ---------------------------------------------------------------------------------------------------

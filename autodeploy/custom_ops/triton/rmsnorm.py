@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .. import rmsnorm as _reference  # noqa: F401  (registers the torch op family)
 from ..quant_linear import FP8_MAX, FP8_SCALE_MIN
-from ._common import INTERPRET, cast_rne, fp8_round, next_pow2, pdl_enter, pdl_flags, tl_dtype
+from ._common import INTERPRET, cast_rne, next_pow2, pdl_enter, pdl_flags, tl_dtype, to_fp8
 
 MAX_ONE_PASS = 16384
 ROW_ELEMS = 4096  # elements per program in the one-pass kernel
@@ -80,7 +80,7 @@ def _store_fp8_rows(y, rows, row_ok, cols, col_ok, q_ptr, s_ptr, stride_q):
     mask = row_ok[:, None] & col_ok[None, :]
     scale = tl.maximum(tl.max(tl.where(mask, tl.abs(y), 0.0), 1) / _FP8_MAX, _FP8_SCALE_MIN)  # [R]
     tl.store(s_ptr + rows, scale, mask=row_ok)
-    codes = fp8_round(y / scale[:, None]).to(tl.float8e4nv)
+    codes = to_fp8(y / scale[:, None])
     tl.store(q_ptr + rows[:, None] * stride_q + cols[None, :], codes, mask=mask)
 
 
