@@ -91,7 +91,8 @@ class SamplerOutput:
 # the per-row parameters read from SamplingParams: the first 7 are the packed float parameters (one host-to-device
 # copy), min_tokens stays on the host
 _PARAM_FIELDS = (
-    "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens"
+    "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+    "min_tokens",
 )
 _TEMP, _TOP_K, _TOP_P, _MIN_P, _REP, _PRES, _FREQ, _MIN_TOKENS = range(len(_PARAM_FIELDS))
 _param_values = operator.attrgetter(*_PARAM_FIELDS)
@@ -332,9 +333,10 @@ class Sampler:
             r.prompt_token_ids if p.repetition_penalty == 1.0 else self._prompt_tokens(r)
             for r, p in zip(requests, params)
         ]
+        outputs = [r.output_token_ids for r in requests]
+        eos_ids = [r.eos_token_ids for r in requests]
         return SamplingBatch.from_columns(
-            params, prompts, [r.output_token_ids for r in requests], generators, [r.eos_token_ids for r in requests],
-            device=device, vocab_size=vocab_size,
+            params, prompts, outputs, generators, eos_ids, device=device, vocab_size=vocab_size
         )
 
     def _prompt_tokens(self, request: RequestLike) -> Sequence[int] | np.ndarray:

@@ -397,7 +397,7 @@ class Scheduler:
             if not token_ids:
                 raise ValueError(f"update(): no sampled token for request {request.request_id!r}, which sampled")
             outputs = request.output_token_ids
-            index = entry.start_pos + entry.num_new_tokens - len(request.prompt_token_ids)  # of the token in outputs
+            index = entry.start_pos + entry.num_new_tokens - len(request.prompt_token_ids)  # its place in outputs
             for position, token_id in enumerate(token_ids, index):
                 if committed:
                     outputs[position] = token_id
