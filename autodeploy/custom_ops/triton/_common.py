@@ -10,9 +10,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ..quant_linear import FP8_MAX, FP8_SCALE_MIN
+
 #: Running under ``TRITON_INTERPRET=1`` (CPU tests). Read once: Triton reads it at import time too.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _SOFTWARE_FP8: tl.constexpr = tl.constexpr(INTERPRET)  # to_fp8 rounds in software under the interpreter
+_FP8_MAX: tl.constexpr = tl.constexpr(FP8_MAX)
+_FP8_SCALE_MIN: tl.constexpr = tl.constexpr(FP8_SCALE_MIN)
 
 #: ``AUTODEPLOY_PDL=0`` launches every kernel the ordinary way (see ``pdl_flags``)
 PDL_ENV = "AUTODEPLOY_PDL"
@@ -139,6 +143,13 @@ def fp8_round(x):
     exponent = tl.maximum(((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
     step = ((exponent + 124) << 23).to(tl.float32, bitcast=True)  # 2^(exponent - 3)
     return ((x / step + 12582912.0) - 12582912.0) * step
+
+
+@triton.jit
+def fp8_scale(amax):
+    """The per-token fp8 scale of a row whose largest magnitude is ``amax``: ``amax / 448``, floored so that an
+    all-zero row gets zero codes, not NaN (``quantize_fp8_per_token``)."""
+    return tl.maximum(amax / _FP8_MAX, _FP8_SCALE_MIN)
 
 
 @triton.jit

@@ -25,7 +25,7 @@ from ..quant_linear import FP8_DTYPE
 from ._common import next_pow2
 from .gemv import gemv
 from .glu import glu_fp8_launch, glu_packed_launch
-from .linear_glu import _fused_applies
+from .linear_glu import gemv_glu_applies
 from .quant_linear import FP8_GEMV_MAX_TOKENS, W_FP8, _rows, fp8_linear, fp8_quantize_rows, scaled_mm_fp8
 from .rmsnorm import MAX_ONE_PASS, rmsnorm_launch
 
@@ -58,12 +58,11 @@ def _quantize_into(y: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -
 def _norm(x, residual, weight, eps, weight_offset, out, summed):
     k, rows = x.shape[-1], _num_rows(x)
     codes, scales = _fp8_pair(rows, k, x.device)
-    if not reads_fp8(rows, k, out.dtype, x.device):
-        rmsnorm_launch(x, weight, eps, weight_offset, out, residual=residual, summed=summed)
-    elif next_pow2(k) <= MAX_ONE_PASS:
-        rmsnorm_launch(x, weight, eps, weight_offset, out, residual=residual, summed=summed, fp8_out=(codes, scales))
-    else:
-        rmsnorm_launch(x, weight, eps, weight_offset, out, residual=residual, summed=summed)
+    fp8 = reads_fp8(rows, k, out.dtype, x.device)
+    in_kernel = fp8 and next_pow2(k) <= MAX_ONE_PASS  # else (long rows) the output, then its quantization
+    rmsnorm_launch(x, weight, eps, weight_offset, out, residual=residual, summed=summed,
+                   fp8_out=(codes, scales) if in_kernel else None)
+    if fp8 and not in_kernel:
         _quantize_into(out, codes, scales)
     return codes, scales
 
@@ -150,11 +149,9 @@ def triton_linear_glu_fp8(
     codes, scales = _fp8_pair(rows if quantize_output else 0, n_out, x.device)
     fp8_in = xq is not None and reads_fp8(rows, k, x.dtype, x.device)
     fp8_out = quantize_output and reads_fp8(rows, n_out, x.dtype, x.device)
-    if not fp8_in and _fused_applies(_rows(x), weight, "fp8", 0):  # the decode GEMV, activation in its epilogue
+    if not fp8_in and gemv_glu_applies(_rows(x), weight, "fp8", 0):  # decode GEMV, activation in its epilogue
         out = gemv(_rows(x), W_FP8, weight, weight_scale, None, bias, 0, glu_activation=activation)
-        if fp8_out:
-            _quantize_into(out, codes, scales)
-        return out.view(*x.shape[:-1], n_out), codes, scales
+        return out.view(*x.shape[:-1], n_out), codes, scales  # at these rows nothing reads codes (reads_fp8)
     if fp8_in:
         _check_rows(weight)
         gate_up = scaled_mm_fp8(xq, x_scale, weight, weight_scale, bias, x.dtype)

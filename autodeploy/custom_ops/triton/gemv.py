@@ -45,9 +45,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quant_linear import FP8_MAX, FP8_SCALE_MIN, INT4_CHUNK, int4_group, int4_row_tile
+from ..quant_linear import INT4_CHUNK, int4_group, int4_row_tile
 from ._common import (
-    INTERPRET, NUM_LOCKS, cast_rne, fp8_round, next_pow2, pdl_enter, pdl_flags, split_k_sum, split_locks, tl_dtype,
+    INTERPRET, NUM_LOCKS, cast_rne, fp8_round, fp8_scale, next_pow2, pdl_enter, pdl_flags, split_k_sum, split_locks,
+    tl_dtype,
 )
 from .gemv_int4 import int4_step, int4_tc_offset, int4_tc_offset_inputs, int4_tc_step, int4_tc_x
 from .glu import ACTIVATION_CODES, _activate
@@ -58,8 +59,6 @@ W_DENSE, W_FP8, W_INT8, W_INT4 = 3, 0, 1, 2  # the 8/4-bit codes are those of qu
 GEMV_MAX_TOKENS = 4  # what the kernel takes; quant_linear.py sends it fewer where it is the fastest path
 NORM_MAX_K = 16384  # the longest row the add + RMSNorm prologue holds in registers
 OFFSET_HOIST_CHUNKS = 16  # int4 tensor cores: chunks whose offset inputs are loaded before the chunk loop
-_FP8_MAX: tl.constexpr = tl.constexpr(FP8_MAX)
-_FP8_SCALE_MIN: tl.constexpr = tl.constexpr(FP8_SCALE_MIN)
 
 
 @dataclass(frozen=True)
@@ -222,7 +221,7 @@ def _gemv_kernel(
             kx = k0 + tl.arange(0, BLOCK_K)
             xt = tl.load(x_rows + kx[None, :], mask=m_ok[:, None] & (kx[None, :] < K), other=0.0)
             amax = tl.maximum(amax, tl.abs(xt.to(tl.float32)))
-        x_scale = tl.maximum(tl.max(amax, 1) / _FP8_MAX, _FP8_SCALE_MIN)
+        x_scale = fp8_scale(tl.max(amax, 1))
 
     if W_FMT == 2 and TENSOR_CORES:  # one 128-long chunk a step (gemv_int4.py)
         # the offset's first OFFSET_CHUNKS chunks: loads out first, their latency hidden by the loop (run 34: gate/up

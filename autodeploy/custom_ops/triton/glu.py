@@ -17,15 +17,12 @@ import triton
 import triton.language as tl
 
 from .. import gated_mlp as _reference  # noqa: F401  (registers the torch op family)
-from ._common import INTERPRET, cast_rne, next_pow2, pdl_enter, pdl_flags, tanh, tl_dtype, to_fp8
-from ..quant_linear import FP8_MAX, FP8_SCALE_MIN
+from ._common import INTERPRET, cast_rne, fp8_scale, next_pow2, pdl_enter, pdl_flags, tanh, tl_dtype, to_fp8
 
 #: activation name -> the kernel's ``ACT`` code
 ACTIVATION_CODES: dict[str, int] = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "relu2": 4}
 MAX_BLOCK = 2048
 FP8_BLOCK, FP8_WARPS = 2048, 8  # the fp8-output kernel's chunk of a row and its warps
-_FP8_MAX: tl.constexpr = tl.constexpr(FP8_MAX)
-_FP8_SCALE_MIN: tl.constexpr = tl.constexpr(FP8_SCALE_MIN)
 
 
 @triton.jit
@@ -78,7 +75,7 @@ def _glu_fp8_rows_kernel(gu_ptr, q_ptr, s_ptr, inter, stride_gu, stride_q, BLOCK
     for start in range(0, inter, BLOCK):
         cols = start + offs
         amax = tl.maximum(amax, tl.abs(_glu_chunk(gu_row, cols, cols < inter, inter, ACT, OUT_DTYPE, RNE)))
-    scale = tl.maximum(tl.max(amax, 0) / _FP8_MAX, _FP8_SCALE_MIN)
+    scale = fp8_scale(tl.max(amax, 0))
     tl.store(s_ptr + row, scale)
     for start in range(0, inter, BLOCK):  # the row again, from L2: recomputed rather than stored and re-read
         cols = start + offs

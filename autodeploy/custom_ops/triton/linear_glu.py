@@ -23,7 +23,7 @@ from .quant_linear import FP8_GEMV_MAX_TOKENS, _rows, fp8_linear, int4_gemv_max_
 WEIGHT_FORMATS: dict[str, int] = {"dense": W_DENSE, "fp8": W_FP8, "int4": W_INT4}
 
 
-def _fused_applies(x2: torch.Tensor, weight: torch.Tensor, weight_format: str, group_size: int) -> bool:
+def gemv_glu_applies(x2: torch.Tensor, weight: torch.Tensor, weight_format: str, group_size: int) -> bool:
     """Whether the unfused linear would run the GEMV at this token count (the fused op then runs it with the
     activation in its epilogue)."""
     rows = x2.shape[0]
@@ -56,7 +56,7 @@ def triton_linear_glu(
         raise ValueError(f"triton_linear_glu: unknown weight_format {weight_format!r}; known: {sorted(WEIGHT_FORMATS)}")
     x2 = _rows(x)
     n_out = weight.shape[0] // 2
-    if _fused_applies(x2, weight, weight_format, group_size):
+    if gemv_glu_applies(x2, weight, weight_format, group_size):
         fmt = WEIGHT_FORMATS[weight_format]
         y = gemv(x2, fmt, weight, scales, zeros, bias, group_size, glu_activation=activation)
     else:

@@ -40,10 +40,10 @@ import triton
 import triton.language as tl
 
 from .. import quant_linear as _reference  # noqa: F401  (registers the torch op family)
-from ..quant_linear import FP8_DTYPE, FP8_MAX, FP8_SCALE_MIN, INT4_CHUNK, INT4_SLICE, int4_group, int4_row_tile
+from ..quant_linear import FP8_DTYPE, INT4_CHUNK, INT4_SLICE, int4_group, int4_row_tile
 from ._common import (
-    INTERPRET, NUM_LOCKS, device_sms, fp8_round, mma, next_pow2, split_k_sum, split_locks, tl_dtype, to_fp8,
-    upcast_dots,
+    INTERPRET, NUM_LOCKS, device_sms, fp8_round, fp8_scale, mma, next_pow2, split_k_sum, split_locks, tl_dtype,
+    to_fp8, upcast_dots,
 )
 from .dequant_linear import int4_dequant_linear
 from .gemv import GEMV_MAX_TOKENS, gemv, tensor_core_gemv_ok
@@ -55,8 +55,6 @@ INT4_GEMV_MAX_TOKENS = 2  # the CUDA-core int4 GEMV up to here (M=1: 112 vs 174 
 DEQUANT_MIN_TOKENS = 17  # int4 from here up (CUDA): dequantize + cuBLAS (M=64: 425 vs 655 us; M=16: 425 vs 180)
 SCALED_MM_MIN_ROWS = 16  # fewer rows are zero-padded to this for torch._scaled_mm
 MAX_SPLIT_K = 16
-_FP8_MAX: tl.constexpr = tl.constexpr(FP8_MAX)
-_FP8_SCALE_MIN: tl.constexpr = tl.constexpr(FP8_SCALE_MIN)
 
 
 @dataclass(frozen=True)
@@ -135,7 +133,7 @@ def _wq_gemm_kernel(
             kk = k0 + tl.arange(0, BLOCK_K)
             xt = tl.load(x_rows + kk[:, None], mask=(kk[:, None] < K) & m_ok[None, :], other=0.0)
             amax = tl.maximum(amax, tl.max(tl.abs(xt.to(tl.float32)), 0))
-        x_scale = tl.maximum(amax / _FP8_MAX, _FP8_SCALE_MIN)
+        x_scale = fp8_scale(amax)
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     k_lo = pid_k * chunks_per_split * BLOCK_K
@@ -192,7 +190,7 @@ def _fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK_K: tl.con
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_ptr + row * stride_x + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.max(amax, 0) / _FP8_MAX, _FP8_SCALE_MIN)
+    scale = fp8_scale(tl.max(amax, 0))
     tl.store(s_ptr + row, scale)
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_ptr + row * stride_x + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)

@@ -18,13 +18,10 @@ import triton
 import triton.language as tl
 
 from .. import rmsnorm as _reference  # noqa: F401  (registers the torch op family)
-from ..quant_linear import FP8_MAX, FP8_SCALE_MIN
-from ._common import INTERPRET, cast_rne, next_pow2, pdl_enter, pdl_flags, tl_dtype, to_fp8
+from ._common import INTERPRET, cast_rne, fp8_scale, next_pow2, pdl_enter, pdl_flags, tl_dtype, to_fp8
 
 MAX_ONE_PASS = 16384
 ROW_ELEMS = 4096  # elements per program in the one-pass kernel
-_FP8_MAX: tl.constexpr = tl.constexpr(FP8_MAX)
-_FP8_SCALE_MIN: tl.constexpr = tl.constexpr(FP8_SCALE_MIN)
 
 
 @triton.jit
@@ -78,7 +75,7 @@ def _store_fp8_rows(y, rows, row_ok, cols, col_ok, q_ptr, s_ptr, stride_q):
     """Per-token fp8 quantization of the float32 tile ``y [R, C]`` of whole rows (``rows`` int64): ``scale =
     max|y| / 448`` per row into ``s_ptr``, the codes ``y / scale`` into ``q_ptr`` (``_fp8_rows_kernel``'s numbers)."""
     mask = row_ok[:, None] & col_ok[None, :]
-    scale = tl.maximum(tl.max(tl.where(mask, tl.abs(y), 0.0), 1) / _FP8_MAX, _FP8_SCALE_MIN)  # [R]
+    scale = fp8_scale(tl.max(tl.where(mask, tl.abs(y), 0.0), 1))  # [R]
     tl.store(s_ptr + rows, scale, mask=row_ok)
     codes = to_fp8(y / scale[:, None])
     tl.store(q_ptr + rows[:, None] * stride_q + cols[None, :], codes, mask=mask)
