@@ -36,7 +36,9 @@ CASES = ([("b1 ctx40", [(39, 1)]), ("b5 ctx20", [(19, 1)] * 5)] if SMOKE else
          [("b1 ctx384", [(383, 1)]), ("b1 ctx4096", [(4095, 1)]), ("b64 ctx1024", [(1023, 1)] * 64),
           ("b1000 ctx192", [(191, 1)] * 1000)])
 TILES = [(32, 4, 3), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2), (128, 8, 3),
-         (256, 8, 2)]  # (decode_block_n, decode_warps, decode_stages)
+         (256, 8, 2), (32, 2, 2), (32, 2, 3), (64, 2, 3), (32, 1, 2), (64, 1, 2),
+         (32, 4, 3, 128), (64, 4, 3, 128), (128, 4, 3, 128), (64, 4, 3, 96), (64, 4, 2, 96), (32, 4, 3, 80)]
+# (decode_block_n, decode_warps, decode_stages[, decode_maxnreg])
 
 
 def graph_us(fn) -> float:
@@ -67,16 +69,17 @@ def main() -> None:
             nbytes = kv_bytes(seqs) // (2 if cache == "fp8" else 1)
             row = {"case": name, "cache": cache, "GB": round(nbytes / 1e9, 3)}
             timings = []
-            for n, w, s in TILES:
-                cfg = replace(base, decode_block_n=n, decode_warps=w, decode_stages=s)
+            for tile in TILES:
+                n, w, s, regs = (*tile, None)[:4]
+                cfg = replace(base, decode_block_n=n, decode_warps=w, decode_stages=s, decode_maxnreg=regs)
                 try:
                     cached_attention_into(outs[0], **{k: v.clone() for k, v in layers[0].items()}, config=cfg)
                     err = ((outs[0].float() - ref.float()).norm() / ref.float().norm()).item()
                     us = graph_us(lambda: [cached_attention_into(o, **inp, config=cfg) for o, inp in zip(outs, layers)])
                 except Exception as e:  # noqa: BLE001  (a tile that does not fit: recorded, skipped)
-                    row.setdefault("errors", []).append(f"{(n, w, s)}: {type(e).__name__}")
+                    row.setdefault("errors", []).append(f"{tile}: {type(e).__name__}")
                     continue
-                timings.append((round(us / ROTATE, 2), (n, w, s), round(err, 5)))
+                timings.append((round(us / ROTATE, 2), tile, round(err, 5)))
             timings.sort()
             base_tile = (base.decode_block_n, base.decode_warps, base.decode_stages)
             default = next((t for t in timings if t[1] == base_tile), None)

@@ -470,6 +470,16 @@ def test_attention_with_rope_in_the_cache_write(dtype, interleaved, rotary, n_q,
     assert torch.equal(ours_in["v_cache"], ref_in["v_cache"])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_attention_16_bit_activations_over_an_fp8_cache(dtype, num_splits):
+    """16-bit q over float8 pools: both products run in float16 (q clamped to its range), prefill and decode."""
+    batch = _paged_batch([(0, 6), (5, 3), (9, 1), (40, 1)], 2, 8, 2, 16, 4, dtype)
+    for name in ("k_cache", "v_cache"):
+        batch.inputs[name] = batch.inputs[name].to(torch.float8_e4m3fn)
+    _check_attention(batch, config=SMALL_TILES, num_splits=num_splits, kv_scale=0.5)
+
+
 @pytest.mark.parametrize("num_splits", [1, 3])  # the decode writes its output / the reduction does (V's scale)
 def test_attention_with_rope_into_an_fp8_cache(num_splits):
     """float32 activations (no interpreter bf16 rounding) into float8 pools: the reference's codes."""

@@ -28,8 +28,9 @@ A chunk size (chunked local attention) bounds the keys from below like a window 
 sees keys from ``max(p - window + 1, p - p % chunk)``, so the three key ranges and the decode split are the same.
 
 Logits: ``s = qk * scale`` (or ``cap * tanh(qk * scale / cap)``) ``+ slope * (k_pos - q_pos)``, computed in
-float32 and scaled by ``log2(e)`` for ``exp2``. P is cast to the value dtype for the second product (as every
-flash kernel does); float32 inputs use exact (``ieee``) products. Running maxima start at -1e30 (finite) so
+float32 and scaled by ``log2(e)`` for ``exp2``. Both products take 16-bit operands in q's dtype, or float16 with a
+float8 cache (``_as_mma_operand``): K, V and P are cast to it (as every flash kernel casts P); float32 inputs use
+exact (``ieee``) products. Running maxima start at -1e30 (finite) so
 fully masked rows never produce NaN.
 """
 
@@ -62,6 +63,7 @@ class AttentionConfig:
     decode_block_n: int = 64
     decode_warps: int = 4
     decode_stages: int = 3
+    decode_maxnreg: int | None = None  # registers a decode thread may use (None: the compiler's choice)
 
 
 def default_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> AttentionConfig:
@@ -164,6 +166,16 @@ def _first_key(pos, window, chunk, HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.const
 
 
 @triton.jit
+def _as_mma_operand(q, kc_ptr):
+    """q in the dtype both products run in: float16 for a float8 cache with 16-bit activations (fp8 -> fp16 is one
+    hardware conversion per two values, fp8 -> bf16 goes through fp16, and fp16 holds every fp8 value and every
+    probability exactly or closer than bf16), clamped to fp16's range; otherwise q's own dtype."""
+    if kc_ptr.dtype.element_ty == tl.float8e4nv and q.dtype != tl.float32:
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+    return q
+
+
+@triton.jit
 def _finish(acc, m_i, l_i, sinks_ptr, head, row_ok, HAS_SINKS: tl.constexpr):
     """Normalise: add each head's sink logit to the denominator, divide."""
     if HAS_SINKS:
@@ -230,6 +242,7 @@ def _prefill_kernel(
             mask=row_ok[:, None] & (offs_d[None, :] < D),
             other=0.0,
         )  # [BLOCK_M, BLOCK_D]
+        q = _as_mma_operand(q, kc_ptr)
         if HAS_ALIBI:
             slope = tl.load(alibi_ptr + head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
         else:
@@ -320,6 +333,7 @@ def _decode_kernel(
         mask=row_ok[:, None] & (offs_d[None, :] < D),
         other=0.0,
     )  # [BLOCK_H, BLOCK_D]
+    q = _as_mma_operand(q, kc_ptr)
     q_pos = tl.zeros((BLOCK_H,), dtype=tl.int32) + pos
     if HAS_ALIBI:
         slope = tl.load(alibi_ptr + head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
@@ -540,6 +554,7 @@ def cached_attention_into(
             G=group, HEADS=heads, NUM_HG=num_hg, D=d, DV=dv, BLOCK_D=block_d, BLOCK_DV=block_dv,
             BLOCK_H=max(16, next_pow2(heads)), BLOCK_N=block_n, PAGE=page, SPLIT=split, **flags,
             num_warps=cfg.decode_warps, num_stages=cfg.decode_stages, **pdl_flags(q.device, num_decode),
+            **({} if cfg.decode_maxnreg is None else {"maxnreg": cfg.decode_maxnreg}),
         )
         if split:
             _decode_reduce_kernel[(num_decode, n_q)](
