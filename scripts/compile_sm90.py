@@ -180,20 +180,23 @@ def decode_chain_variants():
                      "qn_ptr": "*bf16", "kn_ptr": "*bf16", **dict.fromkeys(ints, "i32"), "inv_scale": "fp32",
                      "eps": "fp32", "w_offset": "fp32", **{k: "constexpr" for k in consts}}
         yield f"rope_kv_write cache={cache} norms={norms}", _rope_kv_write_kernel, signature, consts, dict(num_warps=4)
-    for split, block_n in ((True, 32), (False, 64)):  # split: partials for the reduction launch
+    four_warps = dict(num_warps=4, num_stages=3)
+    tiles = ((True, 32, "*bf16", four_warps), (False, 64, "*bf16", four_warps),
+             (False, 32, "*fp8e4nv", dict(num_warps=1, num_stages=2, maxnreg=128)))  # decode_tile_for's one-warp tile
+    for split, block_n, cache, launch in tiles:  # split: partials for the reduction launch
         consts = dict(G=4, HEADS=4, NUM_HG=1, D=128, DV=128, BLOCK_D=128, BLOCK_DV=128, BLOCK_H=16, BLOCK_N=block_n,
                       PAGE=16, HAS_WINDOW=False, HAS_CHUNK=False, HAS_CAP=False, HAS_ALIBI=False, HAS_SINKS=split,
                       SPLIT=split, UPCAST=False, IEEE=False, USE_PDL=True)
         ints = ["first_seq", "num_splits", "n_q", "stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_kb",
                 "stride_ks", "stride_kh", "stride_vb", "stride_vs", "stride_vh", "stride_pt"]
-        signature = {**dict.fromkeys(["q_ptr", "kc_ptr", "vc_ptr", "o_ptr"], "*bf16"),
+        signature = {**dict.fromkeys(["q_ptr", "o_ptr"], "*bf16"), **dict.fromkeys(["kc_ptr", "vc_ptr"], cache),
                      **dict.fromkeys(["part_acc_ptr", "part_ml_ptr"], "*fp32"),
                      **dict.fromkeys(["seq_lens_ptr", "cu_ptr", "cache_lens_ptr", "pt_ptr"], "*i32"),
                      **dict.fromkeys(["sinks_ptr", "alibi_ptr"], "*bf16"), **dict.fromkeys(ints, "i32"),
                      **dict.fromkeys(["qk_scale", "cap_scale", "cap_inv"], "fp32"), "window": "i32", "chunk": "i32",
                      "v_scale": "fp32",
                      **{k: "constexpr" for k in consts}}
-        yield f"decode attention split={split}", _decode_kernel, signature, consts, dict(num_warps=4, num_stages=3)
+        yield f"decode attention split={split} cache={cache} {launch}", _decode_kernel, signature, consts, launch
 
 
 #: arguments a real launch specializes as multiples of 16 (Triton's divisibility hint), which decides whether

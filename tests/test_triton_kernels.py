@@ -123,14 +123,25 @@ def test_attention_decode(dtype, n_q, n_kv, num_splits):
     _check_attention(batch, config=SMALL_TILES, num_splits=num_splits)
 
 
-def test_decode_key_tile_follows_the_programs_and_the_cache():
-    from autodeploy.custom_ops.triton.cached_attention import decode_block_n_for
+def test_decode_tile_follows_the_programs_the_cache_and_the_heads():
+    from autodeploy.custom_ops.triton.cached_attention import decode_tile_for
 
     cpu = torch.device("cpu")  # stands in for 4 multiprocessors
-    assert decode_block_n_for(1, torch.bfloat16, cpu, 64) == 32  # split over the keys
-    assert decode_block_n_for(12, torch.float8_e4m3fn, cpu, 64) == 128
-    assert decode_block_n_for(12, torch.bfloat16, cpu, 64) == 64
-    assert decode_block_n_for(100, torch.float8_e4m3fn, cpu, 64) == 64
+    base = AttentionConfig()
+    fp8, bf16 = torch.float8_e4m3fn, torch.bfloat16
+
+    def tile(programs, dtype, head_dim=128):
+        cfg = decode_tile_for(programs, dtype, head_dim, cpu, base)
+        assert (cfg.prefill_block_m, cfg.prefill_block_n) == (base.prefill_block_m, base.prefill_block_n)
+        return cfg.decode_block_n, cfg.decode_warps, cfg.decode_stages, cfg.decode_maxnreg
+
+    assert tile(1, bf16) == (32, 4, 3, None)  # split over the keys
+    assert tile(12, fp8) == (128, 4, 3, 128)
+    assert tile(20, fp8) == (64, 4, 3, 128)
+    assert tile(12, bf16) == (64, 4, 3, None)
+    assert tile(100, fp8) == (32, 1, 2, 128)  # many sequences: one warp a program
+    assert tile(100, bf16) == (32, 1, 3, None)
+    assert tile(100, bf16, head_dim=256) == (64, 4, 3, None)
 
 
 def test_attention_prefill_more_sequences_than_one_search_block(monkeypatch):

@@ -414,17 +414,31 @@ def decode_splits(num_decode: int, programs_per_seq: int, max_ctx: int, block_n:
     return max(1, min(triton.cdiv(target, base), triton.cdiv(max_ctx, block_n), MAX_SPLITS))
 
 
-def decode_block_n_for(programs: int, cache_dtype: torch.dtype, device: torch.device, default: int) -> int:
-    """The decode kernel's key tile on the GPU when no config is given, from the tile sweep of run 22
-    (``bench/decode_attention.py``, H100): 32 keys when the step is split over the keys (fewer programs than
-    ``decode_splits`` fills the GPU with: batch 1 at 384 tokens, 6.05 vs 6.93 µs a layer), 128 for an fp8 cache
-    with up to four programs a multiprocessor (64 x 1024 tokens: 80 vs 95 µs), ``default`` otherwise."""
+def decode_tile_for(
+    programs: int, cache_dtype: torch.dtype, head_dim: int, device: torch.device, cfg: AttentionConfig
+) -> AttentionConfig:
+    """The decode kernel's tile on the GPU when no config is given, from ``bench/decode_attention.py``'s sweeps
+    (run 22 on an H100, run 50 on an H200; µs a layer, Llama-3.1-8B's heads):
+
+    - fewer programs than ``decode_splits`` fills the GPU with (the step is split over the keys): 32 keys (batch 1
+      at 384 tokens: 6.05 vs 6.93 µs, run 22);
+    - an fp8 cache with up to four programs a multiprocessor: 128 keys, 4 warps, at most 128 registers a thread
+      (64 x 1024 tokens: 59.2 vs 86.6 µs at 64 keys, run 50); up to eight: 64 keys, 128 registers;
+    - at least eight programs a multiprocessor (many sequences) and heads up to 128: one warp a program, 32 keys,
+      so no product's operands or softmax statistics cross warps; with an fp8 cache two stages and at most 128
+      registers a thread (1000 x 192 tokens: 146.1 vs 217.3 µs; 256 x 2048: 340.2 vs 495.3), with a bf16 one three
+      stages (203.8 vs 220.3; 490.2 vs 507.2);
+    - ``cfg`` otherwise."""
     sms = device_sms(device)
+    fp8 = cache_dtype in FP8_CACHE_DTYPES
     if programs < 2 * sms:
-        return 32
-    if cache_dtype in FP8_CACHE_DTYPES and programs <= 4 * sms:
-        return 128
-    return default
+        return replace(cfg, decode_block_n=32)
+    if programs >= 8 * sms and head_dim <= 128:
+        return replace(cfg, decode_block_n=32, decode_warps=1, decode_stages=2 if fp8 else 3,
+                       decode_maxnreg=128 if fp8 else None)
+    if fp8:
+        return replace(cfg, decode_block_n=128 if programs <= 4 * sms else 64, decode_warps=4, decode_maxnreg=128)
+    return cfg
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -536,9 +550,9 @@ def cached_attention_into(
     if num_decode > 0:
         heads = _heads_per_program(group, 64)
         num_hg = group // heads
-        block_n = cfg.decode_block_n
         if config is None and q.device.type == "cuda":
-            block_n = decode_block_n_for(num_decode * n_kv * num_hg, k_cache.dtype, q.device, block_n)
+            cfg = decode_tile_for(num_decode * n_kv * num_hg, k_cache.dtype, max(d, dv), q.device, cfg)
+        block_n = cfg.decode_block_n
         max_ctx = page_table.shape[1] * page
         splits = num_splits or decode_splits(num_decode, n_kv * num_hg, max_ctx, block_n, q.device)
         split = splits > 1
