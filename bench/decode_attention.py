@@ -54,7 +54,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--tiles", default=None, help="'n,warps,stages[,maxnreg];...' instead of the sweep")
     args = parser.parse_args()
+    tiles = [tuple(int(v) for v in t.split(",")) for t in args.tiles.split(";")] if args.tiles else TILES
     res = JsonResults(args.out, {"device": "cpu" if SMOKE else torch.cuda.get_device_name(0)})
     torch.manual_seed(0)
     for name, seqs in CASES:
@@ -70,7 +72,7 @@ def main() -> None:
             nbytes = kv_bytes(seqs) // (2 if cache == "fp8" else 1)
             row = {"case": name, "cache": cache, "GB": round(nbytes / 1e9, 3)}
             timings = []
-            for tile in TILES:
+            for tile in tiles:
                 n, w, s, regs = (*tile, None)[:4]
                 cfg = replace(base, decode_block_n=n, decode_warps=w, decode_stages=s, decode_maxnreg=regs)
                 try:

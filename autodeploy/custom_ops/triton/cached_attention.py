@@ -112,12 +112,13 @@ def _attend(
     offs_dv = tl.arange(0, BLOCK_DV)
     for start in range(lo, hi, BLOCK_N):
         k_pos = start + offs_n  # [BLOCK_N]
+        k_idx = k_pos.to(tl.uint32)  # never negative: unsigned // and % by a power-of-two page are a shift and a mask
         if MASKED:
             k_ok = k_pos < k_end
-            page = tl.load(pt_row_ptr + k_pos // PAGE, mask=k_ok, other=0).to(tl.int64)
+            page = tl.load(pt_row_ptr + k_idx // PAGE, mask=k_ok, other=0).to(tl.int64)
         else:
-            page = tl.load(pt_row_ptr + k_pos // PAGE).to(tl.int64)
-        in_page = k_pos % PAGE
+            page = tl.load(pt_row_ptr + k_idx // PAGE).to(tl.int64)
+        in_page = (k_idx % PAGE).to(tl.int64)
         k_rows = page * stride_kb + in_page * stride_ks + k_head_off  # [BLOCK_N]
         v_rows = page * stride_vb + in_page * stride_vs + v_head_off
         k_ptrs = kc_ptr + k_rows[None, :] + offs_d[:, None]  # [BLOCK_D, BLOCK_N]
