@@ -182,7 +182,8 @@ def decode_chain_variants():
         yield f"rope_kv_write cache={cache} norms={norms}", _rope_kv_write_kernel, signature, consts, dict(num_warps=4)
     four_warps = dict(num_warps=4, num_stages=3)
     tiles = ((True, 32, "*bf16", four_warps), (False, 64, "*bf16", four_warps),
-             (False, 32, "*fp8e4nv", dict(num_warps=1, num_stages=2, maxnreg=128)))  # decode_tile_for's one-warp tile
+             (False, 32, "*fp8e4nv", dict(num_warps=1, num_stages=3)),  # decode_tile_for's tiles
+             (False, 64, "*fp8e4nv", dict(four_warps, maxnreg=128)))
     for split, block_n, cache, launch in tiles:  # split: partials for the reduction launch
         consts = dict(G=4, HEADS=4, NUM_HG=1, D=128, DV=128, BLOCK_D=128, BLOCK_DV=128, BLOCK_H=16, BLOCK_N=block_n,
                       PAGE=16, HAS_WINDOW=False, HAS_CHUNK=False, HAS_CAP=False, HAS_ALIBI=False, HAS_SINKS=split,

@@ -136,11 +136,10 @@ def test_decode_tile_follows_the_programs_the_cache_and_the_heads():
         return cfg.decode_block_n, cfg.decode_warps, cfg.decode_stages, cfg.decode_maxnreg
 
     assert tile(1, bf16) == (32, 4, 3, None)  # split over the keys
-    assert tile(12, fp8) == (128, 4, 3, 128)
+    assert tile(1, fp8) == (64, 4, 3, 128)
     assert tile(20, fp8) == (64, 4, 3, 128)
     assert tile(12, bf16) == (64, 4, 3, None)
-    assert tile(100, fp8) == (32, 1, 2, 128)  # many sequences: one warp a program
-    assert tile(100, bf16) == (32, 1, 3, None)
+    assert tile(32, fp8) == tile(32, bf16) == (32, 1, 3, None)  # many sequences: one warp a program
     assert tile(100, bf16, head_dim=256) == (64, 4, 3, None)
 
 

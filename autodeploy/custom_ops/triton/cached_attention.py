@@ -419,26 +419,23 @@ def decode_tile_for(
     programs: int, cache_dtype: torch.dtype, head_dim: int, device: torch.device, cfg: AttentionConfig
 ) -> AttentionConfig:
     """The decode kernel's tile on the GPU when no config is given, from ``bench/decode_attention.py``'s sweeps
-    (run 22 on an H100, run 50 on an H200; µs a layer, Llama-3.1-8B's heads):
+    (run 22 on an H100, run 52 on an H200; µs a layer, Llama-3.1-8B's heads):
 
+    - at least eight programs a multiprocessor (many sequences) and heads up to 128: one warp a program, so no
+      product's operands or softmax statistics cross warps; 32 keys, 3 stages (1000 x 192 tokens: fp8 cache 142.0
+      vs 204.9 µs with the 4-warp default, bf16 206.0 vs 215.4; 256 x 2048: fp8 317.9 vs 478.1, bf16 489.2 vs 500.7);
+    - an fp8 cache otherwise: 64 keys, 4 warps, at most 128 registers a thread (64 x 1024 tokens: 59.1 vs 79.7 µs
+      uncapped; batch 1 at 4096 tokens: 12.0 vs 13.4 µs at 32 keys);
     - fewer programs than ``decode_splits`` fills the GPU with (the step is split over the keys): 32 keys (batch 1
       at 384 tokens: 6.05 vs 6.93 µs, run 22);
-    - an fp8 cache with up to four programs a multiprocessor: 128 keys, 4 warps, at most 128 registers a thread
-      (64 x 1024 tokens: 59.2 vs 86.6 µs at 64 keys, run 50); up to eight: 64 keys, 128 registers;
-    - at least eight programs a multiprocessor (many sequences) and heads up to 128: one warp a program, 32 keys,
-      so no product's operands or softmax statistics cross warps; with an fp8 cache two stages and at most 128
-      registers a thread (1000 x 192 tokens: 146.1 vs 217.3 µs; 256 x 2048: 340.2 vs 495.3), with a bf16 one three
-      stages (203.8 vs 220.3; 490.2 vs 507.2);
     - ``cfg`` otherwise."""
     sms = device_sms(device)
-    fp8 = cache_dtype in FP8_CACHE_DTYPES
+    if programs >= 8 * sms and head_dim <= 128:
+        return replace(cfg, decode_block_n=32, decode_warps=1, decode_stages=3, decode_maxnreg=None)
+    if cache_dtype in FP8_CACHE_DTYPES:
+        return replace(cfg, decode_block_n=64, decode_warps=4, decode_stages=3, decode_maxnreg=128)
     if programs < 2 * sms:
         return replace(cfg, decode_block_n=32)
-    if programs >= 8 * sms and head_dim <= 128:
-        return replace(cfg, decode_block_n=32, decode_warps=1, decode_stages=2 if fp8 else 3,
-                       decode_maxnreg=128 if fp8 else None)
-    if fp8:
-        return replace(cfg, decode_block_n=128 if programs <= 4 * sms else 64, decode_warps=4, decode_maxnreg=128)
     return cfg
 
 
