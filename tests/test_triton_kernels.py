@@ -143,6 +143,18 @@ def test_decode_tile_follows_the_programs_the_cache_and_the_heads():
     assert tile(100, bf16, head_dim=256) == (64, 4, 3, None)
 
 
+@pytest.mark.parametrize("cache", [torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("programs", [1, 16, 10**6])  # split over the keys / a few per SM / one warp a program
+def test_attention_decode_with_the_tiles_decode_tile_for_picks(cache, programs):
+    from autodeploy.custom_ops.triton.cached_attention import decode_tile_for
+
+    cfg = decode_tile_for(programs, cache, 16, DEVICE, SMALL_TILES)
+    batch = _paged_batch([(0, 1), (6, 1), (40, 1), (150, 1)], 0, 8, 2, 16, 4, torch.bfloat16)
+    for name in ("k_cache", "v_cache"):
+        batch.inputs[name] = batch.inputs[name].to(cache)
+    _check_attention(batch, config=cfg, kv_scale=0.5 if cache != torch.bfloat16 else 1.0)
+
+
 def test_attention_prefill_more_sequences_than_one_search_block(monkeypatch):
     """The prefill kernel finds each tile's sequence PREFILL_SEQ_BLOCK sequences at a time (one compiled variant
     for every batch): 11 prefills over three blocks of 4, one of them empty, then decodes."""
