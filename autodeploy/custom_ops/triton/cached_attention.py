@@ -22,7 +22,9 @@ One call runs up to three launches, all sized from tensor shapes and the host-si
    programs to give every multiprocessor about two (``2 * SMs / (num_decode * Nkv)``), at most 64 and at most
    the page table's capacity in ``BLOCK_N`` tiles; when the batch alone fills the GPU it is 1 and the kernel
    writes the output directly (no partials, no reduction launch). Partials are un-normalised fp32
-   accumulators with their running max and sum; the reduction rescales them and adds the sinks.
+   accumulators with their running max and sum; the reduction rescales them and adds the sinks. Without a
+   given config the tile (keys, warps, stages, register cap) comes from ``decode_tile_for``: one warp a program
+   when there are many programs.
 
 A chunk size (chunked local attention) bounds the keys from below like a window does: a row at position ``p``
 sees keys from ``max(p - window + 1, p - p % chunk)``, so the three key ranges and the decode split are the same.
