@@ -140,7 +140,8 @@ def test_decode_tile_follows_the_programs_the_cache_and_the_heads():
     assert tile(20, fp8) == (64, 4, 3, 128)
     assert tile(12, bf16) == (64, 4, 3, None)
     assert tile(32, fp8) == tile(32, bf16) == (32, 1, 3, None)  # many sequences: one warp a program
-    assert tile(100, bf16, head_dim=256) == (64, 4, 3, None)
+    assert tile(100, bf16, head_dim=256) == tile(100, fp8, head_dim=256) == (64, 4, 3, None)  # not swept
+    assert tile(1, fp8, head_dim=256) == (32, 4, 3, None)
 
 
 @pytest.mark.parametrize("cache", [torch.bfloat16, torch.float8_e4m3fn])

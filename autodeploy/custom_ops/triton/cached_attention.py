@@ -32,8 +32,7 @@ sees keys from ``max(p - window + 1, p - p % chunk)``, so the three key ranges a
 Logits: ``s = qk * scale`` (or ``cap * tanh(qk * scale / cap)``) ``+ slope * (k_pos - q_pos)``, computed in
 float32 and scaled by ``log2(e)`` for ``exp2``. Both products take 16-bit operands in q's dtype, or float16 with a
 float8 cache (``_as_mma_operand``): K, V and P are cast to it (as every flash kernel casts P); float32 inputs use
-exact (``ieee``) products. Running maxima start at -1e30 (finite) so
-fully masked rows never produce NaN.
+exact (``ieee``) products. Running maxima start at -1e30 (finite) so fully masked rows never produce NaN.
 """
 
 from __future__ import annotations
@@ -114,7 +113,7 @@ def _attend(
     offs_dv = tl.arange(0, BLOCK_DV)
     for start in range(lo, hi, BLOCK_N):
         k_pos = start + offs_n  # [BLOCK_N]
-        k_idx = k_pos.to(tl.uint32)  # never negative: unsigned // and % by a power-of-two page are a shift and a mask
+        k_idx = k_pos.to(tl.uint32)  # never negative; unsigned // and % by a power-of-two page: a shift, a mask
         if MASKED:
             k_ok = k_pos < k_end
             page = tl.load(pt_row_ptr + k_idx // PAGE, mask=k_ok, other=0).to(tl.int64)
@@ -423,18 +422,19 @@ def decode_tile_for(
     """The decode kernel's tile on the GPU when no config is given, from ``bench/decode_attention.py``'s sweeps
     (run 22 on an H100, run 52 on an H200; µs a layer, Llama-3.1-8B's heads):
 
-    - at least eight programs a multiprocessor (many sequences) and heads up to 128: one warp a program, so no
-      product's operands or softmax statistics cross warps; 32 keys, 3 stages (1000 x 192 tokens: fp8 cache 142.0
-      vs 204.9 µs with the 4-warp default, bf16 206.0 vs 215.4; 256 x 2048: fp8 317.9 vs 478.1, bf16 489.2 vs 500.7);
-    - an fp8 cache otherwise: 64 keys, 4 warps, at most 128 registers a thread (64 x 1024 tokens: 59.1 vs 79.7 µs
-      uncapped; batch 1 at 4096 tokens: 12.0 vs 13.4 µs at 32 keys);
-    - fewer programs than ``decode_splits`` fills the GPU with (the step is split over the keys): 32 keys (batch 1
-      at 384 tokens: 6.05 vs 6.93 µs, run 22);
+    - heads up to 128 (the size swept) and at least eight programs a multiprocessor (many sequences): one warp a
+      program, so no product's operands or softmax statistics cross warps; 32 keys, 3 stages (1000 x 192 tokens:
+      fp8 cache 142.0 vs 204.9 µs with the 4-warp default, bf16 206.0 vs 215.4; 256 x 2048: fp8 317.9 vs 478.1,
+      bf16 489.2 vs 500.7);
+    - heads up to 128, fewer programs, an fp8 cache: 64 keys, 4 warps, at most 128 registers a thread (64 x 1024
+      tokens: 59.1 vs 79.7 µs uncapped; batch 1 at 4096 tokens: 12.0 vs 13.4 µs at 32 keys);
+    - else, fewer programs than ``decode_splits`` fills the GPU with (the step is split over the keys): 32 keys
+      (batch 1 at 384 tokens: 6.05 vs 6.93 µs, run 22);
     - ``cfg`` otherwise."""
     sms = device_sms(device)
-    if programs >= 8 * sms and head_dim <= 128:
+    if head_dim <= 128 and programs >= 8 * sms:
         return replace(cfg, decode_block_n=32, decode_warps=1, decode_stages=3, decode_maxnreg=None)
-    if cache_dtype in FP8_CACHE_DTYPES:
+    if head_dim <= 128 and cache_dtype in FP8_CACHE_DTYPES:
         return replace(cfg, decode_block_n=64, decode_warps=4, decode_stages=3, decode_maxnreg=128)
     if programs < 2 * sms:
         return replace(cfg, decode_block_n=32)
