@@ -1,14 +1,15 @@
-"""Decode attention tiles on one GPU, bf16 and fp8 KV caches: which ``decode_block_n``/warps/stages to default to.
+"""Decode attention tiles on one GPU, bf16 and fp8 KV caches: which tile (keys, warps, stages, register cap)
+``decode_tile_for`` should pick.
 
-    PYTHONPATH=$PWD python3 bench/decode_attention.py --out $OUT/decode_attention.json   # ~1 min on an H100
+    PYTHONPATH=$PWD python3 bench/decode_attention.py --out $OUT/decode_attention.json   # ~3 min on an H200
     python bench/decode_attention.py --smoke                                            # CPU, interpreter
 
 Llama-3.1-8B's attention shapes (32 query heads, 8 KV heads, head dim 128, pages of 16) on the batches a
-decode step sees: one sequence of 384 and of 4096 tokens, 64 of 1024, and 1000 of 192 (the offline 128/128
-workload's mean). Every config is checked against ``torch_cached_attention`` (bf16 caches) or the same kernel's
-default config (fp8 caches, whose reference differs by the fp8 rounding only), then timed by CUDA-graph replay
-of ``ROTATE`` layers' worth of pools so L2 holds none of them; one JSON line per (case, cache dtype) with
-the default's and the best config's µs and GB/s of KV read.
+decode step sees: one sequence of 384 and of 4096 tokens, 64 of 1024, 256 of 2048, and 1000 of 192 (the offline
+128/128 workload's mean). Every tile (``--tiles`` or the sweep, plus the one ``decode_tile_for`` picks) is run
+against ``torch_cached_attention`` (its relative error recorded), then timed by CUDA-graph replay of ``ROTATE``
+layers' worth of pools so L2 holds none of them; one JSON line per (case, cache dtype) with the µs of the
+4-warp default, of the picked tile and of the best one, and the best's GB/s of KV read.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ import torch  # noqa: E402
 from graph_timing import capture, replay_us  # noqa: E402  (bench/, the script's folder)
 from kernels import HEAD_DIM, kv_bytes, paged_batch  # noqa: E402
 from results import JsonResults  # noqa: E402
-from autodeploy.custom_ops.triton.cached_attention import cached_attention_into, default_config  # noqa: E402
+from autodeploy.custom_ops.triton.cached_attention import (  # noqa: E402
+    cached_attention_into, decode_tile_for, default_config,
+)
 
 ops = torch.ops.autodeploy
 ROTATE = 1 if SMOKE else 4
@@ -71,8 +74,12 @@ def main() -> None:
             ref = ops.torch_cached_attention(**{k: v.clone() for k, v in layers[0].items()})
             nbytes = kv_bytes(seqs) // (2 if cache == "fp8" else 1)
             row = {"case": name, "cache": cache, "GB": round(nbytes / 1e9, 3)}
+            pick = decode_tile_for(len(seqs) * layers[0]["k"].shape[2], layers[0]["k_cache"].dtype, HEAD_DIM,
+                                   layers[0]["q"].device, base)  # what the engine launches for this batch
+            chosen = (pick.decode_block_n, pick.decode_warps, pick.decode_stages, pick.decode_maxnreg)
+            chosen = chosen if chosen[3] else chosen[:3]
             timings = []
-            for tile in tiles:
+            for tile in tiles if chosen in tiles else [*tiles, chosen]:
                 n, w, s, regs = (*tile, None)[:4]
                 cfg = replace(base, decode_block_n=n, decode_warps=w, decode_stages=s, decode_maxnreg=regs)
                 try:
@@ -86,7 +93,8 @@ def main() -> None:
             timings.sort()
             base_tile = (base.decode_block_n, base.decode_warps, base.decode_stages)
             default = next((t for t in timings if t[1] == base_tile), None)
-            row.update(default=default, best=timings[0] if timings else None, all=timings)
+            picked = next((t for t in timings if t[1] == chosen), None)
+            row.update(default=default, chosen=picked, best=timings[0] if timings else None, all=timings)
             if timings and not SMOKE:
                 row["best_GB_s"] = round(nbytes / (timings[0][0] * 1e-6) / 1e9)
             res.add(row)

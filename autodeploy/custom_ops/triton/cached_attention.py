@@ -422,7 +422,7 @@ def decode_tile_for(
     """The decode kernel's tile on the GPU when no config is given, from ``bench/decode_attention.py``'s sweeps
     (run 22 on an H100, run 52 on an H200; µs a layer, Llama-3.1-8B's heads):
 
-    - heads up to 128 (the size swept) and at least eight programs a multiprocessor (many sequences): one warp a
+    - heads up to 128 (the sweeps ran 128) and at least eight programs a multiprocessor (many sequences): one warp a
       program, so no product's operands or softmax statistics cross warps; 32 keys, 3 stages (1000 x 192 tokens:
       fp8 cache 142.0 vs 204.9 µs with the 4-warp default, bf16 206.0 vs 215.4; 256 x 2048: fp8 317.9 vs 478.1,
       bf16 489.2 vs 500.7);
