@@ -29,9 +29,8 @@ import torch  # noqa: E402
 from graph_timing import capture, replay_us  # noqa: E402  (bench/, the script's folder)
 from kernels import HEAD_DIM, kv_bytes, paged_batch  # noqa: E402
 from results import JsonResults  # noqa: E402
-from autodeploy.custom_ops.triton.cached_attention import (  # noqa: E402
-    cached_attention_into, decode_tile_for, default_config,
-)
+from autodeploy.custom_ops.triton.attention_tiles import decode_tile_for, default_config  # noqa: E402
+from autodeploy.custom_ops.triton.cached_attention import cached_attention_into  # noqa: E402
 
 ops = torch.ops.autodeploy
 ROTATE = 1 if SMOKE else 4

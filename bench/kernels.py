@@ -37,12 +37,8 @@ from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 
 import autodeploy.custom_ops  # noqa: E402,F401  (torch references)
 import autodeploy.custom_ops.triton  # noqa: E402,F401  (Triton ops)
-from autodeploy.custom_ops.triton.cached_attention import (  # noqa: E402
-    AttentionConfig,
-    cached_attention_into,
-    decode_splits,
-    default_config,
-)
+from autodeploy.custom_ops.triton.attention_tiles import AttentionConfig, decode_splits, default_config  # noqa: E402
+from autodeploy.custom_ops.triton.cached_attention import cached_attention_into  # noqa: E402
 
 ops = torch.ops.autodeploy
 N_Q, N_KV, HEAD_DIM, HIDDEN, INTER = (4, 2, 16, 83, 83) if SMOKE else (32, 8, 128, 4096, 14336)  # Llama-3.1-8B

@@ -15,7 +15,8 @@ import torch
 triton = pytest.importorskip("triton")
 
 import autodeploy.custom_ops.triton as autodeploy_triton  # noqa: E402
-from autodeploy.custom_ops.triton.cached_attention import AttentionConfig, cached_attention_into  # noqa: E402
+from autodeploy.custom_ops.triton.attention_tiles import AttentionConfig, decode_tile_for  # noqa: E402
+from autodeploy.custom_ops.triton.cached_attention import cached_attention_into  # noqa: E402
 from autodeploy.custom_ops.triton.glu import glu_packed_launch  # noqa: E402
 from autodeploy.custom_ops.triton.rmsnorm import rmsnorm_launch  # noqa: E402
 from autodeploy.custom_ops.triton.rope import rope_launch  # noqa: E402
@@ -124,8 +125,6 @@ def test_attention_decode(dtype, n_q, n_kv, num_splits):
 
 
 def test_decode_tile_follows_the_programs_the_cache_and_the_heads():
-    from autodeploy.custom_ops.triton.cached_attention import decode_tile_for
-
     cpu = torch.device("cpu")  # stands in for 4 multiprocessors
     base = AttentionConfig()
     fp8, bf16 = torch.float8_e4m3fn, torch.bfloat16
@@ -147,8 +146,6 @@ def test_decode_tile_follows_the_programs_the_cache_and_the_heads():
 @pytest.mark.parametrize("cache", [torch.bfloat16, torch.float8_e4m3fn])
 @pytest.mark.parametrize("programs", [1, 16, 10**6])  # split over the keys / a few per SM / one warp a program
 def test_attention_decode_with_the_tiles_decode_tile_for_picks(cache, programs):
-    from autodeploy.custom_ops.triton.cached_attention import decode_tile_for
-
     cfg = decode_tile_for(programs, cache, 16, DEVICE, SMALL_TILES)
     batch = _paged_batch([(0, 1), (6, 1), (40, 1), (150, 1)], 0, 8, 2, 16, 4, torch.bfloat16)
     for name in ("k_cache", "v_cache"):
