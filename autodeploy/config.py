@@ -20,7 +20,7 @@ from .errors import ConfigError
 
 DEFAULT_CONFIG = "default.yaml"
 SHARDING_TRANSFORMS = ("detect_sharding", "shard_attention", "shard_mlp", "shard_moe", "shard_vocab")
-QUANTIZE_TRANSFORMS = ("quantize_fp8_linear", "quantize_int8_linear", "quantize_int4_linear")
+QUANTIZE_TRANSFORMS = ("quantize_fp8_linear", "quantize_int8_linear", "quantize_int4_linear", "quantize_fp8_moe")
 
 
 class KVCacheConfig(BaseModel):

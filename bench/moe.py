@@ -3,7 +3,8 @@
     PYTHONPATH=$PWD python3 bench/moe.py --out $OUT/moe.json   # ~4 min: kernels, then the 48-layer engine
     python bench/moe.py --smoke --out /tmp/moe.json              # CPU, Triton interpreter, tiny shapes
     options: --skip-kernels, --skip-e2e, --layers N (engine depth), --sweep (a few decode tile candidates),
-             --tokens 1,64 (the kernel phase's token counts)
+             --tokens 1,64 (the kernel phase's token counts), --fp8 (float8 experts: the kernels' weights, and
+             ``quantize: fp8`` for the engine)
 
 One JSON line is printed per measurement (``{"phase": ..., ...}``); ``--out`` gets all of them and the device.
 
@@ -39,6 +40,7 @@ from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 
 import autodeploy.custom_ops  # noqa: E402,F401  (torch references)
 import autodeploy.custom_ops.triton  # noqa: E402,F401  (Triton ops)
+from autodeploy.custom_ops.quant_linear import quantize_fp8_weight  # noqa: E402
 from autodeploy.custom_ops.triton.moe import MoeTiles, default_tiles, moe_into  # noqa: E402
 from results import JsonResults  # noqa: E402  (bench/, the script's folder)
 
@@ -50,6 +52,7 @@ TOKENS = [1, 40] if SMOKE else [1, 64, 512, 4096]
 ROTATE = 2 if SMOKE else 4
 COPY_BPS, MMA_FLOPS = 3.0e12, 795e12  # H100 copy bandwidth (measured) and dense bf16 rate
 REL_TOL = 1e-2
+FP8 = "--fp8" in sys.argv
 DECODE_SWEEP = [  # --sweep / --decode-tiles: decode (T = 1) candidates beside the default
     MoeTiles(16, 64, 128, 4, 4, 64, 128, 4, 4),  # the default before run 33
     MoeTiles(16, 128, 128, 4, 4, 128, 128, 4, 4),
@@ -69,10 +72,14 @@ def median_us(fn, rep_ms: int = 100) -> float:
     return do_bench(fn, warmup=10, rep=rep_ms, return_mode="median") * 1e3
 
 
-def make_layer() -> tuple[torch.Tensor, torch.Tensor]:
+def make_layer() -> tuple:
+    """``(w_up, w_down, w_up_scale, w_down_scale)``: 16-bit weights and no scales, or fp8 codes (``--fp8``)."""
     w_up = (torch.randn(E, 2 * I, H, device=DEV) * H**-0.5).to(DTYPE)  # [E, 2I, H]: gate rows, then up rows
     w_down = (torch.randn(E, H, I, device=DEV) * I**-0.5).to(DTYPE)  # [E, H, I]
-    return w_up, w_down
+    if not FP8:
+        return w_up, w_down, None, None
+    (w_up, up_scale), (w_down, down_scale) = quantize_fp8_weight(w_up), quantize_fp8_weight(w_down)
+    return w_up, w_down, up_scale, down_scale
 
 
 def route(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +89,11 @@ def route(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def moe_args(x, ids, weights, layer) -> tuple:
-    return (x, ids, weights, layer[0], layer[1], None, None, "silu", True, False, None, None)
+    return (x, ids, weights, layer[0], layer[1], None, None, "silu", True, False, None, None, layer[2], layer[3])
+
+
+def run_moe(out: torch.Tensor, args: tuple, tiles: MoeTiles | None) -> None:
+    moe_into(out, *args[:12], tiles=tiles, w_up_scale=args[12], w_down_scale=args[13])
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -97,7 +108,7 @@ def bench_tokens(tokens: int, layers: list, tiles: MoeTiles | None = None, refer
     routes = [route(tokens) for _ in layers]
     args = moe_args(x, *routes[0], layers[0])
     out = torch.full_like(x, float("nan"))
-    moe_into(out, *args, tiles=tiles)
+    run_moe(out, args, tiles)
     truth = ops.torch_moe(*(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                             for a in args))
     row = {"T": tokens, "rel_err": rel_err(out, truth)}
@@ -107,7 +118,7 @@ def bench_tokens(tokens: int, layers: list, tiles: MoeTiles | None = None, refer
 
     def run_all() -> None:
         for o, (ids, w), layer in zip(outs, routes, layers):
-            moe_into(o, *moe_args(x, ids, w, layer), tiles=tiles)
+            run_moe(o, moe_args(x, ids, w, layer), tiles)
 
     if SMOKE:
         row["graph_us"] = median_us(run_all) / len(layers)
@@ -117,7 +128,8 @@ def bench_tokens(tokens: int, layers: list, tiles: MoeTiles | None = None, refer
         row["torch_us"] = median_us(lambda: ops.torch_moe(*args))
         row["speedup_vs_torch"] = row["torch_us"] / row["graph_us"]
     active = sum(ids.unique().numel() for ids, _ in routes) / len(routes)
-    nbytes = active * 3 * H * I * DTYPE.itemsize + 2 * tokens * H * DTYPE.itemsize + tokens * K * 10
+    weight_bytes = 1 if FP8 else DTYPE.itemsize
+    nbytes = active * 3 * H * I * weight_bytes + 2 * tokens * H * DTYPE.itemsize + tokens * K * 10
     flops = 2.0 * tokens * K * 3 * H * I
     row["active_experts"] = active
     row["roof_us"] = max(nbytes / COPY_BPS, flops / MMA_FLOPS) * 1e6
@@ -164,6 +176,7 @@ def main() -> int:
     parser.add_argument("--gemv-variants", action="store_true",
                         help="time the engine's batch-1 decode graph with other GEMV tiles too (moe_e2e.GEMV_VARIANTS)")
     parser.add_argument("--set", action="append", default=[], help="engine config override key=value (YAML value)")
+    parser.add_argument("--fp8", action="store_true", help="float8 experts (the engine: quantize=fp8)")
     parser.add_argument("--layers", type=int, default=None, help="num_hidden_layers of the engine (48)")
     parser.add_argument("--tokens", default=None, help="comma list: the kernel phase's token counts (1,64,512,4096)")
     parser.add_argument("--num-requests", type=int, default=1000)
@@ -171,6 +184,8 @@ def main() -> int:
     parser.add_argument("--max-batch-size", type=int, default=256)
     parser.add_argument("--max-num-tokens", type=int, default=8192)
     args = parser.parse_args()
+    if args.fp8:
+        args.set.append("quantize=fp8")
     torch.manual_seed(0)
     results = JsonResults(args.out, {"device": "cpu (interpreter)" if SMOKE else torch.cuda.get_device_name(0),
                                      "torch": torch.__version__, "triton": triton.__version__, "smoke": SMOKE})

@@ -16,6 +16,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 import autodeploy.custom_ops.triton  # noqa: E402,F401  (registers the triton ops)
+from autodeploy.custom_ops.quant_linear import quantize_fp8_weight  # noqa: E402
 from autodeploy.custom_ops.triton.moe import MoeTiles, moe_into  # noqa: E402
 from autodeploy.custom_ops.triton.moe_align import align_routing, max_blocks  # noqa: E402
 
@@ -42,6 +43,7 @@ class MoeCase:
     bias: bool = False
     limit: float | None = None
     alpha: float | None = None
+    fp8: bool = False  # float8 expert weights with per-row scales (appended to the arguments)
 
     def inputs(self, routing: str = "topk") -> tuple:
         t, e, h, i = self.tokens, self.experts, self.hidden, self.inter
@@ -57,8 +59,12 @@ class MoeCase:
         else:  # any ids, repeats within a token included
             ids = torch.randint(0, e, (t, self.top_k), **kw)
             weights = torch.rand(t, self.top_k, **kw)
-        return (x, ids, weights, w_up, w_down, b_up, b_down, self.activation, self.gated, self.interleaved,
+        args = (x, ids, weights, w_up, w_down, b_up, b_down, self.activation, self.gated, self.interleaved,
                 self.limit, self.alpha)
+        if not self.fp8:
+            return args
+        (w_up, up_scale), (w_down, down_scale) = quantize_fp8_weight(w_up), quantize_fp8_weight(w_down)
+        return (*args[:3], w_up, w_down, *args[5:], up_scale, down_scale)
 
 
 def _truth(args: tuple) -> torch.Tensor:
@@ -69,7 +75,8 @@ def _truth(args: tuple) -> torch.Tensor:
 def _check(args: tuple, tiles: MoeTiles | None = None, **launch) -> torch.Tensor:
     x = args[0]
     out = torch.full_like(x, float("nan"))
-    moe_into(out, *args, tiles=tiles, **launch)
+    scales = dict(zip(("w_up_scale", "w_down_scale"), args[12:]))
+    moe_into(out, *args[:12], tiles=tiles, **scales, **launch)
     assert not torch.isnan(out).any(), "an output element was never written (NaN poison survived)"
     rel_tol, atol, rtol = TOL[x.dtype]
     truth = _truth(args)
@@ -185,6 +192,28 @@ def test_moe_single_token(force_align, routing):
     _check(args, force_align=force_align)
 
 
+@pytest.mark.parametrize(
+    "case",
+    [
+        MoeCase(1, 16, 4, 83, 37, BF16, fp8=True),  # one token: the direct path
+        MoeCase(45, 8, 2, 64, 40, BF16, bias=True, fp8=True),
+        MoeCase(23, 8, 4, 48, 40, F32, "swiglu_oai", True, True, True, 7.0, 1.702, fp8=True),
+    ],
+    ids=["one_token", "bf16_bias", "f32_swiglu_oai"],
+)
+def test_moe_fp8_weights(case):
+    """float8 expert weights with per-row scales: the reference's ``(x @ codes^T) * scale``, rounded once."""
+    _check(case.inputs())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_moe_fp8_transposed_weights(dtype):
+    """float8 codes stored ``[E, H, U]`` (gpt-oss's layout, as ``quantize_fp8_moe`` keeps it) read in place."""
+    x, ids, w, w_up, w_down, *rest = MoeCase(29, 8, 2, 48, 40, dtype, fp8=True).inputs()
+    w_up_t, w_down_t = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (w_up, w_down))
+    _check((x, ids, w, w_up_t, w_down_t, *rest))
+
+
 TILES = [
     MoeTiles(16, 16, 16, 1, 1, 16, 16, 1, 1, 2),  # many N tiles and K steps, odd remainders
     MoeTiles(32, 32, 32, 1, 1, 32, 32, 1, 1, 3),
@@ -241,6 +270,13 @@ def test_errors():
         ops.triton_moe(*args[:7], "swish9", *args[8:])
     with pytest.raises(ValueError, match="w_up"):
         ops.triton_moe(*args[:4], args[4][:, :, :8], *args[5:])
+    fp8 = MoeCase(3, 4, 2, 16, 16, fp8=True).inputs()
+    with pytest.raises(ValueError, match="come together"):
+        ops.triton_moe(*fp8[:13])
+    with pytest.raises(ValueError, match="with scales must be torch.float8"):
+        ops.triton_moe(*args, *fp8[12:])
+    with pytest.raises(ValueError, match=r"\[E, U\]"):
+        ops.triton_moe(*fp8[:12], fp8[12][:, :4], fp8[13])
 
 
 def test_zero_tokens():
@@ -258,6 +294,12 @@ def test_zero_tokens():
 )
 def test_moe_gpu_shapes(tokens, experts, top_k, hidden, inter):
     _check(MoeCase(tokens, experts, top_k, hidden, inter, torch.bfloat16).inputs())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 64, 4096])
+def test_moe_gpu_fp8_weights(tokens):
+    _check(MoeCase(tokens, 128, 8, 2048, 768, torch.bfloat16, fp8=True).inputs())
 
 
 @pytest.mark.gpu

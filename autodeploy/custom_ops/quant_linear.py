@@ -54,11 +54,12 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 # ---- weights -----------------------------------------------------------------------------------------------------
 def quantize_fp8_weight(w: torch.Tensor, per_channel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(weight [N, K] fp8, weight_scale [N] f32)``; one scale per output channel, or one for the whole tensor."""
+    """``(weight [..., N, K] fp8, weight_scale [..., N] f32)``; one scale per output channel (row), or one for the
+    whole tensor (broadcast to every row)."""
     wf = w.float()
-    amax = wf.abs().amax(-1) if per_channel else wf.abs().amax().expand(w.shape[0])
+    amax = wf.abs().amax(-1) if per_channel else wf.abs().amax().expand(w.shape[:-1])
     scale = (amax / FP8_MAX).clamp(min=FP8_SCALE_MIN)
-    return (wf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale.contiguous()
+    return (wf / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale.contiguous()
 
 
 def quantize_int8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,7 +34,7 @@ from torch.fx import GraphModule, Node
 from ..errors import TransformError
 from .base import SharedContext, Transform, TransformConfig, TransformInfo, TransformRegistry
 from .gather_logits import find_lm_head
-from .graph import find_nodes, is_op, is_quantized_linear, node_val
+from .graph import find_nodes, is_op, is_quantized_linear, node_val, op_arguments, parameter_view
 from .sharding import (
     PLAN_KEY,
     AttentionShard,
@@ -271,24 +271,16 @@ class _Detector:
     # ---- MoE ----------------------------------------------------------------------------------------------
     def _param_dim(self, node: Node, dim: int, layer: str) -> tuple[str, int]:
         """The parameter behind an op argument and which of its dims is the argument's ``dim``."""
-        while not (isinstance(node, Node) and node.op == "get_attr"):
-            if is_op(node, aten.transpose.int):
-                a, b = (d % node_val(node).dim() for d in node.args[1:3])
-                dim = b if dim == a else a if dim == b else dim
-            elif is_op(node, aten.permute.default):
-                dim = list(node.args[1])[dim] % node_val(node).dim()
-            else:
-                raise _error(layer, f"expert weights come from {getattr(node, 'target', node)}, not a parameter",
-                             "set transforms.detect_sharding.moe=none to replicate the experts")
-            node = node.args[0]
-        return node.target, dim
+        view = parameter_view(self.gm, node)
+        if view is None:
+            raise _error(layer, f"expert weights come from {getattr(node, 'target', node)}, not a parameter",
+                         "set transforms.detect_sharding.moe=none to replicate the experts")
+        return view[0], view[1][dim]
 
     def moe(self) -> None:
         for moe in find_nodes(self.gm, ad.torch_moe):
             layer = layer_of(moe)
-            schema = moe.target._schema
-            args = {a.name: (moe.args[i] if i < len(moe.args) else moe.kwargs.get(a.name, a.default_value))
-                    for i, a in enumerate(schema.arguments)}
+            args = op_arguments(moe)
             w_up, w_down = node_val(args["w_up"]), node_val(args["w_down"])
             n_exp, inter = w_up.shape[0], w_down.shape[2]
             mode = self.config.moe
@@ -372,10 +364,11 @@ class DetectSharding(Transform):
     def _apply(self, gm: GraphModule, ctx: SharedContext) -> TransformInfo:
         if ctx.world_size <= 1:
             return TransformInfo(num_matches=0, details={"world_size": ctx.world_size})
-        quantized = [n for n in gm.graph.nodes if is_quantized_linear(n)]
+        quantized = [n for n in gm.graph.nodes if is_quantized_linear(n) or
+                     (is_op(n, ad.torch_moe) and op_arguments(n)["w_up_scale"] is not None)]
         if quantized:
             raise TransformError(
-                f"tensor parallelism does not shard quantized linears yet ({quantized[0].target} at "
+                f"tensor parallelism does not shard quantized linears or experts yet ({quantized[0].target} at "
                 f"{layer_of(quantized[0])})",
                 where="detect_sharding",
                 hint="run quantized models with tensor_parallel_size=1, or without quantize",

@@ -11,9 +11,10 @@ same: expert mode leaves ``E / N`` local experts and shifted ids, the other rank
 ``[0, E / N)``, which the kernel skips like the reference; tensor mode leaves every expert's slice of the
 intermediate size (any weight strides are read in place).
 
-Limits: the Triton kernel takes bf16, fp16 or fp32 weights in the activations' dtype; a ``torch_moe`` with
-anything else stays (listed in ``details["kept"]``). The torch reference syncs with the host per expert, so a
-graph that keeps it cannot be captured in CUDA graphs.
+Limits: the Triton kernel takes bf16, fp16 or fp32 weights in the activations' dtype, or float8 weights with
+their per-row scales (``quantize_fp8_moe``); a ``torch_moe`` with anything else stays (listed in
+``details["kept"]``). The torch reference syncs with the host per expert, so a graph that keeps it cannot be
+captured in CUDA graphs.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..custom_ops.kernel_backends import kernel_op
+from ..custom_ops.quant_linear import FP8_DTYPE
 from .base import KernelBackendConfig, SharedContext, Transform, TransformInfo, TransformRegistry
-from .graph import find_nodes, node_val
+from .graph import find_nodes, node_val, op_arguments
 
 TORCH_MOE = torch.ops.autodeploy.torch_moe.default
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -53,9 +55,11 @@ class FuseMoe(Transform):
 
 
 def _kernel_can_run(node: Node) -> bool:
-    """Activations and both expert weights share one dtype the kernel takes (assumed without fake values)."""
-    args = dict(zip(("x", "topk_ids", "topk_weights", "w_up", "w_down"), node.args), **node.kwargs)
-    vals = [node_val(args.get(name)) for name in ("x", "w_up", "w_down")]
-    if any(v is None for v in vals):
+    """Activations in a dtype the kernel takes and expert weights in the same one, or float8 with their scales
+    (``quantize_fp8_moe``); assumed without fake values."""
+    args = op_arguments(node)
+    x, w_up, w_down = (node_val(args[name]) for name in ("x", "w_up", "w_down"))
+    if x is None or w_up is None or w_down is None:
         return True
-    return vals[0].dtype in KERNEL_DTYPES and all(v.dtype == vals[0].dtype for v in vals)
+    weight_dtype = FP8_DTYPE if args["w_up_scale"] is not None else x.dtype
+    return x.dtype in KERNEL_DTYPES and w_up.dtype == weight_dtype and w_down.dtype == weight_dtype

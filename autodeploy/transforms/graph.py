@@ -42,6 +42,35 @@ def find_nodes(gm: GraphModule, targets: OpTarget | Iterable[OpTarget]) -> list[
     return [n for n in gm.graph.nodes if is_op(n, targets)]
 
 
+def op_arguments(node: Node) -> dict[str, Any]:
+    """Every argument of an op call by name, defaults filled in."""
+    return {a.name: (node.args[i] if i < len(node.args) else node.kwargs.get(a.name, a.default_value))
+            for i, a in enumerate(node.target._schema.arguments)}
+
+
+def parameter_view(gm: GraphModule, node: Any) -> tuple[str, list[int]] | None:
+    """``(parameter name, dims)`` when ``node`` is a parameter seen through transposes / permutes: dim ``i`` of the
+    node's value is dim ``dims[i]`` of the parameter. ``None`` for anything else."""
+    dims: list[int] | None = None
+    while isinstance(node, Node) and node.op != "get_attr":
+        val = node_val(node)
+        if val is None:
+            return None
+        dims = dims if dims is not None else list(range(val.dim()))
+        if is_op(node, torch.ops.aten.transpose.int):
+            a, b = (d % val.dim() for d in node.args[1:3])
+            dims = [b if d == a else a if d == b else d for d in dims]
+        elif is_op(node, torch.ops.aten.permute.default):
+            order = [d % val.dim() for d in node.args[1]]
+            dims = [order[d] for d in dims]
+        else:
+            return None
+        node = node.args[0]
+    if not isinstance(node, Node):
+        return None
+    return node.target, dims if dims is not None else list(range(get_attr_value(gm, node).dim()))
+
+
 def is_quantized_linear(node: Node) -> bool:
     """True if ``node`` calls a quantized linear (``autodeploy::<backend>_quant_<format>_linear``, input first)."""
     target = node.target

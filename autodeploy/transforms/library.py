@@ -13,6 +13,7 @@ from . import match_custom_patterns  # noqa: F401
 from . import quantize_fp8_linear  # noqa: F401
 from . import quantize_int8_linear  # noqa: F401
 from . import quantize_int4_linear  # noqa: F401
+from . import quantize_fp8_moe  # noqa: F401
 from . import fuse_parallel_linears  # noqa: F401
 from . import fuse_quant_linears  # noqa: F401
 from . import fuse_glu  # noqa: F401

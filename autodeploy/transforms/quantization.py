@@ -146,6 +146,14 @@ def meta(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
+def checkpoint_of(ctx: SharedContext) -> CheckpointQuantization | None:
+    """The quantization the model's checkpoint (or config) declares, if any."""
+    factory = ctx.factory
+    if factory is None or factory.source.kind not in ("checkpoint", "config"):
+        return None
+    return checkpoint_quantization(factory.config)
+
+
 class QuantizeLinear(Transform):
     """Base of ``quantize_fp8_linear``, ``quantize_int8_linear``, ``quantize_int4_linear``."""
 
@@ -154,11 +162,6 @@ class QuantizeLinear(Transform):
     flag: ClassVar[str] = ""
     reference_op: ClassVar[str] = ""
 
-    def _checkpoint(self, ctx: SharedContext) -> CheckpointQuantization | None:
-        factory = ctx.factory
-        if factory is None or factory.source.kind not in ("checkpoint", "config"):
-            return None
-        return checkpoint_quantization(factory.config)
 
     def _stored_keys(self, ctx: SharedContext) -> set[str] | None:
         """Tensor names of the checkpoint folder (None when the weights are random)."""
@@ -168,7 +171,7 @@ class QuantizeLinear(Transform):
         return checkpoint_tensor_names(factory.source.path)
 
     def _apply(self, gm: GraphModule, ctx: SharedContext) -> TransformInfo:
-        ckpt = self._checkpoint(ctx)
+        ckpt = checkpoint_of(ctx)
         if ckpt is not None and ckpt.fmt != self.fmt:
             if self.config.quantize == self.flag:
                 raise ConfigError(

@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from .. import moe as _reference  # noqa: F401  (registers the torch op family)
+from ..quant_linear import FP8_DTYPE
 from ._common import INTERPRET, cast_rne, mma, next_pow2, pdl_enter, pdl_flags, upcast_dots
 from .moe_align import CHUNK, ONE_CHUNK_MAX, align_routing
 from .glu import ACTIVATION_CODES, _activate
@@ -122,16 +123,24 @@ def _block(pid_m, sorted_ptr, blk_expert_ptr, blk_rows_ptr, E, BLOCK_M: tl.const
 
 
 @triton.jit
+def _scaled(acc, scale_ptrs, col_ok, W_SCALED: tl.constexpr):
+    """A float8 expert's accumulator times its weight rows' scales (``[BLOCK_N]`` pointers); else ``acc``."""
+    if W_SCALED:
+        acc = acc * tl.load(scale_ptrs, mask=col_ok, other=0.0)[None, :]
+    return acc
+
+
+@triton.jit
 def _moe_up_kernel(
-    x_ptr, w_ptr, b_ptr, h_ptr, sorted_ptr, blk_expert_ptr, blk_rows_ptr,
+    x_ptr, w_ptr, ws_ptr, b_ptr, h_ptr, sorted_ptr, blk_expert_ptr, blk_rows_ptr,
     H, U, I, E, top_k, num_blocks,
-    stride_xt, stride_we, stride_wn, stride_wk, stride_be, stride_hm,
+    stride_xt, stride_we, stride_wn, stride_wk, stride_wse, stride_be, stride_hm,
     limit, alpha,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, COLS: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACT: tl.constexpr, CLAMP: tl.constexpr,
-    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, RNE: tl.constexpr,
-    DIRECT: tl.constexpr, USE_PDL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, W_SCALED: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr, RNE: tl.constexpr, DIRECT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pdl_enter(USE_PDL)
     pid_m, pid_n = _tile_of(tl.program_id(0), num_blocks, tl.cdiv(I, COLS), GROUP_M)
@@ -159,10 +168,11 @@ def _moe_up_kernel(
                 k_ok = k < H - kk * BLOCK_K
                 a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = mma(a, w, acc, UPCAST, IEEE)
+            acc = mma(a, w.to(a.dtype), acc, UPCAST, IEEE)  # float8 codes: exact in any 16-bit dtype
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K * stride_wk
         dtype = h_ptr.dtype.element_ty
+        acc = _scaled(acc, ws_ptr + e64 * stride_wse + w_row, col_ok, W_SCALED)
         proj = cast_rne(acc, dtype, RNE).to(tl.float32)  # [BLOCK_M, BLOCK_N]: the projection in the model dtype
         if HAS_BIAS:
             bias = tl.load(b_ptr + e64 * stride_be + w_row, mask=col_ok, other=0.0).to(tl.float32)
@@ -188,12 +198,12 @@ def _moe_up_kernel(
 
 @triton.jit
 def _moe_down_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr, sorted_ptr, blk_expert_ptr, blk_rows_ptr, topw_ptr,
+    h_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, sorted_ptr, blk_expert_ptr, blk_rows_ptr, topw_ptr,
     N, K, E, num_blocks,
-    stride_hm, stride_we, stride_wn, stride_wk, stride_be, stride_ym,
+    stride_hm, stride_we, stride_wn, stride_wk, stride_wse, stride_be, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, RNE: tl.constexpr,
-    DIRECT: tl.constexpr, USE_PDL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, W_SCALED: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr, RNE: tl.constexpr, DIRECT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pdl_enter(USE_PDL)
     pid_m, pid_n = _tile_of(tl.program_id(0), num_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -214,10 +224,11 @@ def _moe_down_kernel(
                 k_ok = k < K - kk * BLOCK_K
                 a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = mma(a, w, acc, UPCAST, IEEE)
+            acc = mma(a, w.to(a.dtype), acc, UPCAST, IEEE)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K * stride_wk
         dtype = y_ptr.dtype.element_ty
+        acc = _scaled(acc, ws_ptr + e64 * stride_wse + cols, col_ok, W_SCALED)
         y = cast_rne(acc, dtype, RNE).to(tl.float32)
         if HAS_BIAS:
             bias = tl.load(b_ptr + e64 * stride_be + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -256,7 +267,7 @@ def _act_code(activation: str, gated: bool) -> int:
     return ACTIVATION_CODES[activation]
 
 
-def _check_shapes(x, topk_ids, topk_weights, w_up, w_down, b_up, b_down, gated) -> None:
+def _check_shapes(x, topk_ids, topk_weights, w_up, w_down, b_up, b_down, gated, w_up_scale, w_down_scale) -> None:
     t, h = x.shape
     e, u, h_up = w_up.shape
     inter = u // 2 if gated else u
@@ -270,7 +281,17 @@ def _check_shapes(x, topk_ids, topk_weights, w_up, w_down, b_up, b_down, gated) 
     bad_up = b_up is not None and tuple(b_up.shape) != (e, u)
     if bad_up or (b_down is not None and tuple(b_down.shape) != (e, h)):
         problems.append(f"biases must be [E, U] = {(e, u)} and [E, H] = {(e, h)}")
-    if w_up.dtype != x.dtype or w_down.dtype != x.dtype:
+    scaled = (w_up_scale is not None, w_down_scale is not None)
+    if scaled == (True, True):
+        if w_up.dtype != FP8_DTYPE or w_down.dtype != FP8_DTYPE:
+            problems.append(f"weights with scales must be {FP8_DTYPE}, not {w_up.dtype}/{w_down.dtype}")
+        if tuple(w_up_scale.shape) != (e, u) or tuple(w_down_scale.shape) != (e, h):
+            problems.append(f"weight scales must be [E, U] = {(e, u)} and [E, H] = {(e, h)}")
+        if w_up_scale.dtype != torch.float32 or w_down_scale.dtype != torch.float32:
+            problems.append(f"weight scales must be float32, not {w_up_scale.dtype}/{w_down_scale.dtype}")
+    elif scaled != (False, False):
+        problems.append("w_up_scale and w_down_scale come together")
+    elif w_up.dtype != x.dtype or w_down.dtype != x.dtype:
         problems.append(f"weights {w_up.dtype}/{w_down.dtype} vs activations {x.dtype}")
     if problems:
         raise ValueError("triton_moe: " + "; ".join(problems))
@@ -294,13 +315,15 @@ def moe_into(
     chunk: int = CHUNK,
     one_chunk_max: int = ONE_CHUNK_MAX,
     force_align: bool = False,
+    w_up_scale: torch.Tensor | None = None,  # [E, U] float32 with float8 w_up
+    w_down_scale: torch.Tensor | None = None,  # [E, H] float32 with float8 w_down
 ) -> None:
     """The fused MoE of ``custom_ops/moe.py`` into ``out``.
 
     ``tiles``, ``chunk`` and ``one_chunk_max`` override the defaults; ``force_align`` takes the aligned path
     for a single token too (tests).
     """
-    _check_shapes(x, topk_ids, topk_weights, w_up, w_down, b_up, b_down, gated)
+    _check_shapes(x, topk_ids, topk_weights, w_up, w_down, b_up, b_down, gated, w_up_scale, w_down_scale)
     act = _act_code(activation, gated)
     t, hidden = x.shape
     top_k = topk_ids.shape[1]
@@ -330,23 +353,28 @@ def moe_into(
     interp = {"num_warps": 1, "num_stages": 1} if INTERPRET else {}
     pdl = pdl_flags(x.device, t)
     cols = tiles.up_n // 2 if gated else tiles.up_n
+    scaled = w_up_scale is not None
     _moe_up_kernel[(num_blocks * triton.cdiv(inter, cols),)](
-        x, w_up, b_up if b_up is not None else w_up, h, sorted_ids, block_expert, block_rows,
-        hidden, u, inter, num_experts, top_k, num_blocks,
-        x.stride(0), *w_up.stride(), b_up.stride(0) if b_up is not None else 0, h.stride(0),
+        x, w_up, w_up_scale if scaled else x, b_up if b_up is not None else x, h, sorted_ids, block_expert,
+        block_rows, hidden, u, inter, num_experts, top_k, num_blocks,
+        x.stride(0), *w_up.stride(), w_up_scale.stride(0) if scaled else 0,
+        b_up.stride(0) if b_up is not None else 0, h.stride(0),
         float(limit) if limit is not None else 0.0, float(alpha) if alpha is not None else 1.0,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.up_n, COLS=cols, BLOCK_K=tiles.up_k, GROUP_M=tiles.group_m,
         GATED=gated, INTERLEAVED=gated and interleaved, ACT=act, CLAMP=limit is not None,
-        HAS_BIAS=b_up is not None, EVEN_K=hidden % tiles.up_k == 0, UPCAST=upcast, IEEE=ieee, RNE=rne,
+        HAS_BIAS=b_up is not None, W_SCALED=scaled, EVEN_K=hidden % tiles.up_k == 0, UPCAST=upcast, IEEE=ieee,
+        RNE=rne,
         DIRECT=direct, **pdl, **(interp or {"num_warps": tiles.up_warps, "num_stages": tiles.up_stages}),
     )
     _moe_down_kernel[(num_blocks * triton.cdiv(hidden, tiles.down_n),)](
-        h, w_down, b_down if b_down is not None else w_down, y, sorted_ids, block_expert, block_rows,
-        topk_weights.reshape(-1),
+        h, w_down, w_down_scale if scaled else x, b_down if b_down is not None else x, y, sorted_ids, block_expert,
+        block_rows, topk_weights.reshape(-1),
         hidden, inter, num_experts, num_blocks,
-        h.stride(0), *w_down.stride(), b_down.stride(0) if b_down is not None else 0, y.stride(0),
+        h.stride(0), *w_down.stride(), w_down_scale.stride(0) if scaled else 0,
+        b_down.stride(0) if b_down is not None else 0, y.stride(0),
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.down_n, BLOCK_K=tiles.down_k, GROUP_M=tiles.group_m,
-        HAS_BIAS=b_down is not None, EVEN_K=inter % tiles.down_k == 0, UPCAST=upcast, IEEE=ieee, RNE=rne,
+        HAS_BIAS=b_down is not None, W_SCALED=scaled, EVEN_K=inter % tiles.down_k == 0, UPCAST=upcast, IEEE=ieee,
+        RNE=rne,
         DIRECT=direct, **pdl, **(interp or {"num_warps": tiles.down_warps, "num_stages": tiles.down_stages}),
     )
     block_n = min(next_pow2(hidden), max(256, 4096 // next_pow2(top_k)))
@@ -370,11 +398,13 @@ def triton_moe(
     interleaved: bool = False,
     limit: float | None = None,
     alpha: float | None = None,
+    w_up_scale: torch.Tensor | None = None,
+    w_down_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     out = torch.empty_like(x)
     moe_into(
         out, x, topk_ids, topk_weights, w_up, w_down, b_up, b_down,
-        activation, gated, interleaved, limit, alpha,
+        activation, gated, interleaved, limit, alpha, w_up_scale=w_up_scale, w_down_scale=w_down_scale,
     )
     return out
 
