@@ -125,6 +125,13 @@ def mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def to_fp16_clamped(x):
+    """``x`` in float16, clamped to its range (the operand of a float16 product: float8 codes convert to float16 at
+    one instruction per two values, to bfloat16 only through float16 or float32)."""
+    return tl.clamp(x.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+
+
+@triton.jit
 def tanh(x):
     """``tanh`` from one ``exp2`` (``tl.math`` has none that runs on every Triton 3.x); saturates to +-1."""
     e = tl.exp2(tl.minimum(x, 30.0) * 2.8853900817779268)  # exp(2x); tanh(30) is 1 in float32

@@ -45,7 +45,7 @@ import triton.language as tl
 
 from .. import cached_attention as _reference  # noqa: F401  (registers the torch op family)
 from ..cached_attention import FP8_CACHE_DTYPES
-from ._common import LOG2E, mma, next_pow2, pdl_enter, pdl_flags, tanh, upcast_dots
+from ._common import LOG2E, mma, next_pow2, pdl_enter, pdl_flags, tanh, to_fp16_clamped, upcast_dots
 from .attention_tiles import AttentionConfig, decode_splits, decode_tile_for, default_config, heads_per_program
 from .kv_write import rope_write_kv, write_kv
 
@@ -147,7 +147,7 @@ def _as_mma_operand(q, kc_ptr):
     hardware conversion per two values, fp8 -> bf16 goes through fp16, and fp16 holds every fp8 value and every
     probability exactly or closer than bf16), clamped to fp16's range; otherwise q's own dtype."""
     if kc_ptr.dtype.element_ty == tl.float8e4nv and q.dtype != tl.float32:
-        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+        q = to_fp16_clamped(q)
     return q
 
 

@@ -45,7 +45,7 @@ import triton.language as tl
 
 from .. import moe as _reference  # noqa: F401  (registers the torch op family)
 from ..quant_linear import FP8_DTYPE
-from ._common import INTERPRET, cast_rne, mma, next_pow2, pdl_enter, pdl_flags, upcast_dots
+from ._common import INTERPRET, cast_rne, mma, next_pow2, pdl_enter, pdl_flags, to_fp16_clamped, upcast_dots
 from .moe_align import CHUNK, ONE_CHUNK_MAX, align_routing
 from .glu import ACTIVATION_CODES, _activate
 
@@ -123,6 +123,16 @@ def _block(pid_m, sorted_ptr, blk_expert_ptr, blk_rows_ptr, E, BLOCK_M: tl.const
 
 
 @triton.jit
+def _operands(a, w, W_SCALED: tl.constexpr):
+    """The product's operands: float8 codes with 16-bit activations multiply in float16 (``to_fp16_clamped``: one
+    conversion per two codes, and float16 holds every code and, in its range, every bf16 activation exactly);
+    else ``w`` in ``a``'s dtype."""
+    if W_SCALED and a.dtype != tl.float32:
+        return to_fp16_clamped(a), w.to(tl.float16)
+    return a, w.to(a.dtype)
+
+
+@triton.jit
 def _scaled(acc, scale_ptrs, col_ok, W_SCALED: tl.constexpr):
     """A float8 expert's accumulator times its weight rows' scales (``[BLOCK_N]`` pointers); else ``acc``."""
     if W_SCALED:
@@ -168,7 +178,8 @@ def _moe_up_kernel(
                 k_ok = k < H - kk * BLOCK_K
                 a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = mma(a, w.to(a.dtype), acc, UPCAST, IEEE)  # float8 codes: exact in any 16-bit dtype
+            a, w = _operands(a, w, W_SCALED)
+            acc = mma(a, w, acc, UPCAST, IEEE)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K * stride_wk
         dtype = h_ptr.dtype.element_ty
@@ -224,7 +235,8 @@ def _moe_down_kernel(
                 k_ok = k < K - kk * BLOCK_K
                 a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = mma(a, w.to(a.dtype), acc, UPCAST, IEEE)
+            a, w = _operands(a, w, W_SCALED)
+            acc = mma(a, w, acc, UPCAST, IEEE)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K * stride_wk
         dtype = y_ptr.dtype.element_ty
