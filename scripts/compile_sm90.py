@@ -60,26 +60,32 @@ def gemv_signature(fmt: int, consts: dict) -> dict:
 
 
 def moe_variants():
-    """The fused MoE's grouped GEMMs: one token (direct) and aligned blocks."""
-    up = ["x_ptr", "w_ptr", "b_ptr", "h_ptr", "sorted_ptr", "blk_expert_ptr", "blk_rows_ptr", "H", "U", "I", "E",
-          "top_k", "num_blocks", "stride_xt", "stride_we", "stride_wn", "stride_wk", "stride_be", "stride_hm"]
-    up_types = ["*bf16"] * 4 + ["*i64", "*i32", "*i32"] + ["i32"] * 12
-    down = ["h_ptr", "w_ptr", "b_ptr", "y_ptr", "sorted_ptr", "blk_expert_ptr", "blk_rows_ptr", "topw_ptr", "N", "K",
-            "E", "num_blocks", "stride_hm", "stride_we", "stride_wn", "stride_wk", "stride_be", "stride_ym"]
-    down_types = ["*bf16"] * 4 + ["*i64", "*i32", "*i32", "*bf16"] + ["i32"] * 10
+    """The fused MoE's grouped GEMMs: one token (direct) and aligned blocks, 16-bit and float8 experts."""
+    up = ["x_ptr", "w_ptr", "ws_ptr", "b_ptr", "h_ptr", "sorted_ptr", "blk_expert_ptr", "blk_rows_ptr", "H", "U", "I",
+          "E", "top_k", "num_blocks", "stride_xt", "stride_we", "stride_wn", "stride_wk", "stride_wse", "stride_be",
+          "stride_hm"]
+    down = ["h_ptr", "w_ptr", "ws_ptr", "b_ptr", "y_ptr", "sorted_ptr", "blk_expert_ptr", "blk_rows_ptr", "topw_ptr",
+            "N", "K", "E", "num_blocks", "stride_hm", "stride_we", "stride_wn", "stride_wk", "stride_wse", "stride_be",
+            "stride_ym"]
     for direct in (True, False):
-        tiles = default_tiles(8 if direct else 512, 128, torch.bfloat16, CUDA, one_token=direct)
-        common = dict(BLOCK_M=16, GROUP_M=8, HAS_BIAS=False, EVEN_K=True, UPCAST=False, IEEE=False, RNE=False,
-                      DIRECT=direct, USE_PDL=True)
-        consts = dict(common, BLOCK_N=tiles.up_n, BLOCK_K=tiles.up_k, COLS=tiles.up_n // 2, GATED=True,
-                      INTERLEAVED=False, ACT=0, CLAMP=False)
-        signature = {**dict(zip(up, up_types)), "limit": "fp32", "alpha": "fp32", **{k: "constexpr" for k in consts}}
-        launch = dict(num_warps=tiles.up_warps, num_stages=tiles.up_stages)
-        yield f"moe_up direct={direct} {tiles.up_n}x{tiles.up_k}", _moe_up_kernel, signature, consts, launch
-        consts = dict(common, BLOCK_N=tiles.down_n, BLOCK_K=tiles.down_k)
-        signature = {**dict(zip(down, down_types)), **{k: "constexpr" for k in consts}}
-        launch = dict(num_warps=tiles.down_warps, num_stages=tiles.down_stages)
-        yield f"moe_down direct={direct} {tiles.down_n}x{tiles.down_k}", _moe_down_kernel, signature, consts, launch
+        for fp8 in (False, True):
+            weight, scales = ("*fp8e4nv", "*fp32") if fp8 else ("*bf16", "*bf16")
+            up_types = ["*bf16", weight, scales, "*bf16", "*bf16", "*i64", "*i32", "*i32"] + ["i32"] * 13
+            down_types = ["*bf16", weight, scales, "*bf16", "*bf16", "*i64", "*i32", "*i32", "*bf16"] + ["i32"] * 11
+            tiles = default_tiles(8 if direct else 512, 128, torch.bfloat16, CUDA, one_token=direct)
+            common = dict(BLOCK_M=16, GROUP_M=8, HAS_BIAS=False, W_SCALED=fp8, EVEN_K=True, UPCAST=False, IEEE=False,
+                          RNE=False, DIRECT=direct, USE_PDL=True)
+            consts = dict(common, BLOCK_N=tiles.up_n, BLOCK_K=tiles.up_k, COLS=tiles.up_n // 2, GATED=True,
+                          INTERLEAVED=False, ACT=0, CLAMP=False)
+            signature = {**dict(zip(up, up_types)), "limit": "fp32", "alpha": "fp32",
+                         **{k: "constexpr" for k in consts}}
+            launch = dict(num_warps=tiles.up_warps, num_stages=tiles.up_stages)
+            name = f"direct={direct} fp8={fp8}"
+            yield f"moe_up {name} {tiles.up_n}x{tiles.up_k}", _moe_up_kernel, signature, consts, launch
+            consts = dict(common, BLOCK_N=tiles.down_n, BLOCK_K=tiles.down_k)
+            signature = {**dict(zip(down, down_types)), **{k: "constexpr" for k in consts}}
+            launch = dict(num_warps=tiles.down_warps, num_stages=tiles.down_stages)
+            yield f"moe_down {name} {tiles.down_n}x{tiles.down_k}", _moe_down_kernel, signature, consts, launch
 
 
 def variants():

@@ -128,7 +128,7 @@ def _operands(a, w, W_SCALED: tl.constexpr):
     conversion per two codes, and float16 holds every code and, in its range, every bf16 activation exactly);
     else ``w`` in ``a``'s dtype."""
     if W_SCALED and a.dtype != tl.float32:
-        return to_fp16_clamped(a), w.to(tl.float16)
+        a = to_fp16_clamped(a)
     return a, w.to(a.dtype)
 
 
