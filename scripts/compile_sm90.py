@@ -74,7 +74,7 @@ def moe_variants():
             down_types = ["*bf16", weight, scales, "*bf16", "*bf16", "*i64", "*i32", "*i32", "*bf16"] + ["i32"] * 11
             tiles = default_tiles(8 if direct else 512, 128, torch.bfloat16, CUDA, one_token=direct)
             common = dict(BLOCK_M=16, GROUP_M=8, HAS_BIAS=False, W_SCALED=fp8, EVEN_K=True, UPCAST=False, IEEE=False,
-                          RNE=False, DIRECT=direct, SWAP=direct and fp8, USE_PDL=True)
+                          RNE=False, DIRECT=direct, USE_PDL=True)
             consts = dict(common, BLOCK_N=tiles.up_n, BLOCK_K=tiles.up_k, COLS=tiles.up_n // 2, GATED=True,
                           INTERLEAVED=False, ACT=0, CLAMP=False)
             signature = {**dict(zip(up, up_types)), "limit": "fp32", "alpha": "fp32",

@@ -214,14 +214,6 @@ def test_moe_fp8_transposed_weights(dtype):
     _check((x, ids, w, w_up_t, w_down_t, *rest))
 
 
-@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-@pytest.mark.parametrize("tokens", [1, 45])
-def test_moe_swapped_products(fp8, tokens):
-    """``MoeTiles.swap``: every product transposed (the weight tile the left operand), one token and aligned blocks."""
-    tiles = MoeTiles(16, 32, 32, 1, 1, 16, 32, 1, 1, 2, swap=True)
-    _check(MoeCase(tokens, 8, 2, 83, 37, BF16, bias=True, fp8=fp8).inputs(), tiles=tiles)
-
-
 TILES = [
     MoeTiles(16, 16, 16, 1, 1, 16, 16, 1, 1, 2),  # many N tiles and K steps, odd remainders
     MoeTiles(32, 32, 32, 1, 1, 32, 32, 1, 1, 3),

@@ -66,7 +66,6 @@ class MoeTiles:
     down_warps: int = 4
     down_stages: int = 4
     group_m: int = 8  # blocks per group in the program order (L2 reuse of weight tiles)
-    swap: bool = False  # products as acc^T += w^T @ x^T: the weight tile is the left operand
 
 
 def default_tiles(
@@ -136,19 +135,6 @@ def _operands(a, w, W_SCALED: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _accumulate(acc, a, w, W_SCALED: tl.constexpr, BLOCK_M: tl.constexpr, SWAP: tl.constexpr, UPCAST: tl.constexpr,
-                IEEE: tl.constexpr):
-    """``acc + a @ w``; with ``SWAP`` the transposed ``acc^T + w^T @ a^T`` (``acc`` is ``[BLOCK_N, BLOCK_M]``: the
-    weight tile is the left operand, which Hopper's wgmma can take from registers, where codes are converted)."""
-    a, w = _operands(a, w, W_SCALED, BLOCK_M)
-    if SWAP:
-        acc = mma(tl.trans(w), tl.trans(a), acc, UPCAST, IEEE)
-    else:
-        acc = mma(a, w, acc, UPCAST, IEEE)
-    return acc
-
-
-@triton.jit
 def _scaled(acc, scale_ptrs, col_ok, W_SCALED: tl.constexpr):
     """A float8 expert's accumulator times its weight rows' scales (``[BLOCK_N]`` pointers); else ``acc``."""
     if W_SCALED:
@@ -166,7 +152,7 @@ def _moe_up_kernel(
     GROUP_M: tl.constexpr,
     GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACT: tl.constexpr, CLAMP: tl.constexpr,
     HAS_BIAS: tl.constexpr, W_SCALED: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
-    IEEE: tl.constexpr, RNE: tl.constexpr, DIRECT: tl.constexpr, SWAP: tl.constexpr, USE_PDL: tl.constexpr,
+    IEEE: tl.constexpr, RNE: tl.constexpr, DIRECT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pdl_enter(USE_PDL)
     pid_m, pid_n = _tile_of(tl.program_id(0), num_blocks, tl.cdiv(I, COLS), GROUP_M)
@@ -185,7 +171,7 @@ def _moe_up_kernel(
         k = tl.arange(0, BLOCK_K)
         a_ptrs = x_ptr + tok[:, None] * stride_xt + k[None, :]  # [BLOCK_M, BLOCK_K]
         w_ptrs = w_ptr + e64 * stride_we + w_row[None, :].to(tl.int64) * stride_wn + k[:, None] * stride_wk
-        acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP else (BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kk in range(tl.cdiv(H, BLOCK_K)):
             if EVEN_K:
                 a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
@@ -194,11 +180,10 @@ def _moe_up_kernel(
                 k_ok = k < H - kk * BLOCK_K
                 a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = _accumulate(acc, a, w, W_SCALED, BLOCK_M, SWAP, UPCAST, IEEE)
+            a, w = _operands(a, w, W_SCALED, BLOCK_M)
+            acc = mma(a, w, acc, UPCAST, IEEE)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K * stride_wk
-        if SWAP:
-            acc = tl.trans(acc)
         dtype = h_ptr.dtype.element_ty
         acc = _scaled(acc, ws_ptr + e64 * stride_wse + w_row, col_ok, W_SCALED)
         proj = cast_rne(acc, dtype, RNE).to(tl.float32)  # [BLOCK_M, BLOCK_N]: the projection in the model dtype
@@ -231,7 +216,7 @@ def _moe_down_kernel(
     stride_hm, stride_we, stride_wn, stride_wk, stride_wse, stride_be, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr, W_SCALED: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
-    IEEE: tl.constexpr, RNE: tl.constexpr, DIRECT: tl.constexpr, SWAP: tl.constexpr, USE_PDL: tl.constexpr,
+    IEEE: tl.constexpr, RNE: tl.constexpr, DIRECT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pdl_enter(USE_PDL)
     pid_m, pid_n = _tile_of(tl.program_id(0), num_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -243,7 +228,7 @@ def _moe_down_kernel(
         k = tl.arange(0, BLOCK_K)
         a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + k[None, :]
         w_ptrs = w_ptr + e64 * stride_we + cols[None, :].to(tl.int64) * stride_wn + k[:, None] * stride_wk
-        acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP else (BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kk in range(tl.cdiv(K, BLOCK_K)):
             if EVEN_K:
                 a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
@@ -252,11 +237,10 @@ def _moe_down_kernel(
                 k_ok = k < K - kk * BLOCK_K
                 a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = _accumulate(acc, a, w, W_SCALED, BLOCK_M, SWAP, UPCAST, IEEE)
+            a, w = _operands(a, w, W_SCALED, BLOCK_M)
+            acc = mma(a, w, acc, UPCAST, IEEE)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K * stride_wk
-        if SWAP:
-            acc = tl.trans(acc)
         dtype = y_ptr.dtype.element_ty
         acc = _scaled(acc, ws_ptr + e64 * stride_wse + cols, col_ok, W_SCALED)
         y = cast_rne(acc, dtype, RNE).to(tl.float32)
@@ -394,7 +378,7 @@ def moe_into(
         GATED=gated, INTERLEAVED=gated and interleaved, ACT=act, CLAMP=limit is not None,
         HAS_BIAS=b_up is not None, W_SCALED=scaled, EVEN_K=hidden % tiles.up_k == 0, UPCAST=upcast, IEEE=ieee,
         RNE=rne,
-        DIRECT=direct, SWAP=tiles.swap, **pdl, **(interp or {"num_warps": tiles.up_warps, "num_stages": tiles.up_stages}),
+        DIRECT=direct, **pdl, **(interp or {"num_warps": tiles.up_warps, "num_stages": tiles.up_stages}),
     )
     _moe_down_kernel[(num_blocks * triton.cdiv(hidden, tiles.down_n),)](
         h, w_down, w_down_scale if scaled else x, b_down if b_down is not None else x, y, sorted_ids, block_expert,
@@ -405,7 +389,7 @@ def moe_into(
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.down_n, BLOCK_K=tiles.down_k, GROUP_M=tiles.group_m,
         HAS_BIAS=b_down is not None, W_SCALED=scaled, EVEN_K=inter % tiles.down_k == 0, UPCAST=upcast, IEEE=ieee,
         RNE=rne,
-        DIRECT=direct, SWAP=tiles.swap, **pdl, **(interp or {"num_warps": tiles.down_warps, "num_stages": tiles.down_stages}),
+        DIRECT=direct, **pdl, **(interp or {"num_warps": tiles.down_warps, "num_stages": tiles.down_stages}),
     )
     block_n = min(next_pow2(hidden), max(256, 4096 // next_pow2(top_k)))
     _moe_sum_kernel[(t, triton.cdiv(hidden, block_n))](
