@@ -106,3 +106,17 @@ def test_engine_greedy_equals_hf_on_the_dequantized_model():
     outputs = engine.generate(prompts, [greedy(n) for n in MAX_TOKENS])
     for prompt, n, output in zip(prompts, MAX_TOKENS, outputs):
         assert output.outputs[0].token_ids == hf_greedy(reference, prompt, n)
+
+
+@pytest.mark.parametrize("flag", ["fp8", "int4_weight_only"])
+def test_routers_stay_in_full_precision(flag):
+    """The linears behind the experts' routing keep their weights (``quantize_router: true`` quantizes them too)."""
+    model = tiny_model("qwen3_moe")
+    gates = {f"model.layers.{i}.mlp.gate.weight" for i in range(model.config.num_hidden_layers)}
+    gm = _quantized(model, quantize=flag, **{"transforms.quantize_fp8_linear.enabled": True})
+    params = dict(gm.named_parameters())
+    assert gates <= params.keys() and all(params[g].dtype == torch.float32 for g in gates)
+    assert any(p.dtype != torch.float32 for n, p in params.items() if "self_attn" in n)
+    gm = _quantized(model, quantize=flag, **{"transforms.quantize_fp8_linear.enabled": True,
+                                            f"transforms.quantize_{flag.split('_')[0]}_linear.quantize_router": True})
+    assert not [n for n, p in gm.named_parameters() if n in gates and p.dtype == torch.float32]

@@ -7,8 +7,9 @@ A ``QuantizeLinear`` subclass names its format (``fmt``) and the top-level flag 
   checkpoint stores quantized (its quantized tensor names exist; for random weights, the config's ignore
   list decides) becomes the quantized op, and its parameters are filled from the stored tensors, repacked;
 - else ``quantize`` (the top-level flag, mapped into each transform's config by ``config.py``) equal to
-  ``flag``: every linear except the LM head (``quantize_lm_head``) and ``exclude`` patterns is quantized from
-  its full-precision weight.
+  ``flag``: every linear except the LM head (``quantize_lm_head``), MoE routers (``quantize_router``: the
+  linears behind a ``torch_moe``'s routing, kept as vLLM and llm-compressor keep them) and ``exclude`` patterns
+  is quantized from its full-precision weight.
 
 Weights already in memory are quantized on the spot. Weights still on the meta device (a checkpoint folder)
 get meta parameters of the final shape and a load hook per checkpoint tensor (``models/weights.py``), so
@@ -41,6 +42,7 @@ WeightHook = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 class QuantizeLinearConfig(KernelBackendConfig):
     quantize: QuantizeFlag = None  # the top-level ``quantize`` flag (set by config.py)
     quantize_lm_head: bool = False
+    quantize_router: bool = False  # MoE routers (the linears behind a torch_moe's routing) stay in full precision
     exclude: list[str] = []  # fnmatch patterns of module names left in full precision
 
 
@@ -53,6 +55,7 @@ class LinearSite:
     weight_key: str
     weight: torch.Tensor
     is_lm_head: bool
+    is_router: bool = False
 
     @property
     def out_features(self) -> int:
@@ -70,11 +73,11 @@ class LinearSite:
         return f"{self.module}.{attr}" if self.module else attr
 
 
-def _output_linears(gm: GraphModule) -> set[Node]:
-    """Linears that produce the graph output without another linear in between (the LM head)."""
+def _linears_behind(gm: GraphModule, starts: list[Node]) -> set[Node]:
+    """Linears that feed ``starts`` without another linear in between."""
     found: set[Node] = set()
     seen: set[Node] = set()
-    stack = [n for n in gm.graph.nodes if n.op == "output"]
+    stack = list(starts)
     while stack:
         node = stack.pop()
         if node in seen:
@@ -87,9 +90,20 @@ def _output_linears(gm: GraphModule) -> set[Node]:
     return found
 
 
+def _output_linears(gm: GraphModule) -> set[Node]:
+    """The LM head: linears that produce the graph output without another linear in between."""
+    return _linears_behind(gm, [n for n in gm.graph.nodes if n.op == "output"])
+
+
+def _router_linears(gm: GraphModule) -> set[Node]:
+    """MoE routers: linears that feed a ``torch_moe``'s expert ids or weights without another linear in between."""
+    moes = find_nodes(gm, torch.ops.autodeploy.torch_moe)
+    return _linears_behind(gm, [a for moe in moes for a in moe.args[1:3] if isinstance(a, Node)])
+
+
 def linear_sites(gm: GraphModule) -> list[LinearSite]:
     """Linears whose weight is a 2-D parameter read by nothing else (tied embeddings stay unquantized)."""
-    heads = _output_linears(gm)
+    heads, routers = _output_linears(gm), _router_linears(gm)
     readers: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
@@ -103,7 +117,7 @@ def linear_sites(gm: GraphModule) -> list[LinearSite]:
         if tensor.dim() != 2:
             continue
         module, _, _ = weight.target.rpartition(".")
-        sites.append(LinearSite(node, module, weight.target, tensor, node in heads))
+        sites.append(LinearSite(node, module, weight.target, tensor, node in heads, node in routers))
     return sites
 
 
@@ -197,6 +211,8 @@ class QuantizeLinear(Transform):
 
     def _wanted(self, site: LinearSite) -> bool:
         if site.is_lm_head and not self.config.quantize_lm_head:
+            return False
+        if site.is_router and not self.config.quantize_router:
             return False
         return not any(fnmatch.fnmatch(site.module, p) for p in self.config.exclude)
 

@@ -1,7 +1,8 @@
 """``quantize_fp8_linear``: linears become ``autodeploy::<backend>_quant_fp8_linear`` (fp8 weights and activations).
 
-Matches: every ``aten.linear`` with a parameter weight, when ``quantize: fp8`` is set (all but the LM head and
-``exclude``) or the checkpoint is float8 (compressed-tensors / fbgemm_fp8: the linears it stores as fp8).
+Matches: every ``aten.linear`` with a parameter weight, when ``quantize: fp8`` is set (all but the LM head, MoE
+routers and ``exclude``) or the checkpoint is float8 (compressed-tensors / fbgemm_fp8: the linears it stores as
+fp8).
 Emits: the fp8 linear with parameters ``weight`` [N, K] float8_e4m3fn and ``weight_scale`` [N] float32 (a
 per-tensor scale is stored broadcast); activations are quantized per token at run time. From a flag, the
 weight scale is per output channel (``per_channel: false``: one per tensor). Limits: tied LM heads stay in

@@ -1,8 +1,8 @@
 """``quantize_int4_linear``: linears become ``autodeploy::<backend>_quant_int4_linear`` (group-wise int4 weights).
 
 Matches: every ``aten.linear`` with a parameter weight when ``quantize: int4_weight_only`` is set (all but the
-LM head and ``exclude``), or the linears a GPTQ / AWQ checkpoint stores as 4-bit (``qweight``). Emits: the
-int4 linear with parameters ``qweight`` [N, Kp/8] int32 (planar packing, ``custom_ops/quant_linear.py``),
+LM head, MoE routers and ``exclude``), or the linears a GPTQ / AWQ checkpoint stores as 4-bit (``qweight``).
+Emits: the int4 linear with parameters ``qweight`` [N, Kp/8] int32 (planar packing, ``custom_ops/quant_linear.py``),
 ``scales`` [G, N] float16 and, when asymmetric, ``qzeros`` [G, N] float16 (float zero points). From a flag:
 round-to-nearest with ``group_size`` (default 128; -1 = per channel), asymmetric unless ``symmetric``. From
 a checkpoint: its tensors are repacked at load time, never dequantized. Limits: GPTQ act-order

@@ -1,9 +1,10 @@
 """``quantize_int8_linear``: linears become ``autodeploy::<backend>_quant_int8_linear`` (int8 weights, 16-bit inputs).
 
 Matches: every ``aten.linear`` with a parameter weight when ``quantize: int8_weight_only`` is set, except the
-LM head (``quantize_lm_head``) and ``exclude`` patterns. Emits: the int8 linear with parameters ``weight``
-[N, K] int8 (symmetric, -127..127) and ``weight_scale`` [N] float32 (per output channel). Limits: no
-pre-quantized int8 checkpoint layout is read (quantize a full-precision checkpoint instead).
+LM head (``quantize_lm_head``), MoE routers (``quantize_router``) and ``exclude`` patterns. Emits: the int8
+linear with parameters ``weight`` [N, K] int8 (symmetric, -127..127) and ``weight_scale`` [N] float32 (per
+output channel). Limits: no pre-quantized int8 checkpoint layout is read (quantize a full-precision checkpoint
+instead).
 """
 
 from __future__ import annotations
