@@ -22,7 +22,7 @@ from torch.fx import GraphModule, Node
 
 from ..custom_ops.quant_linear import FP8_DTYPE, quantize_fp8_weight
 from .base import SharedContext, Transform, TransformConfig, TransformInfo, TransformRegistry
-from .graph import find_nodes, get_attr_value, op_arguments, parameter_view
+from .graph import find_nodes, op_arguments, parameter_view
 from .quantization import QuantizeFlag, add_weight_hook, checkpoint_of, meta
 
 TORCH_MOE = torch.ops.autodeploy.torch_moe.default
@@ -40,6 +40,17 @@ def quantize_expert_weight(weight: torch.Tensor, dims: list[int]) -> tuple[torch
     codes, scale = quantize_fp8_weight(weight.permute(dims))
     inverse = sorted(range(len(dims)), key=dims.__getitem__)
     return codes.permute(inverse).contiguous(), scale
+
+
+def _owner(gm: GraphModule, target: str) -> tuple[torch.nn.Module, str]:
+    owner_name, _, attr = target.rpartition(".")
+    return (gm.get_submodule(owner_name) if owner_name else gm), attr
+
+
+def _quantizable(gm: GraphModule, target: str, arg: Node) -> bool:
+    """A 16/32-bit float parameter read once, through ``arg``'s chain."""
+    owner, attr = _owner(gm, target)
+    return getattr(owner, attr).dtype in (torch.float32, torch.bfloat16, torch.float16) and _read_once(gm, target, arg)
 
 
 def _read_once(gm: GraphModule, target: str, arg: Node) -> bool:
@@ -67,7 +78,7 @@ class QuantizeFP8Moe(Transform):
             module = views[0][0].rpartition(".")[0] if views[0] is not None else node.name
             if args["w_up_scale"] is not None or any(fnmatch.fnmatch(module, p) for p in self.config.exclude):
                 continue
-            if any(v is None or not _read_once(gm, v[0], args[name]) for v, (name, _) in zip(views, WEIGHTS)):
+            if any(v is None or not _quantizable(gm, v[0], args[name]) for v, (name, _) in zip(views, WEIGHTS)):
                 kept.append(node.name)
                 continue
             scales = {}
@@ -81,10 +92,9 @@ class QuantizeFP8Moe(Transform):
 
     def _quantize_parameter(self, gm: GraphModule, target: str, dims: list[int], ctx: SharedContext) -> str:
         """Swap parameter ``target`` for its codes, add ``<target>_scale``; returns the scale's name."""
-        owner_name, _, attr = target.rpartition(".")
-        owner = gm.get_submodule(owner_name) if owner_name else gm
+        owner, attr = _owner(gm, target)
         scale_target = f"{target}_scale"
-        weight = get_attr_value(gm, next(n for n in gm.graph.nodes if n.op == "get_attr" and n.target == target))
+        weight = getattr(owner, attr)
         if weight.is_meta:
             codes = meta(tuple(weight.shape), FP8_DTYPE)
             scale = meta(tuple(weight.shape[d] for d in dims[:2]), torch.float32)
