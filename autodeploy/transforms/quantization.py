@@ -176,7 +176,6 @@ class QuantizeLinear(Transform):
     flag: ClassVar[str] = ""
     reference_op: ClassVar[str] = ""
 
-
     def _stored_keys(self, ctx: SharedContext) -> set[str] | None:
         """Tensor names of the checkpoint folder (None when the weights are random)."""
         factory = ctx.factory
