@@ -54,6 +54,7 @@ for step in "$@"; do
     quant)     timeout 300 python3 bench/quant.py --out "$OUT/quant.json" 2>&1 | tee "$OUT/quant.log" | grep '^{' | tail -30 ;;
     moe)       timeout 420 python3 bench/moe.py --out "$OUT/moe.json" 2>&1 | tee "$OUT/moe.log" | grep '^{' | tail -20 ;;
     moe-decode) timeout 300 python3 bench/moe.py --skip-e2e --tokens 1 --sweep --out "$OUT/moe_decode.json" 2>&1 | tee "$OUT/moe_decode.log" | grep '^{' | cut -c1-260 ;;
+    moe-prefill) for fp8 in "" --fp8; do timeout 280 python3 bench/moe.py --skip-e2e --prefill-sweep $fp8 --out "$OUT/moe_prefill${fp8:+_fp8}.json" 2>&1 | tee "$OUT/moe_prefill${fp8:+_fp8}.log" | grep '^{' | cut -c1-330; done ;;
     moe-trace) AUTODEPLOY_PDL=0 timeout 240 python3 bench/moe.py --skip-kernels --skip-reference --num-requests 16 --trace-decode --out "$OUT/moe_trace.json" 2>&1 | tee "$OUT/moe_trace.log" | grep '^{' | cut -c1-4000 ;;
     moe-tiles) timeout 300 python3 bench/moe.py --skip-kernels --skip-reference --num-requests 16 --decode-tiles --gemv-variants --out "$OUT/moe_tiles.json" 2>&1 | tee "$OUT/moe_tiles.log" | grep '^{' | cut -c1-400 ;;
     moe-decode-ab) for fuse in true false; do timeout 200 python3 bench/moe.py --skip-kernels --skip-reference --num-requests 16 --set transforms.fuse_add_rmsnorm_linear.enabled=$fuse --out "$OUT/moe_norm_$fuse.json" 2>&1 | tee "$OUT/moe_norm_$fuse.log" | grep -E '"phase": "(build|decode)"' | cut -c1-300; done ;;

@@ -3,6 +3,7 @@
     PYTHONPATH=$PWD python3 bench/moe.py --out $OUT/moe.json   # ~4 min: kernels, then the 48-layer engine
     python bench/moe.py --smoke --out /tmp/moe.json              # CPU, Triton interpreter, tiny shapes
     options: --skip-kernels, --skip-e2e, --layers N (engine depth), --sweep (a few decode tile candidates),
+             --prefill-sweep (block tiles at --tokens, default 256,1024,4096,8192),
              --tokens 1,64 (the kernel phase's token counts), --fp8 (float8 experts: the kernels' weights, and
              ``quantize: fp8`` for the engine)
 
@@ -62,6 +63,29 @@ DECODE_SWEEP = [  # --sweep / --decode-tiles: decode (T = 1) candidates beside t
                                                 (64, 256, 8, 4), (128, 256, 8, 4), (32, 1024, 4, 3)]
 ] + [MoeTiles(16, 128, 128, 8, 4, *down) for down in [(32, 256, 4, 3), (128, 256, 8, 3), (64, 256, 4, 4),
                                                         (32, 256, 4, 4), (64, 256, 8, 3)]]
+PREFILL_TOKENS = [256, 1024, 4096, 8192]
+PREFILL_SWEEP = [  # --prefill-sweep: aligned blocks (block_m, then GEMM-1 and GEMM-2 tiles, group_m)
+    MoeTiles(bm, *up, *down, group_m=g)
+    for bm, up, down, g in [
+        (16, (64, 128, 4, 4), (64, 128, 4, 4), 8),
+        (32, (64, 128, 4, 4), (64, 128, 4, 4), 8),
+        (32, (128, 64, 4, 4), (128, 64, 4, 4), 8),
+        (64, (128, 64, 4, 4), (128, 64, 4, 4), 8),
+        (64, (128, 128, 4, 3), (128, 128, 4, 3), 8),
+        (64, (256, 64, 8, 3), (128, 64, 4, 4), 8),
+        (64, (256, 64, 4, 3), (256, 64, 4, 3), 8),
+        (64, (128, 64, 4, 5), (128, 64, 4, 5), 8),
+        (128, (128, 64, 8, 4), (128, 64, 8, 4), 8),
+        (128, (128, 64, 4, 4), (128, 64, 4, 4), 8),
+        (128, (256, 64, 8, 3), (256, 64, 8, 3), 8),
+        (128, (256, 64, 8, 4), (128, 64, 8, 4), 8),
+        (128, (128, 128, 8, 3), (128, 128, 8, 3), 8),
+        (128, (256, 128, 8, 3), (128, 128, 8, 3), 8),
+        (128, (128, 64, 8, 4), (128, 64, 8, 4), 4),
+        (128, (128, 64, 8, 4), (128, 64, 8, 4), 16),
+        (128, (256, 64, 8, 4), (256, 64, 8, 4), 16),
+    ]
+]
 
 
 def median_us(fn, rep_ms: int = 100) -> float:
@@ -102,18 +126,28 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
+_CASES: dict[int, tuple] = {}  # tokens -> (x, routes, float32 truth of layer 0): one per token count per process
+
+
+def case(tokens: int, layers: list) -> tuple:
+    if tokens not in _CASES:
+        x = torch.randn(tokens, H, device=DEV).to(DTYPE)
+        routes = [route(tokens) for _ in layers]
+        args = moe_args(x, *routes[0], layers[0])
+        truth = ops.torch_moe(*(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                                for a in args))
+        _CASES[tokens] = (x, routes, truth)
+    return _CASES[tokens]
+
+
 def bench_tokens(tokens: int, layers: list, tiles: MoeTiles | None = None, reference: bool = True) -> dict:
     """Check and time ``triton_moe`` on ``tokens`` tokens; ``layers`` rotate inside the captured graph."""
-    x = torch.randn(tokens, H, device=DEV).to(DTYPE)
-    routes = [route(tokens) for _ in layers]
+    x, routes, truth = case(tokens, layers)
     args = moe_args(x, *routes[0], layers[0])
     out = torch.full_like(x, float("nan"))
     run_moe(out, args, tiles)
-    truth = ops.torch_moe(*(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                            for a in args))
     row = {"T": tokens, "rel_err": rel_err(out, truth)}
     row["ok"] = row["rel_err"] < REL_TOL
-    del truth
     outs = [torch.empty_like(x) for _ in layers]
 
     def run_all() -> None:
@@ -139,7 +173,7 @@ def bench_tokens(tokens: int, layers: list, tiles: MoeTiles | None = None, refer
     return row
 
 
-def kernels(results: JsonResults, sweep: bool, token_counts: list[int]) -> bool:
+def kernels(results: JsonResults, sweep: bool, token_counts: list[int], prefill_sweep: bool = False) -> bool:
     layers = [make_layer() for _ in range(ROTATE)]
     ok = True
     for tokens in token_counts:
@@ -155,6 +189,13 @@ def kernels(results: JsonResults, sweep: bool, token_counts: list[int]) -> bool:
             results.emit("kernel_sweep", **bench_tokens(1, layers, tiles, reference=False))
         except Exception as e:  # noqa: BLE001
             results.emit("kernel_sweep", T=1, tiles=asdict(tiles), error=f"{type(e).__name__}: {e}"[:300])
+    for tiles in PREFILL_SWEEP if prefill_sweep else []:
+        for tokens in token_counts:
+            try:
+                results.emit("prefill_sweep", **bench_tokens(tokens, layers, tiles, reference=False))
+            except Exception as e:  # noqa: BLE001
+                results.emit("prefill_sweep", T=tokens, tiles=asdict(tiles), error=f"{type(e).__name__}: {e}"[:300])
+    _CASES.clear()
     del layers
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -169,6 +210,8 @@ def main() -> int:
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--skip-reference", action="store_true", help="engine figures only: no torch_moe waves")
     parser.add_argument("--sweep", action="store_true", help="also time a few decode tile candidates")
+    parser.add_argument("--prefill-sweep", action="store_true",
+                        help="time PREFILL_SWEEP's block tiles at --tokens (default 256,1024,4096,8192)")
     parser.add_argument("--trace-decode", action="store_true",
                         help="torch.profiler: the engine's batch-1 decode graph (run with AUTODEPLOY_PDL=0)")
     parser.add_argument("--decode-tiles", action="store_const", const=DECODE_SWEEP, default=None,
@@ -191,8 +234,9 @@ def main() -> int:
                                      "torch": torch.__version__, "triton": triton.__version__, "smoke": SMOKE})
     ok = True
     if not args.skip_kernels:
-        tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else TOKENS
-        ok &= kernels(results, args.sweep, tokens)
+        default_tokens = PREFILL_TOKENS if args.prefill_sweep else TOKENS
+        tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else default_tokens
+        ok &= kernels(results, args.sweep, tokens, args.prefill_sweep)
     if not args.skip_e2e:
         from moe_e2e import run_e2e
 
