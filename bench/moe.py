@@ -169,7 +169,7 @@ def bench_tokens(tokens: int, layers: list, tiles: MoeTiles | None = None, refer
     row["roof_us"] = max(nbytes / COPY_BPS, flops / MMA_FLOPS) * 1e6
     row["pct_roof"] = 100 * row["roof_us"] / row["graph_us"]
     row["bound"] = "memory" if nbytes / COPY_BPS > flops / MMA_FLOPS else "compute"
-    row["tiles"] = asdict(tiles or default_tiles(tokens * K, E, DTYPE, DEV, one_token=tokens == 1))
+    row["tiles"] = asdict(tiles or default_tiles(tokens * K, E, DTYPE, DEV, tokens == 1, FP8))
     return row
 
 
@@ -202,6 +202,22 @@ def kernels(results: JsonResults, sweep: bool, token_counts: list[int], prefill_
     return ok
 
 
+def compiled_kernels(results: JsonResults) -> None:
+    """Registers, spills and shared memory of every MoE GEMM compiled in this process (``--registers``)."""
+    from autodeploy.custom_ops.triton import moe as moe_kernels
+
+    for fn in (moe_kernels._moe_up_kernel, moe_kernels._moe_down_kernel):
+        for kernel_cache, *_ in getattr(fn, "device_caches", {}).values():  # none under the interpreter
+            for kernel in kernel_cache.values():
+                consts = getattr(kernel.src, "constexprs", None) or getattr(kernel.src, "constants", {})
+                keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "W_SCALED", "DIRECT", "EVEN_K")
+                results.emit("compiled", kernel=fn.__name__, **{k: consts.get((fn.arg_names.index(k),), consts.get(k))
+                                                                 for k in keys},
+                             warps=kernel.metadata.num_warps, stages=kernel.metadata.num_stages,
+                             shared=kernel.metadata.shared, regs=getattr(kernel, "n_regs", None),
+                             spills=getattr(kernel, "n_spills", None))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, tiny shapes")
@@ -212,6 +228,7 @@ def main() -> int:
     parser.add_argument("--sweep", action="store_true", help="also time a few decode tile candidates")
     parser.add_argument("--prefill-sweep", action="store_true",
                         help="time PREFILL_SWEEP's block tiles at --tokens (default 256,1024,4096,8192)")
+    parser.add_argument("--registers", action="store_true", help="registers and spills of each compiled MoE GEMM")
     parser.add_argument("--trace-decode", action="store_true",
                         help="torch.profiler: the engine's batch-1 decode graph (run with AUTODEPLOY_PDL=0)")
     parser.add_argument("--decode-tiles", action="store_const", const=DECODE_SWEEP, default=None,
@@ -237,6 +254,8 @@ def main() -> int:
         default_tokens = PREFILL_TOKENS if args.prefill_sweep else TOKENS
         tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else default_tokens
         ok &= kernels(results, args.sweep, tokens, args.prefill_sweep)
+        if args.registers:
+            compiled_kernels(results)
     if not args.skip_e2e:
         from moe_e2e import run_e2e
 

@@ -136,8 +136,8 @@ def replay_with_tiles(runner, tiles: MoeTiles) -> float:
     """The batch-1 decode replay (ms) with every one-token MoE launched with ``tiles``: the graph of batch 1 is
     captured again (the decode graphs of other sizes are dropped); the defaults come back afterwards."""
     default = moe_kernels.default_tiles
-    moe_kernels.default_tiles = lambda m, e, dtype, device, one_token=False: (
-        tiles if one_token else default(m, e, dtype, device, one_token))
+    moe_kernels.default_tiles = lambda m, e, dtype, device, one_token=False, fp8_weights=False: (
+        tiles if one_token else default(m, e, dtype, device, one_token, fp8_weights))
     try:
         runner.capture_cuda_graphs(1)
         return decode_replay_ms(runner)

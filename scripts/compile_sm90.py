@@ -67,20 +67,20 @@ def moe_variants():
     down = ["h_ptr", "w_ptr", "ws_ptr", "b_ptr", "y_ptr", "sorted_ptr", "blk_expert_ptr", "blk_rows_ptr", "topw_ptr",
             "N", "K", "E", "num_blocks", "stride_hm", "stride_we", "stride_wn", "stride_wk", "stride_wse", "stride_be",
             "stride_ym"]
-    for direct in (True, False):
+    for direct, assignments in ((True, 8), (False, 512), (False, 32768)):  # one token, decode, prefill blocks
         for fp8 in (False, True):
             weight, scales = ("*fp8e4nv", "*fp32") if fp8 else ("*bf16", "*bf16")
             up_types = ["*bf16", weight, scales, "*bf16", "*bf16", "*i64", "*i32", "*i32"] + ["i32"] * 13
             down_types = ["*bf16", weight, scales, "*bf16", "*bf16", "*i64", "*i32", "*i32", "*bf16"] + ["i32"] * 11
-            tiles = default_tiles(8 if direct else 512, 128, torch.bfloat16, CUDA, one_token=direct)
-            common = dict(BLOCK_M=16, GROUP_M=8, HAS_BIAS=False, W_SCALED=fp8, EVEN_K=True, UPCAST=False, IEEE=False,
+            tiles = default_tiles(assignments, 128, torch.bfloat16, CUDA, direct, fp8)
+            common = dict(BLOCK_M=tiles.block_m, GROUP_M=tiles.group_m, HAS_BIAS=False, W_SCALED=fp8, EVEN_K=True, UPCAST=False, IEEE=False,
                           RNE=False, DIRECT=direct, USE_PDL=True)
             consts = dict(common, BLOCK_N=tiles.up_n, BLOCK_K=tiles.up_k, COLS=tiles.up_n // 2, GATED=True,
                           INTERLEAVED=False, ACT=0, CLAMP=False)
             signature = {**dict(zip(up, up_types)), "limit": "fp32", "alpha": "fp32",
                          **{k: "constexpr" for k in consts}}
             launch = dict(num_warps=tiles.up_warps, num_stages=tiles.up_stages)
-            name = f"direct={direct} fp8={fp8}"
+            name = f"direct={direct} fp8={fp8} block_m={tiles.block_m}"
             yield f"moe_up {name} {tiles.up_n}x{tiles.up_k}", _moe_up_kernel, signature, consts, launch
             consts = dict(common, BLOCK_N=tiles.down_n, BLOCK_K=tiles.down_k)
             signature = {**dict(zip(down, down_types)), **{k: "constexpr" for k in consts}}

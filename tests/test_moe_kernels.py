@@ -303,7 +303,7 @@ def test_moe_gpu_fp8_weights(tokens):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tokens", [1, 33, 300])
+@pytest.mark.parametrize("tokens", [1, 33, 300, 2048])  # 2048: over 96 rows an expert, the 128-row tiles
 def test_moe_gpu_odd_shapes(tokens):
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         _check(MoeCase(tokens, 60, 4, 1000, 328, dtype, "swiglu_oai", True, True, True, 7.0, 1.702).inputs())
