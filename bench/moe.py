@@ -54,6 +54,7 @@ ROTATE = 2 if SMOKE else 4
 COPY_BPS, MMA_FLOPS = 3.0e12, 795e12  # H100 copy bandwidth (measured) and dense bf16 rate
 REL_TOL = 1e-2
 FP8 = "--fp8" in sys.argv
+PROFILE = "--profile" in sys.argv and not SMOKE
 DECODE_SWEEP = [  # --sweep / --decode-tiles: decode (T = 1) candidates beside the default
     MoeTiles(16, 64, 128, 4, 4, 64, 128, 4, 4),  # the default before run 33
     MoeTiles(16, 128, 128, 4, 4, 128, 128, 4, 4),
@@ -126,6 +127,21 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
+def kernel_table(fn, layers: int, repeats: int = 20) -> dict[str, float]:
+    """Device µs per layer of each kernel ``fn`` launches (``--profile``; read with ``AUTODEPLOY_PDL=0``, since
+    under programmatic dependent launch a kernel's span includes its wait for the one before)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key[:60]: round(e.device_time_total / repeats / layers, 2)
+            for e in prof.key_averages() if e.device_time_total > 0}
+
+
 _CASES: dict[int, tuple] = {}  # tokens -> (x, routes, float32 truth of layer 0): one per token count per process
 
 
@@ -158,6 +174,8 @@ def bench_tokens(tokens: int, layers: list, tiles: MoeTiles | None = None, refer
         row["graph_us"] = median_us(run_all) / len(layers)
     else:
         row["graph_us"] = do_bench_cudagraph(run_all, rep=50, return_mode="median") * 1e3 / len(layers)
+    if PROFILE:
+        row["kernels_us"] = kernel_table(run_all, len(layers))
     if reference:
         row["torch_us"] = median_us(lambda: ops.torch_moe(*args))
         row["speedup_vs_torch"] = row["torch_us"] / row["graph_us"]
@@ -228,6 +246,7 @@ def main() -> int:
     parser.add_argument("--sweep", action="store_true", help="also time a few decode tile candidates")
     parser.add_argument("--prefill-sweep", action="store_true",
                         help="time PREFILL_SWEEP's block tiles at --tokens (default 256,1024,4096,8192)")
+    parser.add_argument("--profile", action="store_true", help="kernel table of each token count (AUTODEPLOY_PDL=0)")
     parser.add_argument("--registers", action="store_true", help="registers and spills of each compiled MoE GEMM")
     parser.add_argument("--trace-decode", action="store_true",
                         help="torch.profiler: the engine's batch-1 decode graph (run with AUTODEPLOY_PDL=0)")
