@@ -5,7 +5,7 @@
     options: --skip-kernels, --skip-e2e, --layers N (engine depth), --sweep (a few decode tile candidates),
              --prefill-sweep (block tiles at --tokens, default 256,1024,4096,8192),
              --tokens 1,64 (the kernel phase's token counts), --fp8 (float8 experts: the kernels' weights, and
-             ``quantize: fp8`` for the engine), --fp8-activations (W8A8 experts)
+             ``quantize: fp8`` for the engine)
 
 One JSON line is printed per measurement (``{"phase": ..., ...}``); ``--out`` gets all of them and the device.
 
@@ -52,9 +52,8 @@ H, E, K, I = (64, 16, 4, 32) if SMOKE else (2048, 128, 8, 768)
 TOKENS = [1, 40] if SMOKE else [1, 64, 512, 4096]
 ROTATE = 2 if SMOKE else 4
 COPY_BPS, MMA_FLOPS = 3.0e12, 795e12  # H100 copy bandwidth (measured) and dense bf16 rate
-FP8_ACTIVATIONS = "--fp8-activations" in sys.argv  # W8A8 experts
-FP8 = "--fp8" in sys.argv or FP8_ACTIVATIONS
-REL_TOL = 3e-2 if FP8_ACTIVATIONS else 1e-2  # W8A8: rows rounded to float8 where the float32 truth's differ
+REL_TOL = 1e-2
+FP8 = "--fp8" in sys.argv
 PROFILE = "--profile" in sys.argv and not SMOKE
 DECODE_SWEEP = [  # --sweep / --decode-tiles: decode (T = 1) candidates beside the default
     MoeTiles(16, 64, 128, 4, 4, 64, 128, 4, 4),  # the default before run 33
@@ -115,12 +114,11 @@ def route(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def moe_args(x, ids, weights, layer) -> tuple:
-    return (x, ids, weights, layer[0], layer[1], None, None, "silu", True, False, None, None, layer[2], layer[3],
-            FP8_ACTIVATIONS)
+    return (x, ids, weights, layer[0], layer[1], None, None, "silu", True, False, None, None, layer[2], layer[3])
 
 
 def run_moe(out: torch.Tensor, args: tuple, tiles: MoeTiles | None) -> None:
-    moe_into(out, *args[:12], tiles=tiles, w_up_scale=args[12], w_down_scale=args[13], fp8_activations=args[14])
+    moe_into(out, *args[:12], tiles=tiles, w_up_scale=args[12], w_down_scale=args[13])
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -258,8 +256,6 @@ def main() -> int:
                         help="time the engine's batch-1 decode graph with other GEMV tiles too (moe_e2e.GEMV_VARIANTS)")
     parser.add_argument("--set", action="append", default=[], help="engine config override key=value (YAML value)")
     parser.add_argument("--fp8", action="store_true", help="float8 experts (the engine: quantize=fp8)")
-    parser.add_argument("--fp8-activations", action="store_true",
-                        help="W8A8 experts (implies --fp8; the engine: quantize_fp8_moe.fp8_activations)")
     parser.add_argument("--layers", type=int, default=None, help="num_hidden_layers of the engine (48)")
     parser.add_argument("--tokens", default=None, help="comma list: the kernel phase's token counts (1,64,512,4096)")
     parser.add_argument("--num-requests", type=int, default=1000)
@@ -267,10 +263,8 @@ def main() -> int:
     parser.add_argument("--max-batch-size", type=int, default=256)
     parser.add_argument("--max-num-tokens", type=int, default=8192)
     args = parser.parse_args()
-    if args.fp8 or args.fp8_activations:
+    if args.fp8:
         args.set.append("quantize=fp8")
-    if args.fp8_activations:
-        args.set.append("transforms.quantize_fp8_moe.fp8_activations=true")
     torch.manual_seed(0)
     results = JsonResults(args.out, {"device": "cpu (interpreter)" if SMOKE else torch.cuda.get_device_name(0),
                                      "torch": torch.__version__, "triton": triton.__version__, "smoke": SMOKE})

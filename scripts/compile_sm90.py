@@ -68,20 +68,19 @@ def moe_variants():
             "N", "K", "E", "num_blocks", "stride_hm", "stride_we", "stride_wn", "stride_wk", "stride_wse", "stride_be",
             "stride_ym"]
     for direct, assignments in ((True, 8), (False, 512), (False, 32768)):  # one token, decode, prefill blocks
-        for fp8, a_fp8 in ((False, False), (True, False), (True, True)):  # 16-bit, float8 weights, W8A8
+        for fp8 in (False, True):
             weight, scales = ("*fp8e4nv", "*fp32") if fp8 else ("*bf16", "*bf16")
             up_types = ["*bf16", weight, scales, "*bf16", "*bf16", "*i64", "*i32", "*i32"] + ["i32"] * 13
             down_types = ["*bf16", weight, scales, "*bf16", "*bf16", "*i64", "*i32", "*i32", "*bf16"] + ["i32"] * 11
             tiles = default_tiles(assignments, 128, torch.bfloat16, CUDA, direct, fp8)
-            common = dict(BLOCK_M=tiles.block_m, GROUP_M=tiles.group_m, HAS_BIAS=False, W_SCALED=fp8, A_FP8=a_fp8,
-                          F8F8=True, SWAP=a_fp8 and tiles.block_m <= 16, EVEN_K=True, UPCAST=False, IEEE=False,
+            common = dict(BLOCK_M=tiles.block_m, GROUP_M=tiles.group_m, HAS_BIAS=False, W_SCALED=fp8, EVEN_K=True, UPCAST=False, IEEE=False,
                           RNE=False, DIRECT=direct, USE_PDL=True)
             consts = dict(common, BLOCK_N=tiles.up_n, BLOCK_K=tiles.up_k, COLS=tiles.up_n // 2, GATED=True,
                           INTERLEAVED=False, ACT=0, CLAMP=False)
             signature = {**dict(zip(up, up_types)), "limit": "fp32", "alpha": "fp32",
                          **{k: "constexpr" for k in consts}}
             launch = dict(num_warps=tiles.up_warps, num_stages=tiles.up_stages)
-            name = f"direct={direct} fp8={fp8} a_fp8={a_fp8} block_m={tiles.block_m}"
+            name = f"direct={direct} fp8={fp8} block_m={tiles.block_m}"
             yield f"moe_up {name} {tiles.up_n}x{tiles.up_k}", _moe_up_kernel, signature, consts, launch
             consts = dict(common, BLOCK_N=tiles.down_n, BLOCK_K=tiles.down_k)
             signature = {**dict(zip(down, down_types)), **{k: "constexpr" for k in consts}}

@@ -15,10 +15,7 @@ with ``expert_e(x) = w_down[e] @ glu(w_up[e] @ x + b_up[e]) + b_down[e]`` (weigh
   ``g = clamp(gate, max=limit)``;
 - with ``w_up_scale [E, U]`` and ``w_down_scale [E, H]`` (float32) the weights are float8 codes with one scale per
   output row (``quantize_fp8_moe``): each projection is ``(x @ codes^T) * scale`` accumulated in float32 and
-  rounded once to the activations' dtype;
-- ``fp8_activations`` (with those scales) also quantizes each projection's input row by row, as the fp8 linears do
-  (``quantize_fp8_per_token``: the tokens for ``w_up``, each assignment's activated row for ``w_down``): the
-  projection is ``(codes_x @ codes_w^T) * scale_x * scale_w`` (W8A8: float8 x float8 products).
+  rounded once to the activations' dtype.
 
 Expert ids outside ``[0, E)`` contribute nothing (the expert-parallel sentinel).
 """
@@ -28,7 +25,6 @@ from __future__ import annotations
 import torch
 
 from .activation import apply_activation
-from .quant_linear import quantize_fp8_per_token
 
 
 def moe_glu(
@@ -48,15 +44,11 @@ def moe_glu(
     return apply_activation(activation, gate) * up
 
 
-def _project(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, fp8_activations: bool) -> torch.Tensor:
-    """``a @ w^T`` in ``a``'s dtype; float8 ``w`` times its per-row ``scale``, in float32, rounded once (``a``
-    quantized per row first with ``fp8_activations``)."""
+def _project(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """``a @ w^T`` in ``a``'s dtype; float8 ``w`` times its per-row ``scale``, in float32, rounded once."""
     if scale is None:
         return a @ w.t()
-    if not fp8_activations:
-        return ((a.float() @ w.float().t()) * scale.float()).to(a.dtype)
-    codes, a_scale = quantize_fp8_per_token(a)
-    return ((codes.float() @ w.float().t()) * a_scale * scale.float()).to(a.dtype)
+    return ((a.float() @ w.float().t()) * scale.float()).to(a.dtype)
 
 
 def moe_reference(
@@ -74,21 +66,18 @@ def moe_reference(
     alpha: float | None,
     w_up_scale: torch.Tensor | None = None,
     w_down_scale: torch.Tensor | None = None,
-    fp8_activations: bool = False,
 ) -> torch.Tensor:
-    if fp8_activations and (w_up_scale is None or w_down_scale is None):
-        raise ValueError("torch_moe: fp8_activations needs float8 experts (w_up_scale and w_down_scale)")
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     num_experts = w_up.shape[0]
     for e in range(num_experts):
         token_idx, slot = torch.where(topk_ids == e)
         if token_idx.numel() == 0:
             continue
-        h = _project(x[token_idx], w_up[e], None if w_up_scale is None else w_up_scale[e], fp8_activations)
+        h = _project(x[token_idx], w_up[e], None if w_up_scale is None else w_up_scale[e])  # [n, U]
         if b_up is not None:
             h = h + b_up[e]
         h = moe_glu(h, activation, gated, interleaved, limit, alpha)
-        y = _project(h, w_down[e], None if w_down_scale is None else w_down_scale[e], fp8_activations)
+        y = _project(h, w_down[e], None if w_down_scale is None else w_down_scale[e])  # [n, H]
         if b_down is not None:
             y = y + b_down[e]
         out.index_add_(0, token_idx, y.float() * topk_weights[token_idx, slot, None].float())
@@ -111,17 +100,15 @@ def torch_moe(
     alpha: float | None = None,
     w_up_scale: torch.Tensor | None = None,
     w_down_scale: torch.Tensor | None = None,
-    fp8_activations: bool = False,
 ) -> torch.Tensor:
     return moe_reference(
         x, topk_ids, topk_weights, w_up, w_down, b_up, b_down, activation, gated, interleaved, limit, alpha,
-        w_up_scale, w_down_scale, fp8_activations,
+        w_up_scale, w_down_scale,
     )
 
 
 @torch_moe.register_fake
 def moe_fake(x, topk_ids, topk_weights, w_up, w_down, b_up=None, b_down=None, activation="silu",
-             gated=True, interleaved=False, limit=None, alpha=None, w_up_scale=None, w_down_scale=None,
-             fp8_activations=False):
+             gated=True, interleaved=False, limit=None, alpha=None, w_up_scale=None, w_down_scale=None):
     """The fake kernel of every ``<backend>_moe`` (same signature, same output)."""
     return torch.empty_like(x)

@@ -4,10 +4,9 @@ Matches: every ``autodeploy::torch_moe`` whose ``w_up`` and ``w_down`` are param
 transposes, as gpt-oss's ``[E, H, U]`` experts are) read by nothing else, when ``quantize: fp8`` is set, except
 ``exclude`` patterns (fnmatch on the experts' module, e.g. ``model.layers.0.mlp.experts``). Emits: the same op
 with ``w_up`` / ``w_down`` float8_e4m3fn codes in the parameters' own layout and new float32 parameters
-``<name>_scale`` of shape ``[E, U]`` / ``[E, H]`` (the op's ``w_up_scale`` / ``w_down_scale``). With
-``fp8_activations`` the op also quantizes each projection's input per row (W8A8, float8 x float8 products, as the
-fp8 linears); else the activations stay 16-bit (``custom_ops/moe.py``: ``(x @ codes^T) * scale``, rounded once).
-``fuse_moe`` then runs them on the Triton kernel, so decode reads half the expert bytes.
+``<name>_scale`` of shape ``[E, U]`` / ``[E, H]`` (the op's ``w_up_scale`` / ``w_down_scale``); the activations
+stay 16-bit (``custom_ops/moe.py``: ``(x @ codes^T) * scale``, rounded once). ``fuse_moe`` then runs them on
+the Triton kernel, which converts the codes as it loads them, so decode reads half the expert bytes.
 
 Weights still on the meta device get a load hook that quantizes each tensor as it streams in.
 Limits: a checkpoint's own quantization (compressed-tensors / fbgemm fp8 experts) is not read here; tensor
@@ -33,7 +32,6 @@ WEIGHTS = (("w_up", "w_up_scale"), ("w_down", "w_down_scale"))
 class QuantizeFP8MoeConfig(TransformConfig):
     quantize: QuantizeFlag = None  # the top-level ``quantize`` flag (set by config.py)
     exclude: list[str] = []  # fnmatch patterns of expert modules left in full precision
-    fp8_activations: bool = False  # also quantize the experts' inputs per row (W8A8)
 
 
 def quantize_expert_weight(weight: torch.Tensor, dims: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,8 +85,7 @@ class QuantizeFP8Moe(Transform):
             for (name, scale_name), (target, dims) in zip(WEIGHTS, views):
                 scales[scale_name] = self._quantize_parameter(gm, target, dims, ctx)
             with gm.graph.inserting_before(node):
-                node.kwargs = {**node.kwargs, **{k: gm.graph.get_attr(t) for k, t in scales.items()},
-                               **({"fp8_activations": True} if self.config.fp8_activations else {})}
+                node.kwargs = {**node.kwargs, **{k: gm.graph.get_attr(t) for k, t in scales.items()}}
             done.append(module)
         details = {"modules": done[:3], **({"kept": kept} if kept else {})}
         return TransformInfo(num_matches=len(done), details=details)

@@ -46,14 +46,11 @@ import triton.language as tl
 
 from .. import moe as _reference  # noqa: F401  (registers the torch op family)
 from ..quant_linear import FP8_DTYPE
-from ._common import (
-    INTERPRET, cast_rne, fp8_scale, mma, next_pow2, pdl_enter, pdl_flags, to_fp8, to_fp16_clamped, upcast_dots,
-)
+from ._common import INTERPRET, cast_rne, mma, next_pow2, pdl_enter, pdl_flags, to_fp16_clamped, upcast_dots
 from .moe_align import CHUNK, ONE_CHUNK_MAX, align_routing
 from .glu import ACTIVATION_CODES, _activate
 
 SWIGLU_OAI = 5  # the kernel's ACT code for gpt-oss's clamped gate
-_EXACT_FP8_DOTS: tl.constexpr = tl.constexpr(INTERPRET)  # the interpreter has no float8 products
 
 
 @dataclass(frozen=True)
@@ -130,41 +127,6 @@ def _block(pid_m, sorted_ptr, blk_expert_ptr, blk_rows_ptr, E, BLOCK_M: tl.const
 
 
 @triton.jit
-def _row_scales(a_ptrs, row_ok, K, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, A_FP8: tl.constexpr):
-    """``fp8_activations``: each row's per-token float8 scale from a first pass over its ``K`` inputs
-    (``a_ptrs [BLOCK_M, BLOCK_K]`` at the rows' first ``BLOCK_K`` columns); else ones."""
-    scale = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
-    if A_FP8:
-        amax = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        k = tl.arange(0, BLOCK_K)
-        for k0 in range(0, K, BLOCK_K):
-            a = tl.load(a_ptrs + k0, mask=row_ok[:, None] & (k < K - k0)[None, :], other=0.0)
-            amax = tl.maximum(amax, tl.abs(a.to(tl.float32)))
-        scale = fp8_scale(tl.max(amax, 1))
-    return scale
-
-
-@triton.jit
-def _fp8_mma(a, w, a_scale, acc, F8F8: tl.constexpr, SWAP: tl.constexpr):
-    """``fp8_activations``: ``acc + codes(a) @ w`` with ``a`` rounded per row to float8 codes (``a / a_scale``).
-    ``F8F8``: float8 x float8 on the tensor cores, which take K-major weights only; else the same codes as float16
-    operands (exact: every float8 value is a float16 one); the interpreter multiplies them in exact float32.
-    ``SWAP`` (blocks of <= 16 rows): ``acc`` is ``[BLOCK_N, BLOCK_M]`` and gets ``w^T @ codes^T``, so the weight
-    tile is the left operand: Hopper's float8 products need 64 rows there (with 16, Triton converts both to float16).
-    """
-    codes = to_fp8(a.to(tl.float32) / a_scale[:, None])
-    if _EXACT_FP8_DOTS:
-        codes, w = codes.to(tl.float32), w.to(tl.float32)
-    elif not F8F8:
-        codes, w = codes.to(tl.float16), w.to(tl.float16)
-    if SWAP:
-        acc = tl.dot(tl.trans(w), tl.trans(codes), acc, input_precision="ieee" if _EXACT_FP8_DOTS else None)
-    else:
-        acc = tl.dot(codes, w, acc, input_precision="ieee" if _EXACT_FP8_DOTS else None)
-    return acc
-
-
-@triton.jit
 def _operands(a, w, W_SCALED: tl.constexpr, BLOCK_M: tl.constexpr):
     """The product's operands: ``w`` in ``a``'s dtype, except float8 codes in blocks of up to 16 rows (decode), which
     multiply in float16 with the activations (``to_fp16_clamped``): fp8 -> fp16 is one conversion per two codes,
@@ -177,23 +139,8 @@ def _operands(a, w, W_SCALED: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _product(a, w, a_scale, acc, W_SCALED: tl.constexpr, A_FP8: tl.constexpr, F8F8: tl.constexpr,
-             SWAP: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """``acc + a @ w`` for one K step: float8 codes of both with ``fp8_activations``, else ``_operands``' dtypes."""
-    if A_FP8:
-        acc = _fp8_mma(a, w, a_scale, acc, F8F8, SWAP)
-    else:
-        a, w = _operands(a, w, W_SCALED, BLOCK_M)
-        acc = mma(a, w, acc, UPCAST, IEEE)
-    return acc
-
-
-@triton.jit
-def _scaled(acc, a_scale, scale_ptrs, col_ok, W_SCALED: tl.constexpr, A_FP8: tl.constexpr):
-    """A float8 expert's accumulator times its rows' activation scales (``fp8_activations``), then its weight rows'
-    scales (``[BLOCK_N]`` pointers), the reference's order; else ``acc``."""
-    if A_FP8:
-        acc = acc * a_scale[:, None]
+def _scaled(acc, scale_ptrs, col_ok, W_SCALED: tl.constexpr):
+    """A float8 expert's accumulator times its weight rows' scales (``[BLOCK_N]`` pointers); else ``acc``."""
     if W_SCALED:
         acc = acc * tl.load(scale_ptrs, mask=col_ok, other=0.0)[None, :]
     return acc
@@ -208,9 +155,8 @@ def _moe_up_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, COLS: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     GATED: tl.constexpr, INTERLEAVED: tl.constexpr, ACT: tl.constexpr, CLAMP: tl.constexpr,
-    HAS_BIAS: tl.constexpr, W_SCALED: tl.constexpr, A_FP8: tl.constexpr, F8F8: tl.constexpr, SWAP: tl.constexpr,
-    EVEN_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, RNE: tl.constexpr, DIRECT: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, W_SCALED: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr, RNE: tl.constexpr, DIRECT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pdl_enter(USE_PDL)
     pid_m, pid_n = _tile_of(tl.program_id(0), num_blocks, tl.cdiv(I, COLS), GROUP_M)
@@ -229,8 +175,7 @@ def _moe_up_kernel(
         k = tl.arange(0, BLOCK_K)
         a_ptrs = x_ptr + tok[:, None] * stride_xt + k[None, :]  # [BLOCK_M, BLOCK_K]
         w_ptrs = w_ptr + e64 * stride_we + w_row[None, :].to(tl.int64) * stride_wn + k[:, None] * stride_wk
-        a_scale = _row_scales(a_ptrs, row_ok, H, BLOCK_K, BLOCK_M, A_FP8)
-        acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP else (BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kk in range(tl.cdiv(H, BLOCK_K)):
             if EVEN_K:
                 a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
@@ -239,13 +184,12 @@ def _moe_up_kernel(
                 k_ok = k < H - kk * BLOCK_K
                 a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = _product(a, w, a_scale, acc, W_SCALED, A_FP8, F8F8, SWAP, BLOCK_M, UPCAST, IEEE)
+            a, w = _operands(a, w, W_SCALED, BLOCK_M)
+            acc = mma(a, w, acc, UPCAST, IEEE)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K * stride_wk
-        if SWAP:
-            acc = tl.trans(acc)
         dtype = h_ptr.dtype.element_ty
-        acc = _scaled(acc, a_scale, ws_ptr + e64 * stride_wse + w_row, col_ok, W_SCALED, A_FP8)
+        acc = _scaled(acc, ws_ptr + e64 * stride_wse + w_row, col_ok, W_SCALED)
         proj = cast_rne(acc, dtype, RNE).to(tl.float32)  # [BLOCK_M, BLOCK_N]: the projection in the model dtype
         if HAS_BIAS:
             bias = tl.load(b_ptr + e64 * stride_be + w_row, mask=col_ok, other=0.0).to(tl.float32)
@@ -275,9 +219,8 @@ def _moe_down_kernel(
     N, K, E, num_blocks,
     stride_hm, stride_we, stride_wn, stride_wk, stride_wse, stride_be, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    HAS_BIAS: tl.constexpr, W_SCALED: tl.constexpr, A_FP8: tl.constexpr, F8F8: tl.constexpr, SWAP: tl.constexpr,
-    EVEN_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, RNE: tl.constexpr, DIRECT: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, W_SCALED: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr, RNE: tl.constexpr, DIRECT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pdl_enter(USE_PDL)
     pid_m, pid_n = _tile_of(tl.program_id(0), num_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -289,8 +232,7 @@ def _moe_down_kernel(
         k = tl.arange(0, BLOCK_K)
         a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + k[None, :]
         w_ptrs = w_ptr + e64 * stride_we + cols[None, :].to(tl.int64) * stride_wn + k[:, None] * stride_wk
-        a_scale = _row_scales(a_ptrs, row_ok, K, BLOCK_K, BLOCK_M, A_FP8)
-        acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP else (BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kk in range(tl.cdiv(K, BLOCK_K)):
             if EVEN_K:
                 a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
@@ -299,13 +241,12 @@ def _moe_down_kernel(
                 k_ok = k < K - kk * BLOCK_K
                 a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = _product(a, w, a_scale, acc, W_SCALED, A_FP8, F8F8, SWAP, BLOCK_M, UPCAST, IEEE)
+            a, w = _operands(a, w, W_SCALED, BLOCK_M)
+            acc = mma(a, w, acc, UPCAST, IEEE)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K * stride_wk
-        if SWAP:
-            acc = tl.trans(acc)
         dtype = y_ptr.dtype.element_ty
-        acc = _scaled(acc, a_scale, ws_ptr + e64 * stride_wse + cols, col_ok, W_SCALED, A_FP8)
+        acc = _scaled(acc, ws_ptr + e64 * stride_wse + cols, col_ok, W_SCALED)
         y = cast_rne(acc, dtype, RNE).to(tl.float32)
         if HAS_BIAS:
             bias = tl.load(b_ptr + e64 * stride_be + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -344,8 +285,7 @@ def _act_code(activation: str, gated: bool) -> int:
     return ACTIVATION_CODES[activation]
 
 
-def _check_shapes(x, topk_ids, topk_weights, w_up, w_down, b_up, b_down, gated, w_up_scale, w_down_scale,
-                  fp8_activations) -> None:
+def _check_shapes(x, topk_ids, topk_weights, w_up, w_down, b_up, b_down, gated, w_up_scale, w_down_scale) -> None:
     t, h = x.shape
     e, u, h_up = w_up.shape
     inter = u // 2 if gated else u
@@ -371,8 +311,6 @@ def _check_shapes(x, topk_ids, topk_weights, w_up, w_down, b_up, b_down, gated, 
         problems.append("w_up_scale and w_down_scale come together")
     elif w_up.dtype != x.dtype or w_down.dtype != x.dtype:
         problems.append(f"weights {w_up.dtype}/{w_down.dtype} vs activations {x.dtype}")
-    if fp8_activations and scaled != (True, True):
-        problems.append("fp8_activations needs float8 experts (w_up_scale and w_down_scale)")
     if problems:
         raise ValueError("triton_moe: " + "; ".join(problems))
 
@@ -397,15 +335,13 @@ def moe_into(
     force_align: bool = False,
     w_up_scale: torch.Tensor | None = None,  # [E, U] float32 with float8 w_up
     w_down_scale: torch.Tensor | None = None,  # [E, H] float32 with float8 w_down
-    fp8_activations: bool = False,  # float8 experts: inputs quantized per row too (W8A8)
 ) -> None:
     """The fused MoE of ``custom_ops/moe.py`` into ``out``.
 
     ``tiles``, ``chunk`` and ``one_chunk_max`` override the defaults; ``force_align`` takes the aligned path
     for a single token too (tests).
     """
-    _check_shapes(x, topk_ids, topk_weights, w_up, w_down, b_up, b_down, gated, w_up_scale, w_down_scale,
-                  fp8_activations)
+    _check_shapes(x, topk_ids, topk_weights, w_up, w_down, b_up, b_down, gated, w_up_scale, w_down_scale)
     act = _act_code(activation, gated)
     t, hidden = x.shape
     top_k = topk_ids.shape[1]
@@ -444,9 +380,8 @@ def moe_into(
         float(limit) if limit is not None else 0.0, float(alpha) if alpha is not None else 1.0,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.up_n, COLS=cols, BLOCK_K=tiles.up_k, GROUP_M=tiles.group_m,
         GATED=gated, INTERLEAVED=gated and interleaved, ACT=act, CLAMP=limit is not None,
-        HAS_BIAS=b_up is not None, W_SCALED=scaled, A_FP8=fp8_activations, F8F8=w_up.stride(2) == 1,
-        SWAP=fp8_activations and tiles.block_m <= 16 and w_up.stride(2) == 1,
-        EVEN_K=hidden % tiles.up_k == 0, UPCAST=upcast, IEEE=ieee, RNE=rne,
+        HAS_BIAS=b_up is not None, W_SCALED=scaled, EVEN_K=hidden % tiles.up_k == 0, UPCAST=upcast, IEEE=ieee,
+        RNE=rne,
         DIRECT=direct, **pdl, **(interp or {"num_warps": tiles.up_warps, "num_stages": tiles.up_stages}),
     )
     _moe_down_kernel[(num_blocks * triton.cdiv(hidden, tiles.down_n),)](
@@ -456,9 +391,8 @@ def moe_into(
         h.stride(0), *w_down.stride(), w_down_scale.stride(0) if scaled else 0,
         b_down.stride(0) if b_down is not None else 0, y.stride(0),
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.down_n, BLOCK_K=tiles.down_k, GROUP_M=tiles.group_m,
-        HAS_BIAS=b_down is not None, W_SCALED=scaled, A_FP8=fp8_activations, F8F8=w_down.stride(2) == 1,
-        SWAP=fp8_activations and tiles.block_m <= 16 and w_down.stride(2) == 1,
-        EVEN_K=inter % tiles.down_k == 0, UPCAST=upcast, IEEE=ieee, RNE=rne,
+        HAS_BIAS=b_down is not None, W_SCALED=scaled, EVEN_K=inter % tiles.down_k == 0, UPCAST=upcast, IEEE=ieee,
+        RNE=rne,
         DIRECT=direct, **pdl, **(interp or {"num_warps": tiles.down_warps, "num_stages": tiles.down_stages}),
     )
     block_n = min(next_pow2(hidden), max(256, 4096 // next_pow2(top_k)))
@@ -484,13 +418,11 @@ def triton_moe(
     alpha: float | None = None,
     w_up_scale: torch.Tensor | None = None,
     w_down_scale: torch.Tensor | None = None,
-    fp8_activations: bool = False,
 ) -> torch.Tensor:
     out = torch.empty_like(x)
     moe_into(
         out, x, topk_ids, topk_weights, w_up, w_down, b_up, b_down,
         activation, gated, interleaved, limit, alpha, w_up_scale=w_up_scale, w_down_scale=w_down_scale,
-        fp8_activations=fp8_activations,
     )
     return out
 
