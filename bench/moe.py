@@ -3,7 +3,8 @@
     PYTHONPATH=$PWD python3 bench/moe.py --out $OUT/moe.json   # ~4 min: kernels, then the 48-layer engine
     python bench/moe.py --smoke --out /tmp/moe.json              # CPU, Triton interpreter, tiny shapes
     options: --skip-kernels, --skip-e2e, --layers N (engine depth), --sweep (a few decode tile candidates),
-             --prefill-sweep (block tiles at --tokens, default 256,1024,4096,8192),
+             --prefill-sweep (block tiles at --tokens, default 256,1024,4096,8192), --profile (each kernel's time),
+             --registers (registers and spills of each compiled GEMM),
              --tokens 1,64 (the kernel phase's token counts), --fp8 (float8 experts: the kernels' weights, and
              ``quantize: fp8`` for the engine)
 

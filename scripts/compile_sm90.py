@@ -73,8 +73,8 @@ def moe_variants():
             up_types = ["*bf16", weight, scales, "*bf16", "*bf16", "*i64", "*i32", "*i32"] + ["i32"] * 13
             down_types = ["*bf16", weight, scales, "*bf16", "*bf16", "*i64", "*i32", "*i32", "*bf16"] + ["i32"] * 11
             tiles = default_tiles(assignments, 128, torch.bfloat16, CUDA, direct, fp8)
-            common = dict(BLOCK_M=tiles.block_m, GROUP_M=tiles.group_m, HAS_BIAS=False, W_SCALED=fp8, EVEN_K=True, UPCAST=False, IEEE=False,
-                          RNE=False, DIRECT=direct, USE_PDL=True)
+            common = dict(BLOCK_M=tiles.block_m, GROUP_M=tiles.group_m, HAS_BIAS=False, W_SCALED=fp8, EVEN_K=True,
+                          UPCAST=False, IEEE=False, RNE=False, DIRECT=direct, USE_PDL=True)
             consts = dict(common, BLOCK_N=tiles.up_n, BLOCK_K=tiles.up_k, COLS=tiles.up_n // 2, GATED=True,
                           INTERLEAVED=False, ACT=0, CLAMP=False)
             signature = {**dict(zip(up, up_types)), "limit": "fp32", "alpha": "fp32",

@@ -123,3 +123,15 @@ def test_tiny_shrinks_configs_with_per_layer_attributes():
     config = tiny_config("gemma4_unified_text")
     assert config.hidden_size == 64 and config.num_hidden_layers == len(config.layer_types) <= 4
     assert set(config.layer_types) == {"sliding_attention", "full_attention"}
+
+
+def test_experts_with_a_norm_on_each_output_are_refused():
+    """transformers' ``has_post_expert_norm`` experts (a norm on each expert's output) are not ``torch_moe``'s."""
+    from autodeploy.export.route_experts import experts_modules, route_experts
+
+    model = tiny_model("qwen3_moe")
+    experts_modules(model)[0].has_post_expert_norm = True
+    with pytest.raises(UnsupportedArchitectureError) as info:
+        with route_experts(model):
+            pass
+    assert "has_post_expert_norm" in info.value.what

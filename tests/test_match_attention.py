@@ -234,3 +234,37 @@ def test_matches_on_the_meta_device():
     gm = run_transforms(gm, make_transforms(TRANSFORMS), SharedContext())
     assert count_op(gm, ATTENTION) == model.config.num_hidden_layers
     assert count_op(gm, aten.softmax.int) == 0
+
+
+def _mask_node(fn):
+    """The output node of ``fn(input_ids, position_ids)`` traced by ``torch.fx``."""
+    gm = torch.fx.symbolic_trace(fn)
+    return next(n for n in gm.graph.nodes if n.op == "output").args[0]
+
+
+@pytest.mark.parametrize(
+    "fn, expected",
+    [
+        # chunks by index (transformers <= 5.1x) and by position ids (5.2x): the same where positions are indices
+        (lambda input_ids, position_ids: (
+            (torch.arange(position_ids.shape[1])[None, :] <= torch.arange(position_ids.shape[1])[:, None])
+            & (torch.arange(position_ids.shape[1])[None, :] // 4 == torch.arange(position_ids.shape[1])[:, None] // 4)),
+         4),
+        (lambda input_ids, position_ids: (
+            (position_ids[:, None, :] <= position_ids[:, :, None])
+            & (position_ids[:, None, :] // 4 == position_ids[:, :, None] // 4)), 4),
+        # chunks starting one position late: neither
+        (lambda input_ids, position_ids: (
+            (position_ids[:, None, :] <= position_ids[:, :, None])
+            & ((position_ids[:, None, :] + 1) // 4 == (position_ids[:, :, None] + 1) // 4)), None),
+    ],
+    ids=["by_index", "by_position", "shifted"],
+)
+def test_chunked_masks_by_index_or_position(fn, expected):
+    from autodeploy.patterns.attention_masks import CausalMask, classify_mask
+
+    result = classify_mask(_mask_node(fn), "sdpa")
+    if expected is None:
+        assert isinstance(result, str) and "not causal" in result
+    else:
+        assert result == CausalMask(None, expected)

@@ -119,6 +119,12 @@ def route_experts(model: torch.nn.Module) -> Iterator[bool]:
         yield False
         return
     for module in modules:
+        if getattr(module, "has_post_expert_norm", False):  # transformers >= 5.2x: a norm on each expert's output
+            raise UnsupportedArchitectureError(
+                f"{type(module).__name__} normalises each expert's output (has_post_expert_norm), which torch_moe "
+                "does not express",
+                hint="add the per-expert norm to autodeploy/custom_ops/moe.py (torch_moe) and its kernels",
+            )
         module._autodeploy_gate_spec = detect_gate(module)
     previous = model.config._experts_implementation
     model.set_experts_implementation(AUTODEPLOY_EXPERTS)

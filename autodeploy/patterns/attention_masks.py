@@ -154,8 +154,24 @@ def _meta_fills(gm: GraphModule) -> tuple[float, ...]:
     return (0.0,)
 
 
+def _probe_batch(seq: int) -> int:
+    return 2 if seq <= 256 else 1
+
+
+def _row_offsets(rows: int, seq: int) -> torch.Tensor:
+    """The position id of the first query of each of ``rows`` mask rows (batch leading; one batch row: zeros)."""
+    batch = _probe_batch(seq)
+    if rows % batch:
+        return torch.zeros(rows, dtype=torch.long)
+    return POSITION_STEP * (torch.arange(rows) // (rows // batch))
+
+
+#: batch row ``b`` of a probe has position ids ``b * POSITION_STEP + arange(S)``
+POSITION_STEP = 3
+
+
 def _run(gm: GraphModule, seq: int, meta_fill: float = 0.0) -> torch.Tensor:
-    batch = 2 if seq <= 256 else 1
+    batch = _probe_batch(seq)
     inputs = []
     for node in gm.graph.nodes:
         if node.op != "placeholder":
@@ -163,7 +179,7 @@ def _run(gm: GraphModule, seq: int, meta_fill: float = 0.0) -> torch.Tensor:
         if node.target == "input_ids":
             inputs.append(torch.arange(batch * seq).reshape(batch, seq) % 2)
         else:
-            inputs.append(torch.arange(seq).expand(batch, seq) + 3 * torch.arange(batch)[:, None])
+            inputs.append(torch.arange(seq).expand(batch, seq) + POSITION_STEP * torch.arange(batch)[:, None])
     with torch.no_grad():
         out = _CpuInterpreter(gm, meta_fill).run(*inputs)
     if not isinstance(out, torch.Tensor):
@@ -192,31 +208,45 @@ def _visible(value: torch.Tensor, kind: MaskKind, seq: int) -> torch.Tensor:
     return visible
 
 
-def _expected(seq: int, window: int | None, chunk: int | None) -> torch.Tensor:
-    """``[S, S]`` bool: what a query sees under causal attention with this window and chunk size."""
+def _expected(seq: int, window: int | None, chunk: int | None, offset: int = 0) -> torch.Tensor:
+    """``[S, S]`` bool: what a query sees under causal attention with this window and chunk size, chunks aligned to
+    positions ``offset + index``."""
     q = torch.arange(seq)[:, None]
     k = torch.arange(seq)[None, :]
     visible = k <= q
     if window is not None:
         visible = visible & (q - k < window)
     if chunk is not None:
-        visible = visible & (k // chunk == q // chunk)
+        visible = visible & ((k + offset) // chunk == (q + offset) // chunk)
     return visible
 
 
-def _locality(visible: torch.Tensor) -> tuple[int | None, int | None]:
-    """``(window, chunk)`` of a causal ``visible`` ``[R, S, S]`` (each ``None`` when it does not bind); else an error."""
+def _explains(visible: torch.Tensor, offsets: torch.Tensor, window: int | None, chunk: int | None) -> bool:
+    """Whether this window and chunk size give ``visible`` ``[R, S, S]``, the chunks aligned either to the index or
+    to each row's position ids (``offsets [R]``; transformers >= 5.2x chunks by position). The two agree where
+    positions are indices, as in the engine."""
+    seq = visible.shape[-1]
+    if bool((visible == _expected(seq, window, chunk)).all()):
+        return True
+    return chunk is not None and all(
+        bool((row == _expected(seq, window, chunk, int(offset))).all()) for row, offset in zip(visible, offsets))
+
+
+def _locality(visible: torch.Tensor, offsets: torch.Tensor) -> tuple[int | None, int | None]:
+    """``(window, chunk)`` of a causal ``visible`` ``[R, S, S]`` (each ``None`` when it does not bind); else an error.
+    ``offsets [R]``: the position id of each row's first query."""
     seq = visible.shape[-1]
     causal = _expected(seq, None, None)
     if bool((visible & ~causal).any()):
         raise ProbeError("it lets queries see later positions (not causal)")
     if bool((visible == causal).all()):
         return None, None
-    # a chunk starts at the first query (after 0) that sees only itself
-    starts = [q for q in range(1, seq) if bool((visible[:, q, : q + 1].sum(-1) == 1).all())]
+    # a chunk starts at the first query (after 0) that sees only itself, in the rows whose positions are the index
+    first = visible[offsets == 0]
+    starts = [q for q in range(1, seq) if bool((first[:, q, : q + 1].sum(-1) == 1).all())]
     for window in (None, int(visible.sum(-1).max())):
         for chunk in (None, *starts[:1]):
-            if bool((visible == _expected(seq, window, chunk)).all()):
+            if _explains(visible, offsets, window, chunk):
                 return window, chunk
     raise ProbeError("it is not causal, nor causal with a sliding window or chunks (a padding or document mask?)")
 
@@ -250,7 +280,7 @@ def _classify_with(gm: GraphModule, kind: MaskKind, meta_fill: float) -> CausalM
         value = _evaluate(gm, seq, meta_fill)
         if value is not None:
             seen[seq] = visible = _visible(value, kind, seq)
-            window, chunk = _locality(visible)
+            window, chunk = _locality(visible, _row_offsets(visible.shape[0], seq))
             found["window"] |= {window} if window else set()
             found["chunk"] |= {chunk} if chunk else set()
     for name, sizes in found.items():
@@ -258,7 +288,7 @@ def _classify_with(gm: GraphModule, kind: MaskKind, meta_fill: float) -> CausalM
             raise ProbeError(f"its {name} changes with the length ({sorted(sizes)})")
     window, chunk = min(found["window"], default=None), min(found["chunk"], default=None)
     for seq, visible in seen.items():  # one window and chunk size explain every probe
-        if not bool((visible == _expected(seq, window, chunk)).all()):
+        if not _explains(visible, _row_offsets(visible.shape[0], seq), window, chunk):
             raise ProbeError("its window or chunks change with the length")
     return CausalMask(window, chunk)
 

@@ -95,6 +95,9 @@ def swiglu_oai(gate_up: torch.Tensor, limit: float, alpha: float, interleaved: b
 class StandIn:
     """The attributes ``grouped_mm_experts_forward`` reads from an experts module, holding the pattern's inputs."""
 
+    has_post_expert_norm = False  # read by transformers >= 5.2x (a norm on each expert's output: not matched)
+    _is_expert_parallel = False  # the same (expert-parallel sentinels)
+
     def __init__(self, form: MoeForm, tensors: dict[str, torch.Tensor]):
         self.num_experts = _E
         self.has_gate = form.gate != "plain"
