@@ -6,8 +6,11 @@ buffer, BLOOM's ALiBi tensor. Rather than recognise each way of writing them, ``
 the mask depends on into a small graph and runs it on CPU for a few probe lengths (``position_ids = arange`` from
 two offsets; the mask may read the shape of ``input_ids``, not its values), then compares which keys each query
 sees with causal attention, optionally limited to a sliding window and/or to the query's chunk (chunked local
-attention). The probe lengths are 5 and 13, and ``c + 2`` for every integer literal ``c`` in the subgraph (a window
-or chunk size is such a literal), so a window ``W`` is seen at a length beyond it. A probe length at which the subgraph fails to run is skipped: the model cannot run there either.
+attention; chunks counted from the first index or, as transformers >= 5.2x counts them, from each row's position
+ids: the two agree in the engine, whose positions are indices). The probe lengths are 5 and 13, and ``c + 2``
+for every integer literal ``c`` in the subgraph (a window or chunk size is such a literal), so a window ``W`` is
+seen at a length beyond it. A probe length at which the subgraph fails to run is skipped: the model cannot run
+there either.
 
 Keyed on what the graph computes, never on a model's name. Results are cached in ``node.meta`` for one pass
 (``forget_probes`` drops them). Only public torch APIs (``torch.fx``) are used here.
@@ -30,6 +33,8 @@ MAX_PROBE_LEN = 8192
 BASE_PROBE_LENS = (5, 13)
 #: an added mask value at or below this hides the key (transformers uses the dtype's minimum, others -1e4 or -inf)
 HIDDEN_BELOW = -1e4
+#: batch row ``b`` of a probe has position ids ``b * POSITION_STEP + arange(S)``
+POSITION_STEP = 3
 _CACHE = "autodeploy_probe_cache"
 _INPUTS = ("input_ids", "position_ids")
 _SHAPE_ONLY = (torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int)
@@ -164,10 +169,6 @@ def _row_offsets(rows: int, seq: int) -> torch.Tensor:
     if rows % batch:
         return torch.zeros(rows, dtype=torch.long)
     return POSITION_STEP * (torch.arange(rows) // (rows // batch))
-
-
-#: batch row ``b`` of a probe has position ids ``b * POSITION_STEP + arange(S)``
-POSITION_STEP = 3
 
 
 def _run(gm: GraphModule, seq: int, meta_fill: float = 0.0) -> torch.Tensor:
