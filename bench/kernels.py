@@ -39,6 +39,7 @@ import autodeploy.custom_ops  # noqa: E402,F401  (torch references)
 import autodeploy.custom_ops.triton  # noqa: E402,F401  (Triton ops)
 from autodeploy.custom_ops.triton.attention_tiles import AttentionConfig, decode_splits, default_config  # noqa: E402
 from autodeploy.custom_ops.triton.cached_attention import cached_attention_into  # noqa: E402
+from copy_bandwidth import copy_bytes_per_s  # noqa: E402  (bench/, the script's folder)
 
 ops = torch.ops.autodeploy
 N_Q, N_KV, HEAD_DIM, HIDDEN, INTER = (4, 2, 16, 83, 83) if SMOKE else (32, 8, 128, 4096, 14336)  # Llama-3.1-8B
@@ -85,11 +86,8 @@ def _errors(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 
 
 def copy_bandwidth() -> float:
-    """Device-to-device copy of 1 GiB, bytes read + written per second (the memory ceiling)."""
-    src = torch.empty(1 << (10 if SMOKE else 29), dtype=torch.float16, device=DEV).normal_()
-    dst = torch.empty_like(src)
-    us = _median_us(lambda: dst.copy_(src))
-    return 2 * src.numel() * 2 / (us * 1e-6) / 1e9
+    """Device-to-device copy of 1 GiB, bytes read + written per second (the memory ceiling), in GB/s."""
+    return copy_bytes_per_s(DEV, 1 << (10 if SMOKE else 29)) / 1e9
 
 
 # ---- paged attention ----------------------------------------------------------------------------------------------

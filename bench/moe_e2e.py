@@ -42,6 +42,7 @@ from autodeploy.custom_ops.triton._common import next_pow2
 from autodeploy.custom_ops.triton.gemv import W_DENSE, GemvConfig
 from autodeploy.custom_ops.triton.moe import MoeTiles
 from autodeploy.transforms import get_history
+from copy_bandwidth import copy_bytes_per_s  # bench/, the script's folder
 
 ops = torch.ops.autodeploy
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,22 +52,6 @@ DECODE_TARGET_PCT, OFFLINE_TARGET_X = 70.0, 3.0
 TINY = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=16, num_experts_per_tok=4,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512, num_hidden_layers=2,
             max_window_layers=2, bos_token_id=1, eos_token_id=2)
-
-
-def copy_bytes_per_s() -> float:
-    """This card's device-to-device copy of 1 GiB, bytes read + written per second (median of 20)."""
-    src = torch.empty(1 << 29, dtype=torch.float16, device="cuda")
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del src, dst
-    return 2 * (1 << 30) / sorted(times)[len(times) // 2]
 
 
 def model_config(layers: int | None, smoke: bool) -> tuple[str, dict]:
