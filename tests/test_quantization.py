@@ -335,7 +335,7 @@ def test_gptq_checkpoint_engine_greedy_equals_hf(tmp_path):
 
 
 def test_is_quantized_linear():
-    """The predicate ``gather_logits`` (a quantized head) and ``detect_sharding`` (refusing TP) share."""
+    """The predicate ``gather_logits`` (a quantized head) and the sharding (quantized linears split) share."""
     model = tiny_model("llama")
     gm, _ = export_and_transform(ModelFactory(model, device="cpu"), build_config({"quantize": "fp8"}),
                                  stages=[Stage.EXPORT, Stage.QUANTIZATION])

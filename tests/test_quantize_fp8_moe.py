@@ -14,12 +14,11 @@ import torch
 
 import autodeploy.custom_ops.triton  # noqa: F401  (registers the triton ops)
 from autodeploy.config import build_config
-from autodeploy.errors import TransformError
 from autodeploy.models import ModelFactory
 from autodeploy.models.tiny import tiny_model
-from autodeploy.transforms import SharedContext, Stage, run_transforms
+from autodeploy.transforms import Stage
 from autodeploy.transforms.graph import find_nodes, op_arguments
-from autodeploy.transforms.pipeline import build_transforms, export_and_transform
+from autodeploy.transforms.pipeline import export_and_transform
 from engine_utils import build_engine, greedy, hf_greedy, random_prompts
 from transform_harness import eager_logits, random_inputs
 
@@ -84,15 +83,6 @@ def test_checkpoint_folder_quantizes_while_loading(tmp_path):
     ids, pos = random_inputs(2, 9, model.config.vocab_size)
     assert gm.get_parameter("model.layers.0.mlp.experts.down_proj").dtype == torch.float8_e4m3fn
     torch.testing.assert_close(gm(ids, pos), in_memory(ids, pos), atol=1e-6, rtol=1e-6)
-
-
-def test_tensor_parallel_refuses_fp8_experts():
-    model = tiny_model("qwen3_moe")
-    config = build_config({**EXPERTS_ONLY, "tensor_parallel_size": 2})
-    gm = _quantized(model)
-    ctx = SharedContext(factory=ModelFactory(model, device="cpu"), rank=0, world_size=2)
-    with pytest.raises(TransformError, match="quantized linears or experts"):
-        run_transforms(gm, build_transforms(config), ctx, [Stage.SHARDING])
 
 
 def test_engine_greedy_equals_hf_on_the_dequantized_model():

@@ -191,8 +191,9 @@ def _moe_operands(gm) -> tuple[dict, int]:
     return {k: v for k, v in operands.items() if v is not None}, plan.moe[0].id_offset if plan else 0
 
 
+@pytest.mark.parametrize("quantize", [None, "fp8"])  # float8 experts: their per-row scales split with the rows
 @pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])  # gated concatenated / interleaved with biases
-def test_moe_shards_sum_to_the_full_layer(model_type):
+def test_moe_shards_sum_to_the_full_layer(model_type, quantize):
     """In both MoE modes, the ranks' ``torch_moe`` on their own expert weights (and shifted ids) add up to the
     unsharded layer. One export; each rank's sharding stage runs on a copy of the matched graph."""
     model = tiny_model(model_type, num_hidden_layers=1)
@@ -204,9 +205,10 @@ def test_moe_shards_sum_to_the_full_layer(model_type):
                 "transforms.detect_sharding.mlp": False}
     factory = ModelFactory(model, device="cpu")
     unmatched = {f"transforms.{name}.enabled": False for name in ("match_rope", "match_rmsnorm", "match_glu")}
-    matched = _sharded_graph(model, world=1, tensor_parallel_size=1, factory=factory,
-                             stages=[Stage.POST_EXPORT, Stage.PATTERN_MATCHER], **unmatched)
+    matched = _sharded_graph(model, world=1, tensor_parallel_size=1, factory=factory, quantize=quantize,
+                             stages=[Stage.POST_EXPORT, Stage.PATTERN_MATCHER, Stage.QUANTIZATION], **unmatched)
     full, _ = _moe_operands(matched)
+    assert ("w_up_scale" in full) == (quantize == "fp8")
     n_exp, hidden = full["w_up"].shape[0], full["w_down"].shape[1]
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(7, hidden, generator=gen)
@@ -214,7 +216,8 @@ def test_moe_shards_sum_to_the_full_layer(model_type):
     weights = torch.rand(7, 2, generator=gen)
     expected = torch.ops.autodeploy.torch_moe(x, ids, weights, **full)
     for mode in ("expert", "tensor"):
-        config = build_config({**SMALL, "tensor_parallel_size": 2, "transforms.detect_sharding.moe": mode, **only_moe})
+        config = build_config({**SMALL, "tensor_parallel_size": 2, "transforms.detect_sharding.moe": mode,
+                               "quantize": quantize, **only_moe})
         shards = []
         for rank in range(2):
             ctx = SharedContext(device=factory.device, dtype=factory.dtype, factory=factory, rank=rank, world_size=2)

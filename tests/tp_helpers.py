@@ -22,7 +22,7 @@ def kv_heads(runner) -> list[int]:
 
 def weight_hooks(runner) -> int:
     """How many parameters this rank sliced while they streamed in from the checkpoint."""
-    return len(getattr(runner.gm, "_autodeploy_weight_hooks", {}))
+    return len(getattr(runner.gm, "_autodeploy_param_hooks", {}))
 
 
 def collective_ops(runner) -> dict[str, int]:

@@ -7,6 +7,10 @@ quantization) receive the checkpoint tensor and store their own form of it. A ho
 and the hook's result is cast to the dtype of the (meta) parameter it fills, so fp8 codes and float32 scales
 stay exact; a hook's key need not name a parameter of the module, and a hook may return
 ``{parameter name: tensor}`` to fill several parameters (a weight and its scale) at once.
+
+A module may also register ``_autodeploy_param_hooks`` — a dict from parameter name to a function
+``(tensor) -> tensor`` applied to whatever fills that parameter, after any checkpoint hook (tensor parallelism
+keeps this rank's slice of a weight, including the quantized forms a checkpoint hook produces).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from ..errors import ModelLoadError
 logger = logging.getLogger("autodeploy.models")
 
 WEIGHT_HOOKS_ATTR = "_autodeploy_weight_hooks"
+PARAM_HOOKS_ATTR = "_autodeploy_param_hooks"
 
 
 def _checkpoint_files(folder: Path) -> list[Path]:
@@ -39,28 +44,27 @@ def _checkpoint_files(folder: Path) -> list[Path]:
 
 
 WeightHook = Callable[[torch.Tensor], "torch.Tensor | dict[str, torch.Tensor]"]
+ParamHook = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _apply_hook(
-    hooks: dict[str, WeightHook],
-    key: str,
-    tensor: torch.Tensor,
-    dtype: torch.dtype,
-    targets: dict[str, torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """``{parameter name: tensor}`` for one checkpoint tensor: the tensor cast to ``dtype``, or the hook's result
-    with each floating tensor cast to the dtype of its ``targets`` entry (the meta parameter it fills)."""
-    hook = hooks.get(key)
+def _apply_hook(module: torch.nn.Module, key: str, tensor: torch.Tensor, dtype: torch.dtype,
+                targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{parameter name: tensor}`` for one checkpoint tensor: the tensor cast to ``dtype``, or the checkpoint
+    hook's result with each floating tensor cast to the dtype of its ``targets`` entry (the meta parameter it
+    fills); then each parameter's own hook, if it has one."""
+    hook = getattr(module, WEIGHT_HOOKS_ATTR, {}).get(key)
     if hook is None:
-        return {key: tensor.to(dtype) if tensor.is_floating_point() else tensor}
-    result = hook(tensor)
-    result = result if isinstance(result, dict) else {key: result}
+        result = {key: tensor.to(dtype) if tensor.is_floating_point() else tensor}
+    else:
+        result = hook(tensor)
+        result = result if isinstance(result, dict) else {key: result}
+    param_hooks: dict[str, ParamHook] = getattr(module, PARAM_HOOKS_ATTR, {})
     out = {}
     for name, value in result.items():
         target = targets.get(name)
-        if target is not None and value.is_floating_point() and target.is_floating_point():
+        if hook is not None and target is not None and value.is_floating_point() and target.is_floating_point():
             value = value.to(target.dtype)
-        out[name] = value
+        out[name] = param_hooks[name](value) if name in param_hooks else value
     return out
 
 
@@ -117,7 +121,7 @@ def load_safetensors_into(
                 for key in f.keys():
                     if key not in wanted and key not in hooks:
                         continue
-                    filled = _apply_hook(hooks, key, f.get_tensor(key), dtype, wanted)
+                    filled = _apply_hook(module, key, f.get_tensor(key), dtype, wanted)
                     for name, tensor in filled.items():
                         _set_tensor(module, name, tensor.to(device))
                         if wanted.pop(name, None) is not None:
@@ -138,7 +142,7 @@ def fill_from_state_dict(
     filled = 0
     meta = {n: t for n, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers()] if t.is_meta}
     for key in [k for k in state if k in meta or k in hooks]:
-        for name, tensor in _apply_hook(hooks, key, state[key], dtype, meta).items():
+        for name, tensor in _apply_hook(module, key, state[key], dtype, meta).items():
             _set_tensor(module, name, tensor.to(device))
         filled += 1
     return filled

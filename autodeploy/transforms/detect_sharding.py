@@ -18,10 +18,12 @@ world of ``ctx.world_size`` ranks; a world of one leaves the graph alone. It rec
   the embedding can be vocab-parallel too (``embedding``: masked lookup, then ``all_reduce``). A tied LM head
   and embedding are split together.
 
-Everything else (routers, norms, the embedding by default) is replicated. Shapes that do not divide (heads,
-intermediate sizes, experts, vocabulary) raise a ``TransformError`` naming the layer and the setting to change.
-Limits: packed QKV projections, attention whose projections pass through other ops (MLA), norms over the whole
-projection, and quantized linears are refused rather than replicated.
+Linears may be quantized (the quantization stage runs first): they split like ``aten.linear``, with their scales
+(``sharding.py``), and float8 experts keep their per-row scales with their rows. Everything else (routers,
+norms, the embedding by default) is replicated. Shapes that do not divide (heads, intermediate sizes, experts,
+vocabulary, int4 groups) raise a ``TransformError`` naming the layer and the setting to change.
+Limits: packed QKV projections, attention whose projections pass through other ops (MLA) and norms over the
+whole projection are refused rather than replicated.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from torch.fx import GraphModule, Node
 from ..errors import TransformError
 from .base import SharedContext, Transform, TransformConfig, TransformInfo, TransformRegistry
 from .gather_logits import find_lm_head
-from .graph import find_nodes, is_op, is_quantized_linear, node_val, op_arguments, parameter_view
+from .graph import find_nodes, is_op, node_val, op_arguments, parameter_view
 from .sharding import (
     PLAN_KEY,
     AttentionShard,
@@ -47,15 +49,17 @@ from .sharding import (
     ViewRewrite,
     VocabShard,
     check_get_attr_users,
+    is_linear,
     layer_of,
     linear_bias,
+    linear_operands,
+    row_split_unit,
     split_range,
     weight_target,
 )
 
 aten = torch.ops.aten
 ad = torch.ops.autodeploy
-LINEAR = aten.linear.default
 VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 PASS = (aten.transpose.int, aten.permute.default, aten.contiguous.default, aten.clone.default, aten.to.dtype,
         aten._to_copy.default, aten.to.dtype_layout, aten.alias.default)
@@ -79,10 +83,6 @@ def _is_scalar_mul(node: Node) -> bool:
     return is_op(node, (aten.mul.Tensor, aten.div.Tensor)) and not isinstance(node.args[1], Node)
 
 
-def _is_linear(node: Any) -> bool:
-    return isinstance(node, Node) and is_op(node, LINEAR) and weight_target(node, 1) is not None
-
-
 def _single_user(node: Node) -> Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
@@ -98,7 +98,7 @@ class _Detector:
         """Walk from an attention input back to its linear; returns it and the nodes in between."""
         hint = "set transforms.detect_sharding.attention=false to replicate attention, or tensor_parallel_size=1"
         path, node = [], start
-        while not _is_linear(node):
+        while not is_linear(node):
             if not isinstance(node, Node) or node.op != "call_function":
                 raise _error(layer, f"the attention's {what} does not come from a linear projection", hint)
             if is_op(node, ad.torch_rmsnorm) and node_val(node.args[0]).shape[-1] != head_dim:
@@ -121,7 +121,7 @@ class _Detector:
             user = _single_user(node)
             if user is None:
                 raise _error(layer, f"the attention output ({node.name}) has {len(node.users)} readers", hint)
-            if _is_linear(user) and user.args[0] is node:
+            if is_linear(user) and user.args[0] is node:
                 return user, path
             if not is_op(user, (*VIEWS, *PASS)):
                 raise _error(layer, f"the attention output passes through {user.target} before its projection", hint)
@@ -174,6 +174,7 @@ class _Detector:
                     raise _error(layer, f"projection {lin.name} has {node_val(lin).shape[-1]} outputs, not "
                                  f"{n} heads x {hd}", "set transforms.detect_sharding.attention=false")
             row = LinearSplit(o_lin.name, ((q_first * dv, (q_first + q_local) * dv),))
+            self._check_row_split(o_lin, row.ranges, layer)
             views = [ViewRewrite(n.name, {n_q: q_local, n_q * d: q_local * d}, d) for n in q_path if is_op(n, VIEWS)]
             views += [ViewRewrite(n.name, {n_kv: kv_local, n_kv * d: kv_local * d}, d)
                       for n in k_path if is_op(n, VIEWS)]
@@ -210,21 +211,25 @@ class _Detector:
         return out
 
     def _check_weights(self, lin: Node, layer: str) -> None:
-        params = [weight_target(lin, 1)]
-        bias = linear_bias(lin)
-        if bias is not None:
-            if not (isinstance(bias, Node) and bias.op == "get_attr"):
-                raise _error(layer, f"the bias of {lin.name} is computed in the graph", "tensor_parallel_size=1")
-            params.append(bias.target)
-        for target in params:
-            check_get_attr_users(self.gm, target, {lin}, layer)
+        for name, operand in linear_operands(lin).items():
+            if operand.op != "get_attr":
+                raise _error(layer, f"the {name} of {lin.name} is computed in the graph", "tensor_parallel_size=1")
+            check_get_attr_users(self.gm, operand.target, {lin}, layer)
+
+    def _check_row_split(self, lin: Node, ranges, layer: str) -> None:
+        unit = row_split_unit(lin)
+        if any(a % unit or b % unit for a, b in ranges):
+            module = weight_target(lin, 1).rpartition(".")[0]
+            raise _error(layer, f"{module} would be split inside its int4 groups (its input features on each rank "
+                         f"must be a multiple of {unit})", "use a smaller tensor_parallel_size, or quantize with "
+                         "another group_size")
 
     # ---- MLP ----------------------------------------------------------------------------------------------
     def _down_projection(self, node: Node, layer: str) -> Node:
         start = node
         while True:
             user = _single_user(node)
-            if user is not None and _is_linear(user) and user.args[0] is node:
+            if user is not None and is_linear(user) and user.args[0] is node:
                 return user
             if user is None or not is_op(user, PASS):
                 raise _error(layer, f"the gated activation {start.name} does not feed exactly one linear",
@@ -243,6 +248,7 @@ class _Detector:
             splits.append(LinearSplit(lin.name, ranges))
             self._check_weights(lin, layer)
         self._check_weights(down, layer)
+        self._check_row_split(down, ((start, stop),), layer)
         self.claimed.update([lin for lin, _, _ in columns] + [down])
         self.plan.mlp.append(MLPShard(layer, splits, LinearSplit(down.name, ((start, stop),)), []))
 
@@ -250,21 +256,21 @@ class _Detector:
         for glu in find_nodes(self.gm, (ad.torch_glu, ad.torch_glu_packed)):
             layer = layer_of(glu)
             inputs = glu.args[:2] if is_op(glu, ad.torch_glu) else glu.args[:1]
-            if not all(_is_linear(a) and len(a.users) == 1 and a not in self.claimed for a in inputs):
+            if not all(is_linear(a) and len(a.users) == 1 and a not in self.claimed for a in inputs):
                 raise _error(layer, f"the inputs of {glu.name} are not linears that only it reads",
                              "set transforms.detect_sharding.mlp=false to replicate MLPs")
             packed = is_op(glu, ad.torch_glu_packed)
             size = node_val(inputs[0]).shape[-1] // (2 if packed else 1)
             self._mlp_shard(layer, [(a, size, packed) for a in inputs], self._down_projection(glu, layer), size)
-        for first in find_nodes(self.gm, LINEAR):
-            if first in self.claimed or not _is_linear(first):
+        for first in [n for n in self.gm.graph.nodes if is_linear(n)]:
+            if first in self.claimed:
                 continue
             node, acts = first, 0
             while (user := _single_user(node)) is not None and is_op(user, (*ACTIVATIONS, *PASS)):
                 acts += is_op(user, ACTIVATIONS)
                 node = user
             size = node_val(first).shape[-1]
-            if acts and user is not None and _is_linear(user) and user.args[0] is node and user not in self.claimed \
+            if acts and user is not None and is_linear(user) and user.args[0] is node and user not in self.claimed \
                     and size % self.world == 0:  # an unrecognised odd-sized chain stays replicated
                 self._mlp_shard(layer_of(first), [(first, size, False)], user, size)
 
@@ -302,7 +308,7 @@ class _Detector:
                 params.append(ParamSplit(target, dim, ranges, zero))
 
             if mode == "expert":
-                for name in ("w_up", "w_down", "b_up", "b_down"):
+                for name in ("w_up", "w_down", "b_up", "b_down", "w_up_scale", "w_down_scale"):
                     cut(name, 0, ((start, stop),))
             else:
                 gated, interleaved = bool(args["gated"]), bool(args["interleaved"])
@@ -310,6 +316,7 @@ class _Detector:
                     if gated else ((start, stop),)
                 cut("w_up", 1, up)
                 cut("b_up", 1, up)
+                cut("w_up_scale", 1, up)  # float8 experts: one scale per row of w_up; w_down's rows stay whole
                 cut("w_down", 2, ((start, stop),))
                 if self.rank != 0:
                     cut("b_down", 1, ((0, w_down.shape[1]),), zero=True)
@@ -364,15 +371,6 @@ class DetectSharding(Transform):
     def _apply(self, gm: GraphModule, ctx: SharedContext) -> TransformInfo:
         if ctx.world_size <= 1:
             return TransformInfo(num_matches=0, details={"world_size": ctx.world_size})
-        quantized = [n for n in gm.graph.nodes if is_quantized_linear(n) or
-                     (is_op(n, ad.torch_moe) and op_arguments(n)["w_up_scale"] is not None)]
-        if quantized:
-            raise TransformError(
-                f"tensor parallelism does not shard quantized linears or experts yet ({quantized[0].target} at "
-                f"{layer_of(quantized[0])})",
-                where="detect_sharding",
-                hint="run quantized models with tensor_parallel_size=1, or without quantize",
-            )
         detector = _Detector(gm, self.config, ctx.rank, ctx.world_size)
         if self.config.attention:
             detector.attention()
@@ -384,7 +382,7 @@ class DetectSharding(Transform):
             detector.mlp()
         plan = detector.plan
         gm.meta[PLAN_KEY] = plan
-        replicated = [n.name for n in find_nodes(gm, LINEAR) if n not in detector.claimed]
+        replicated = [n.name for n in gm.graph.nodes if is_linear(n) and n not in detector.claimed]
         details = {
             "world_size": ctx.world_size,
             "rank": ctx.rank,

@@ -9,8 +9,8 @@ stay 16-bit (``custom_ops/moe.py``: ``(x @ codes^T) * scale``, rounded once). ``
 the Triton kernel, which converts the codes as it loads them, so decode reads half the expert bytes.
 
 Weights still on the meta device get a load hook that quantizes each tensor as it streams in.
-Limits: a checkpoint's own quantization (compressed-tensors / fbgemm fp8 experts) is not read here; tensor
-parallelism refuses quantized experts like quantized linears.
+Tensor parallelism (``detect_sharding``, after this stage) splits the scales with their rows. Limits: a
+checkpoint's own quantization (compressed-tensors / fbgemm fp8 experts) is not read here.
 """
 
 from __future__ import annotations

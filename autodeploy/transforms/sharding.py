@@ -7,9 +7,14 @@ of the embedding and LM head. Nodes are named, not held, so the plan survives gr
 transform applies one family of entries with the helpers here.
 
 Parameters are cut with ``shard_parameter``: a real parameter is sliced in place (the full tensor is freed);
-a parameter still on the meta device gets the local shape and a load hook (``models/weights.py``,
-``_autodeploy_weight_hooks``) that slices each checkpoint tensor as it streams in, so a rank only ever keeps
-its own shard.
+a parameter still on the meta device gets the local shape and a parameter hook (``models/weights.py``,
+``_autodeploy_param_hooks``) that slices what fills it as the checkpoint streams in, after any quantization
+hook, so a rank only ever keeps its own shard.
+
+Linears are split by their operands' names, so the quantized linears (which quantization swapped in before
+this stage) split like ``aten.linear``: ``weight`` / ``qweight`` [N, K] (int4: planar codes, repacked after the
+cut), per-row ``weight_scale`` [N], int4 ``scales`` / ``zeros`` [G, N] and ``bias`` [N]. A column split keeps
+rows of all of them; a row split keeps weight columns and, for int4, the whole groups those columns fall in.
 """
 
 from __future__ import annotations
@@ -21,11 +26,14 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
+from ..custom_ops.quant_linear import INT4_CHUNK, int4_group, pack_int4, unpack_int4
 from ..distributed import collectives  # noqa: F401  (registers autodeploy::all_reduce / all_gather)
 from ..errors import ModelLoadError, TransformError
-from ..models.weights import WEIGHT_HOOKS_ATTR
+from ..models.weights import PARAM_HOOKS_ATTR
+from .graph import is_op, is_quantized_linear, op_arguments
 
 aten = torch.ops.aten
+LINEAR = aten.linear.default
 ALL_REDUCE = torch.ops.autodeploy.all_reduce.default
 ALL_GATHER = torch.ops.autodeploy.all_gather.default
 PLAN_KEY = "autodeploy_sharding"
@@ -53,6 +61,7 @@ class ParamSplit:
     dim: int
     ranges: Ranges
     zero: bool = False  # keep the shape, zero the values (a bias that only one rank may add)
+    int4: bool = False  # a planar int4 ``qweight``: ``dim`` and ``ranges`` count codes, not int32 words
 
 
 @dataclass
@@ -130,22 +139,22 @@ def nodes_by_name(gm: GraphModule) -> dict[str, Node]:
 
 
 # ---- parameters ---------------------------------------------------------------------------------------------
-def _take(tensor: torch.Tensor, dim: int, ranges: Ranges, zero: bool, full: int, name: str) -> torch.Tensor:
-    if tensor.shape[dim] != full:
+def _take(tensor: torch.Tensor, split: ParamSplit, full: int) -> torch.Tensor:
+    values = unpack_int4(tensor) if split.int4 else tensor
+    if values.shape[split.dim] != full:
         raise ModelLoadError(
-            f"{name} has {tensor.shape[dim]} entries along dim {dim} in the checkpoint, the model expects {full}",
+            f"{split.target} has {values.shape[split.dim]} entries along dim {split.dim} in the checkpoint, the "
+            f"model expects {full}",
             where="sharding load hook",
             hint="the checkpoint does not match the model config",
         )
-    if zero:
+    if split.zero:
         return torch.zeros_like(tensor)
-    parts = [tensor.narrow(dim, start, stop - start) for start, stop in ranges]
-    out = torch.cat(parts, dim) if len(parts) > 1 else parts[0]
+    parts = [values.narrow(split.dim, start, stop - start) for start, stop in split.ranges]
+    out = torch.cat(parts, split.dim) if len(parts) > 1 else parts[0]
+    if split.int4:
+        return pack_int4(out)
     return out.clone(memory_format=torch.contiguous_format)  # own storage: the full tensor can be freed
-
-
-def _compose(first: Any, second: Any, tensor: torch.Tensor) -> torch.Tensor:
-    return second(first(tensor))
 
 
 def _set_attr_tensor(gm: GraphModule, target: str, value: torch.Tensor) -> None:
@@ -171,18 +180,11 @@ def shard_parameter(gm: GraphModule, split: ParamSplit) -> bool:
         return False
     owner_name, _, attr = split.target.rpartition(".")
     param = getattr(gm.get_submodule(owner_name) if owner_name else gm, attr)
-    full = param.shape[split.dim]
-    take = functools.partial(_take, dim=split.dim, ranges=split.ranges, zero=split.zero, full=full, name=split.target)
+    full = param.shape[split.dim] * (8 if split.int4 and split.dim == 1 else 1)
+    take = functools.partial(_take, split=split, full=full)
     if param.is_meta:
-        shape = list(param.shape)
-        shape[split.dim] = full if split.zero else sum(b - a for a, b in split.ranges)
-        local = torch.empty(shape, dtype=param.dtype, device="meta")
-        hooks = gm.__dict__.setdefault(WEIGHT_HOOKS_ATTR, {})
-        previous = hooks.get(split.target)
-        hooks[split.target] = take if previous is None else functools.partial(_compose, previous, take)
-    else:
-        local = take(param.detach())
-    _set_attr_tensor(gm, split.target, local)
+        gm.__dict__.setdefault(PARAM_HOOKS_ATTR, {})[split.target] = take
+    _set_attr_tensor(gm, split.target, take(param.detach()))  # on the meta device: the local shape
     done[split.target] = key
     return True
 
@@ -193,8 +195,58 @@ def weight_target(node: Node, index: int) -> str | None:
     return arg.target if isinstance(arg, Node) and arg.op == "get_attr" else None
 
 
+# ---- linears ------------------------------------------------------------------------------------------------
+_WEIGHTS = ("weight", "qweight")  # [N, K]
+_ROWS = ("weight_scale", "bias")  # [N]
+_GROUPS = ("scales", "zeros")  # int4 [G, N]
+
+
+def is_linear(node: Any) -> bool:
+    """``aten.linear`` or a quantized linear whose weight is a parameter."""
+    return (isinstance(node, Node) and (is_op(node, LINEAR) or is_quantized_linear(node))
+            and weight_target(node, 1) is not None)
+
+
+def linear_operands(node: Node) -> dict[str, Node]:
+    """A linear's operands after its input, by argument name: weight, scales, zero points, bias."""
+    return {name: arg for name, arg in list(op_arguments(node).items())[1:] if isinstance(arg, Node)}
+
+
 def linear_bias(node: Node) -> Node | None:
-    return node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    return linear_operands(node).get("bias")
+
+
+def _int4_group(node: Node) -> int:
+    return int4_group(op_arguments(node)["group_size"], node.args[0].meta["val"].shape[-1])
+
+
+def row_split_unit(node: Node) -> int:
+    """Input features a row split must cut on multiples of: whole int4 groups of whole 128-code chunks (1 for
+    everything else, per-channel int4 included)."""
+    if "qweight" not in linear_operands(node) or op_arguments(node)["group_size"] <= 0:
+        return 1
+    return max(_int4_group(node), INT4_CHUNK)
+
+
+def _linear_splits(node: Node, ranges: Ranges, column: bool) -> list[ParamSplit]:
+    splits = []
+    for name, arg in linear_operands(node).items():
+        if arg.op != "get_attr":
+            continue  # a computed bias: detect_sharding refused it for column splits; row splits add it later
+        int4 = name == "qweight"
+        if name in _WEIGHTS:
+            splits.append(ParamSplit(arg.target, 0 if column else 1, ranges, int4=int4))
+        elif name in _ROWS and column:
+            splits.append(ParamSplit(arg.target, 0, ranges))
+        elif name in _GROUPS and column:
+            splits.append(ParamSplit(arg.target, 1, ranges))
+        elif name in _GROUPS:
+            g = _int4_group(node)
+            splits.append(ParamSplit(arg.target, 0, tuple((a // g, -(-b // g)) for a, b in ranges)))
+        elif name not in _ROWS:
+            raise TransformError(f"{node.name}: cannot split the linear operand {name!r} of {node.target}",
+                                 where="sharding", hint="set tensor_parallel_size=1")
+    return splits
 
 
 # ---- graph edits --------------------------------------------------------------------------------------------
@@ -208,21 +260,18 @@ def insert_after(gm: GraphModule, node: Node, op: Any, extra_args: tuple = ()) -
 
 
 def split_column(gm: GraphModule, linear: Node, ranges: Ranges) -> None:
-    """``linear`` keeps the output features ``ranges`` (weight rows, bias entries)."""
-    weight = weight_target(linear, 1)
-    shard_parameter(gm, ParamSplit(weight, 0, ranges))
-    bias = linear_bias(linear)
-    if bias is not None:
-        shard_parameter(gm, ParamSplit(bias.target, 0, ranges))
+    """``linear`` keeps the output features ``ranges`` (weight rows, their scales, bias entries)."""
+    for split in _linear_splits(linear, ranges, column=True):
+        shard_parameter(gm, split)
 
 
 def split_row(gm: GraphModule, linear: Node, ranges: Ranges) -> Node:
     """``linear`` reads the input features ``ranges``; its partial sums are all-reduced, then the bias added."""
-    shard_parameter(gm, ParamSplit(weight_target(linear, 1), 1, ranges))
+    for split in _linear_splits(linear, ranges, column=False):
+        shard_parameter(gm, split)
     bias = linear_bias(linear)
     if bias is not None:
-        linear.args = tuple(linear.args[:2])
-        linear.kwargs = {k: v for k, v in linear.kwargs.items() if k != "bias"}
+        linear.replace_input_with(bias, None)
     reduced = insert_after(gm, linear, ALL_REDUCE)
     if bias is not None:
         reduced = insert_after(gm, reduced, aten.add.Tensor, (bias,))
