@@ -104,6 +104,15 @@ def make_weights(fmt: str, n: int, k: int, copies: int) -> list[tuple]:
     return out
 
 
+X_SCALES: dict[int, torch.Tensor] = {}  # --x-scale-given: x's per-token fp8 scales, by id(x)
+
+
+def fp8_scales(x):
+    from autodeploy.custom_ops.quant_linear import quantize_fp8_per_token
+
+    return quantize_fp8_per_token(x)[1].reshape(-1).float().contiguous()
+
+
 def gemv_call(fmt: str, x, weights: tuple, cfg: tuple | None, glu: bool = False):
     """The GEMV on ``weights``; ``glu``: as the engine runs a packed ``[gate; up]``, SiLU(gate) * up in its
     epilogue."""
@@ -112,6 +121,8 @@ def gemv_call(fmt: str, x, weights: tuple, cfg: tuple | None, glu: bool = False)
     config = GemvConfig(*cfg) if cfg else None
     code = {"dense": W_DENSE, "fp8": W_FP8, "int8": W_INT8, "int4": W_INT4}[fmt]
     glu_args = dict(glu_activation="silu" if glu else None)
+    if fmt == "fp8" and X_SCALES.get(id(x)) is not None:
+        glu_args["x_scale"] = X_SCALES[id(x)]
     if fmt == "int4":
         return gemv(x, code, weights[0], weights[1], weights[2], None, GROUP, config=config, **glu_args)
     if fmt == "dense":
@@ -215,6 +226,7 @@ def main() -> None:
     parser.add_argument("--variants", default="cuda,tc", help="cuda (CUDA-core product), tc (tensor cores)")
     parser.add_argument("--shapes", default="llama", choices=sorted(SHAPE_SETS))
     parser.add_argument("--glu", action="store_true", help="gate_up with the SiLU gating epilogue, as in the engine")
+    parser.add_argument("--x-scale-given", action="store_true", help="fp8: the per-token scale from x's producer")
     args = parser.parse_args()
     shapes = SHAPE_SETS[args.shapes]
     import autodeploy.custom_ops.triton  # noqa: F401
@@ -242,6 +254,8 @@ def main() -> None:
             ws = make_weights(fmt, n, k, copies)
             for m in tokens:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                if args.x_scale_given:  # as x's producer would have written it
+                    X_SCALES[id(x)] = fp8_scales(x)
                 ref = reference(fmt, x, ws[0], glu)
                 row = {"phase": "gemv", "fmt": fmt, "M": m, "shape": name, "glu": glu, "MB": round(size / 1e6, 1)}
                 base = graph_us(lambda: [baseline(fmt, x, w) for w in ws], copies)

@@ -55,7 +55,7 @@ def gemv_signature(fmt: int, consts: dict) -> dict:
     base = linear_signature(fmt, "steps_per_split", consts)
     names = list(base)
     norm = {"r_ptr": "*bf16", "nw_ptr": "*bf16", "normed_ptr": "*bf16", "summed_ptr": "*bf16", "eps": "fp32",
-            "w_offset": "fp32"}
+            "w_offset": "fp32", "xs_ptr": "*fp32"}
     return {**{k: base[k] for k in names[:8]}, **norm, **{k: base[k] for k in names[8:]}}
 
 
@@ -108,7 +108,8 @@ def variants():
                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, HW_FP8=True, GLU_ACT=glu, RNE=False,
                       TENSOR_CORES=tensor_cores, NORM=norm, NORM_H=2048 if norm else 1, NORM_OFFSET=False,
                       NORM_PROD=tl.bfloat16, X_COLS=1 if bm == 16 else bm, OFFSET_CHUNKS=16 if split == 1 else 4,
-                      ROW_TILE=64 if fmt == W_INT4 and glu < 0 else 1, USE_PDL=True)
+                      ROW_TILE=64 if fmt == W_INT4 and glu < 0 else 1, USE_PDL=True,
+                      XS_GIVEN=fmt == W_FP8 and tensor_cores)  # the engine's q/k/v and gate/up at one token
         name = f"gemv fmt={fmt} M<={bm} {bn}x{bk} split={split} warps={warps} glu={glu} tc={tensor_cores} norm={norm}"
         yield (name, _gemv_kernel, gemv_signature(fmt, consts), consts, dict(num_warps=warps, num_stages=stages))
     for fmt, act_fp8, bm, bn, bk, split, warps, stages in [
@@ -136,15 +137,16 @@ def variants():
 
 def decode_chain_variants():
     """The small kernels between a decode step's GEMVs, with programmatic dependent launch on."""
-    for fp8 in (False, True):  # fp8: the per-token codes of the output instead of the output
+    for fp8, scale in ((False, False), (True, False), (False, True)):  # the codes of the output / its scales
         consts = dict(BLOCK_R=1, BLOCK_H=4096, HAS_RESIDUAL=True, HAS_OFFSET=False, X_DTYPE=tl.bfloat16,
-                      PROD_DTYPE=tl.bfloat16, FP8_OUT=fp8, RNE=False, USE_PDL=True)
+                      PROD_DTYPE=tl.bfloat16, FP8_OUT=fp8, SCALE_OUT=scale, RNE=False, USE_PDL=True)
         signature = {**dict.fromkeys(["x_ptr", "r_ptr", "w_ptr", "o_ptr", "sum_ptr"], "*bf16"),
                      "q_ptr": "*fp8e4nv", "s_ptr": "*fp32",
                      **dict.fromkeys(["n_rows", "H", "stride_x", "stride_r", "stride_o", "stride_sum", "stride_q"],
                                      "i32"),
                      "eps": "fp32", "w_offset": "fp32", **{k: "constexpr" for k in consts}}
-        yield f"rmsnorm rows, residual, fp8={fp8}", _rmsnorm_rows_kernel, signature, consts, dict(num_warps=8)
+        yield (f"rmsnorm rows, residual, fp8={fp8} scale={scale}", _rmsnorm_rows_kernel, signature, consts,
+               dict(num_warps=8))
     for dtype, tl_type, world in (("bf16", tl.bfloat16, 2), ("fp32", tl.float32, 8)):
         consts = dict(RANK=1, WORLD=world, BLOCK_H=4096, HAS_OFFSET=False, X_DTYPE=tl_type, PROD_DTYPE=tl_type,
                       USE_PDL=True, RNE=False)

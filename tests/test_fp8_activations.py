@@ -57,13 +57,17 @@ def test_norm_writes_codes_of_its_output(fp8_above_one_row, shape, residual):
 
 @pytest.mark.parametrize("residual", [False, True])
 def test_norm_writes_16_bit_output_where_linears_read_it(residual):
-    """On CPU (and at one row on the GPU) the fp8 linear reads the 16-bit output: it is the norm's."""
+    """On CPU (and at one row on the GPU) the fp8 linear reads the 16-bit output: it is the norm's, and the scales
+    beside it are its per-token fp8 scales."""
     x, r, w = torch.randn(3, 96).bfloat16(), torch.randn(3, 96).bfloat16(), torch.rand(96).bfloat16()
     if residual:
-        got = ops.triton_fused_add_rmsnorm_fp8(x, r, w, 1e-5)[:2]
-        torch.testing.assert_close(got, ops.triton_fused_add_rmsnorm(x, r, w, 1e-5), atol=0, rtol=0)
+        *got, _, scales = ops.triton_fused_add_rmsnorm_fp8(x, r, w, 1e-5)
+        torch.testing.assert_close(tuple(got), ops.triton_fused_add_rmsnorm(x, r, w, 1e-5), atol=0, rtol=0)
+        y = got[0]
     else:
-        torch.testing.assert_close(ops.triton_rmsnorm_fp8(x, w, 1e-5)[0], ops.triton_rmsnorm(x, w, 1e-5), atol=0, rtol=0)
+        y, _, scales = ops.triton_rmsnorm_fp8(x, w, 1e-5)
+        torch.testing.assert_close(y, ops.triton_rmsnorm(x, w, 1e-5), atol=0, rtol=0)
+    torch.testing.assert_close(scales, fp8_quantize_rows(y)[1], atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("shape", [(4, 96), (2, 3, 160)])
@@ -78,11 +82,17 @@ def test_prequant_linear_reads_codes(fp8_above_one_row, shape):
 
 
 def test_prequant_linear_reads_16_bit_at_one_row(fp8_above_one_row):
+    """... and its scale only when told it was written (then exactly what the GEMV would have computed)."""
     x = torch.randn(1, 96).bfloat16()
     q, s = quantize_fp8_weight(torch.randn(32, 96) * 0.1)
     garbage = torch.randint(0, 100, (1, 96), dtype=torch.uint8).view(torch.float8_e4m3fn)
-    got = ops.triton_quant_fp8_linear_prequant(x, garbage, torch.full((1, 1), float("nan")), q, s)
-    torch.testing.assert_close(got, ops.triton_quant_fp8_linear(x, q, s), atol=0, rtol=0)
+    expected = ops.triton_quant_fp8_linear(x, q, s)
+    nan = torch.full((1, 1), float("nan"))
+    torch.testing.assert_close(ops.triton_quant_fp8_linear_prequant(x, garbage, nan, q, s), expected, atol=0, rtol=0)
+    assert ops.triton_quant_fp8_linear_prequant(x, garbage, nan, q, s, None, True).isnan().all()
+    scale = fp8_quantize_rows(x)[1]
+    got = ops.triton_quant_fp8_linear_prequant(x, garbage, scale, q, s, None, True)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("rows", [1, 6])
@@ -104,6 +114,17 @@ def test_linear_glu_fp8_in_and_out(fp8_above_one_row, rows, fp8_in, quantize_out
     else:
         torch.testing.assert_close(h, expected if rows > 1 else ops.triton_linear_glu(x, q, s, None, None, "fp8", 0,
                                                                                         "silu"), atol=0, rtol=0)
+
+
+def test_linear_glu_fp8_reads_the_given_scale_at_one_row():
+    x = torch.randn(1, 96).bfloat16()
+    q, s = quantize_fp8_weight(torch.randn(80, 96) * 0.1)
+    xq, x_scale = fp8_quantize_rows(x)
+    expected = ops.triton_linear_glu_fp8(x, xq, x_scale, q, s, None, "silu", False)[0]
+    got = ops.triton_linear_glu_fp8(x, xq, x_scale, q, s, None, "silu", False, True)[0]
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    nan = torch.full_like(x_scale, float("nan"))
+    assert ops.triton_linear_glu_fp8(x, xq, nan, q, s, None, "silu", False, True)[0].isnan().all()
 
 
 @pytest.mark.parametrize("block", [16, 64])
@@ -163,6 +184,9 @@ def test_transform_feeds_every_fp8_linear_but_o_proj(fp8_above_one_row):
     assert _count(gm, ops.triton_quant_fp8_linear.default) == layers  # o_proj
     assert _count(gm, ops.triton_rmsnorm_fp8.default) + _count(gm, ops.triton_fused_add_rmsnorm_fp8.default) == 2 * layers
     assert _count(gm, ops.triton_linear_glu.default) == 0
+    given = [n.args[6] for n in gm.graph.nodes if n.target == ops.triton_quant_fp8_linear_prequant.default]
+    assert sorted(given) == [False] * layers + [True] * layers  # down reads the activation's codes, q/k/v the norm's
+    assert all(n.args[8] for n in gm.graph.nodes if n.target == ops.triton_linear_glu_fp8.default)
 
 
 def test_transform_leaves_norms_read_by_16_bit_linears():
@@ -189,9 +213,10 @@ def test_llama_shapes_gpu(rows):
     gu_q, gu_s = quantize_fp8_weight(torch.randn(2 * 14336, 4096, device="cuda") * 0.02)
     down_q, down_s = quantize_fp8_weight(torch.randn(4096, 14336, device="cuda") * 0.01)
     h_ref = ops.triton_linear_glu(y_ref, gu_q, gu_s, None, None, "fp8", 0, "silu")
-    if rows == 1:  # the GEMV reads the 16-bit row
+    if rows == 1:  # the GEMV reads the 16-bit row, and the norm's scale for it
         torch.testing.assert_close(y, y_ref, atol=0, rtol=0)
-        x_in, (h, h_codes, h_scales) = y, ops.triton_linear_glu_fp8(y, codes, scales, gu_q, gu_s, None, "silu", True)
+        x_in, (h, h_codes, h_scales) = y, ops.triton_linear_glu_fp8(y, codes, scales, gu_q, gu_s, None, "silu", True,
+                                                                    True)
         torch.testing.assert_close(h, h_ref, atol=0, rtol=0)
     else:
         _assert_quantized(codes, scales, y_ref)
@@ -199,7 +224,7 @@ def test_llama_shapes_gpu(rows):
         h, h_codes, h_scales = ops.triton_linear_glu_fp8(x_in, codes, scales, gu_q, gu_s, None, "silu", True)
         _assert_quantized(h_codes, h_scales, h_ref)
         h = torch.full_like(h, float("nan"))
-    torch.testing.assert_close(ops.triton_quant_fp8_linear_prequant(x_in, codes, scales, qkv_q, qkv_s),
+    torch.testing.assert_close(ops.triton_quant_fp8_linear_prequant(x_in, codes, scales, qkv_q, qkv_s, None, True),
                                ops.triton_quant_fp8_linear(y_ref, qkv_q, qkv_s), atol=0, rtol=0)
     torch.testing.assert_close(ops.triton_quant_fp8_linear_prequant(h, h_codes, h_scales, down_q, down_s),
                                ops.triton_quant_fp8_linear(h_ref, down_q, down_s), atol=0, rtol=0)

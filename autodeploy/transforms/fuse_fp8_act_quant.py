@@ -7,7 +7,8 @@ only by fp8 linears (``triton_quant_fp8_linear``, fp8 ``triton_linear_glu``), di
 (``custom_ops/triton/fp8_activations.py``): above one token on the GPU the norm (q/k/v, gate/up) and the gated
 activation (down) write fp8 codes and per-token scales in place of their 16-bit output, and ``torch._scaled_mm``
 multiplies them — one launch and two passes over the activation fewer per linear. At one token, and on CPU, the
-graph computes what it did before. Not matched: the attention output (``o_proj`` keeps its quantization launch),
+graph computes what it did before; there the norms also write the per-token scale, which the fp8 decode GEMVs of
+q/k/v and gate/up read instead of each program computing it from the whole row. Not matched: the attention output (``o_proj`` keeps its quantization launch),
 norms fused with an all-reduce (tensor parallel), readers of other formats. The torch backend has no such nodes.
 """
 
@@ -79,23 +80,24 @@ def _argument(node: Node, index: int, name: str, default: object) -> object:
     return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
-def _read_codes(graph, reader: Node, codes: Node, scales: Node) -> None:
-    """Make ``reader`` take the codes and scales beside its 16-bit input."""
+def _read_codes(graph, reader: Node, codes: Node, scales: Node, scale_given: bool) -> None:
+    """Make ``reader`` take the codes and scales beside its 16-bit input (``scale_given``: the scales also come
+    with the 16-bit form, as a norm writes them)."""
     if reader.target == ops.triton_linear_glu_fp8.default:
-        reader.update_arg(1, codes)
-        reader.update_arg(2, scales)
+        reader.args = (reader.args[0], codes, scales, *reader.args[3:8], scale_given)
         return
     with graph.inserting_before(reader):
         if reader.target == ops.triton_quant_fp8_linear.default:
             x, weight, weight_scale = reader.args[:3]
             new = graph.call_function(ops.triton_quant_fp8_linear_prequant.default,
-                                      (x, codes, scales, weight, weight_scale, _argument(reader, 3, "bias", None)))
+                                      (x, codes, scales, weight, weight_scale, _argument(reader, 3, "bias", None),
+                                       scale_given))
             new.meta.update(reader.meta)
             reader.replace_all_uses_with(new)
         else:  # triton_linear_glu(x, weight, scales, zeros, bias, "fp8", group_size, activation)
             x, weight, weight_scale, _, bias, _, _, activation = reader.args[:8]
             new = graph.call_function(ops.triton_linear_glu_fp8.default,
-                                      (x, codes, scales, weight, weight_scale, bias, activation, False))
+                                      (x, codes, scales, weight, weight_scale, bias, activation, False, scale_given))
             val = node_val(reader)
             new.meta["val"] = (val, *_fp8_vals(val, rows=False))
             reader.replace_all_uses_with(_getitem(graph, new, 0, val))
@@ -138,7 +140,7 @@ def _fuse_norm(gm: GraphModule, norm: Node) -> bool:
         codes, scales = _getitem(graph, new, first + 1, codes_val), _getitem(graph, new, first + 2, scales_val)
     normed.replace_all_uses_with(y)
     for reader in readers:
-        _read_codes(graph, reader, codes, scales)
+        _read_codes(graph, reader, codes, scales, scale_given=True)
     for node in dict.fromkeys(n for n in (summed, normed, norm) if n is not None):  # norm last
         if not node.users:
             graph.erase_node(node)
@@ -180,7 +182,7 @@ def _fuse_glu(gm: GraphModule, glu: Node) -> bool:
         h.replace_all_uses_with(y)
         graph.erase_node(h)
     for reader in readers:
-        _read_codes(graph, reader, codes, scales)
+        _read_codes(graph, reader, codes, scales, scale_given=False)
     return True
 
 

@@ -9,7 +9,10 @@ An fp8 linear (``quant_linear.fp8_linear``) quantizes its 16-bit input per token
   ``xq``/``x_scale``.
 
 Contract: ``(yq [R, K], y_scale [R, 1])`` is ``quantize_fp8_per_token(y)`` over the ``R`` rows of ``y``, but a
-producer writes only one of the two forms: the one an fp8 linear multiplies at that many rows.
+producer writes only one of the two forms: the one an fp8 linear multiplies at that many rows. The norms also
+write ``y_scale`` beside the 16-bit form, and a reader told so (``scale_given``) hands it to the decode GEMV,
+whose programs then skip their pass over the whole row for its maximum; the gated activation does not (its rows
+are written by many programs), so the down projection's GEMV still takes that pass.
 ``reads_fp8(rows, k, dtype, device)`` is that choice: ``torch._scaled_mm`` on fp8 codes above
 ``FP8_GEMV_MAX_TOKENS`` rows on CUDA with 16-bit activations and 16-aligned K; the 16-bit form elsewhere (the
 decode GEMV, which streams the weight against 16-bit activations, and the portable kernel). So a producer's
@@ -59,11 +62,14 @@ def _norm(x, residual, weight, eps, weight_offset, out, summed):
     k, rows = x.shape[-1], _num_rows(x)
     codes, scales = _fp8_pair(rows, k, x.device)
     fp8 = reads_fp8(rows, k, out.dtype, x.device)
-    in_kernel = fp8 and next_pow2(k) <= MAX_ONE_PASS  # else (long rows) the output, then its quantization
+    in_kernel = next_pow2(k) <= MAX_ONE_PASS  # else (long rows) the output, then its quantization
     rmsnorm_launch(x, weight, eps, weight_offset, out, residual=residual, summed=summed,
-                   fp8_out=(codes, scales) if in_kernel else None)
+                   fp8_out=(codes, scales) if in_kernel and fp8 else None,
+                   scale_out=scales if in_kernel and not fp8 else None)
     if fp8 and not in_kernel:
         _quantize_into(out, codes, scales)
+    elif not in_kernel:
+        scales.copy_(fp8_quantize_rows(_rows(out))[1])
     return codes, scales
 
 
@@ -116,18 +122,20 @@ def triton_quant_fp8_linear_prequant(
     weight: torch.Tensor,
     weight_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
+    scale_given: bool = False,
 ) -> torch.Tensor:
+    """``scale_given``: ``x_scale`` is written beside the 16-bit ``x`` too (a norm made them)."""
     k, rows, n = x.shape[-1], _num_rows(x), weight.shape[0]
     if reads_fp8(rows, k, x.dtype, x.device):
         _check_rows(weight)
         y = scaled_mm_fp8(xq, x_scale, weight, weight_scale, bias, x.dtype)
     else:
-        y = fp8_linear(_rows(x), weight, weight_scale, bias)
+        y = fp8_linear(_rows(x), weight, weight_scale, bias, x_scale if scale_given else None)
     return y.view(*x.shape[:-1], n)
 
 
 @triton_quant_fp8_linear_prequant.register_fake
-def _linear_prequant_fake(x, xq, x_scale, weight, weight_scale, bias=None):
+def _linear_prequant_fake(x, xq, x_scale, weight, weight_scale, bias=None, scale_given=False):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -141,16 +149,19 @@ def triton_linear_glu_fp8(
     bias: torch.Tensor | None,
     activation: str,
     quantize_output: bool,
+    scale_given: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``triton_linear_glu`` of fp8 weights (``[..., K] -> [..., N / 2]``), reading ``xq``/``x_scale`` when given
-    and writing ``(hq [R, N / 2], h_scale [R, 1])`` with ``quantize_output`` (else they have no rows)."""
+    (``scale_given``: ``x_scale`` also beside the 16-bit ``x``) and writing ``(hq [R, N / 2], h_scale [R, 1])``
+    with ``quantize_output`` (else they have no rows)."""
     k, rows, n_out = x.shape[-1], _num_rows(x), weight.shape[0] // 2
     out = x.new_empty((rows, n_out))
     codes, scales = _fp8_pair(rows if quantize_output else 0, n_out, x.device)
     fp8_in = xq is not None and reads_fp8(rows, k, x.dtype, x.device)
     fp8_out = quantize_output and reads_fp8(rows, n_out, x.dtype, x.device)
     if not fp8_in and gemv_glu_applies(_rows(x), weight, "fp8", 0):  # decode GEMV, activation in its epilogue
-        out = gemv(_rows(x), W_FP8, weight, weight_scale, None, bias, 0, glu_activation=activation)
+        out = gemv(_rows(x), W_FP8, weight, weight_scale, None, bias, 0, glu_activation=activation,
+                   x_scale=x_scale.view(-1) if scale_given else None)
         return out.view(*x.shape[:-1], n_out), codes, scales  # at these rows nothing reads codes (reads_fp8)
     if fp8_in:
         _check_rows(weight)
@@ -165,7 +176,8 @@ def triton_linear_glu_fp8(
 
 
 @triton_linear_glu_fp8.register_fake
-def _linear_glu_fp8_fake(x, xq, x_scale, weight, weight_scale, bias, activation, quantize_output):
+def _linear_glu_fp8_fake(x, xq, x_scale, weight, weight_scale, bias, activation, quantize_output,
+                         scale_given=False):
     rows = x.reshape(-1, x.shape[-1]).shape[0]
     n_out = weight.shape[0] // 2
     fp8_rows = rows if quantize_output else 0

@@ -12,8 +12,9 @@ Formats (``W_FMT``): 16-bit weights; fp8 and int8 (per-channel scale applied aft
 tensor cores one 128-long chunk at a time with the codes turned into 16-bit floats by bit operations.
 
 fp8 keeps the op's numerics (``torch_quant_fp8_linear``): each program computes the per-token scale
-``max|x| / 448`` from the whole row first, then rounds each activation tile to fp8 (exact in float32) before the
-product; the per-token and per-channel scales multiply the sum.
+``max|x| / 448`` from the whole row first (or reads it: ``x_scale``, written by x's producer, which saves every
+program that pass), then rounds each activation tile to fp8 (exact in float32) before the product; the per-token
+and per-channel scales multiply the sum.
 
 With ``GLU_ACT`` set the weight is a packed gate/up projection ``[2I, K]`` and the output is
 ``act(gate) * up [M, I]`` (``glu.py``'s numerics: each half rounded to the output dtype, the activation computed
@@ -169,13 +170,14 @@ def _dense_acc(acc, w, x_rows, kk, k_ok, m_ok, x_scale, x_ptr, r_ptr, nw_ptr, rs
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, lock_ptr,
-    r_ptr, nw_ptr, normed_ptr, summed_ptr, eps, w_offset,
+    r_ptr, nw_ptr, normed_ptr, summed_ptr, eps, w_offset, xs_ptr,
     M, N, K, stride_xm, stride_ym, stride_wn, stride_sg, steps_per_split,
     W_FMT: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     HW_FP8: tl.constexpr, GLU_ACT: tl.constexpr, RNE: tl.constexpr, TENSOR_CORES: tl.constexpr,
     NORM: tl.constexpr, NORM_H: tl.constexpr, NORM_OFFSET: tl.constexpr, NORM_PROD: tl.constexpr,
-    X_COLS: tl.constexpr, OFFSET_CHUNKS: tl.constexpr, ROW_TILE: tl.constexpr, USE_PDL: tl.constexpr,
+    X_COLS: tl.constexpr, OFFSET_CHUNKS: tl.constexpr, ROW_TILE: tl.constexpr, XS_GIVEN: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     tile = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -215,7 +217,9 @@ def _gemv_kernel(
         rstd = add_rmsnorm_row(x_ptr, r_ptr, nw_ptr, normed_ptr, summed_ptr, K, eps, w_offset,
                                (tile == 0) & (pid_k == 0), NORM_H, NORM_OFFSET, NORM_PROD)
     x_scale = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
-    if W_FMT == 0:  # per-token fp8 scale over the whole row
+    if W_FMT == 0 and XS_GIVEN:  # the per-token fp8 scale from x's producer
+        x_scale = tl.load(xs_ptr + offs_m, mask=m_ok, other=1.0)
+    elif W_FMT == 0:  # ... or over the whole row here
         amax = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kx = k0 + tl.arange(0, BLOCK_K)
@@ -344,6 +348,7 @@ def gemv(
     config: GemvConfig | None = None,
     glu_activation: str | None = None,  # weight is a packed [gate; up]: returns act(gate) * up [M, N / 2]
     norm: AddRmsNorm | None = None,  # x is the add + RMSNorm's input: the product is of its output
+    x_scale: torch.Tensor | None = None,  # fp8: x's per-token scales [M] f32 (max|x| / 448), from its producer
 ) -> torch.Tensor:
     m, k = x.shape
     n = weight.shape[0]
@@ -379,6 +384,7 @@ def gemv(
     s = scales if scales is not None else y
     _gemv_kernel[(tiles, split)](
         x, weight, s, zeros if zeros is not None else s, bias if bias is not None else s, y, part, locks, *norm_args,
+        x_scale if x_scale is not None else s,
         m, n, k, x.stride(0), y.stride(0), weight.stride(0), scales.stride(0) if fmt == W_INT4 else 0, per_split,
         W_FMT=fmt, GROUP=group, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, HW_FP8=not INTERPRET,
@@ -386,6 +392,6 @@ def gemv(
         RNE=INTERPRET and x.dtype == torch.bfloat16, TENSOR_CORES=tensor_cores, **norm_flags, X_COLS=next_pow2(m),
         OFFSET_CHUNKS=min(OFFSET_HOIST_CHUNKS, next_pow2(per_split)), ROW_TILE=int4_row_tile(n) if fmt == W_INT4 else 1,
         num_warps=1 if INTERPRET else cfg.warps, num_stages=cfg.stages,
-        **pdl_flags(x.device, m),
+        XS_GIVEN=x_scale is not None, **pdl_flags(x.device, m),
     )
     return y

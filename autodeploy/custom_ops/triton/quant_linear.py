@@ -263,11 +263,13 @@ def use_scaled_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def fp8_linear(
-    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
+    x_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``[M, K] -> [M, N]``: the GEMV for few tokens, else fp8 quantization + ``torch._scaled_mm`` (or the kernel)."""
+    """``[M, K] -> [M, N]``: the GEMV for few tokens, else fp8 quantization + ``torch._scaled_mm`` (or the kernel).
+    ``x_scale`` ``[M, 1]``: x's per-token fp8 scales, when its producer computed them (the GEMV uses them)."""
     if x.shape[0] <= FP8_GEMV_MAX_TOKENS:
-        return gemv(x, W_FP8, weight, weight_scale, None, bias)
+        return gemv(x, W_FP8, weight, weight_scale, None, bias, x_scale=None if x_scale is None else x_scale.view(-1))
     if use_scaled_mm(x, weight):
         return scaled_mm_linear(x, weight, weight_scale, bias)
     return wq_gemm(x, W_FP8, weight, weight_scale, None, bias, act_fp8=True)

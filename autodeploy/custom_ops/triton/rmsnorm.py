@@ -8,7 +8,8 @@ exactly: the residual sum is rounded to its dtype before it is normalised, and w
 normalised row is rounded to ``x.dtype`` before the weight product, which is rounded to the product dtype.
 
 With ``fp8_out`` (one-pass rows only) the kernel writes, instead of the output, its per-token fp8 quantization
-(``quantize_fp8_per_token`` of the output as rounded to its dtype): codes and one float32 scale per row.
+(``quantize_fp8_per_token`` of the output as rounded to its dtype): codes and one float32 scale per row. With
+``scale_out`` it writes the output and that scale alone (what the fp8 decode GEMV would compute from the row).
 """
 
 from __future__ import annotations
@@ -71,12 +72,19 @@ def normed_chunk(x_ptr, r_ptr, w_ptr, cols, ok, rstd, w_offset, OUT_DTYPE: tl.co
 
 
 @triton.jit
+def _store_fp8_scales(y, rows, row_ok, col_ok, s_ptr):
+    """``scale = max|y| / 448`` of each whole row of the float32 tile ``y [R, C]`` into ``s_ptr`` (``rows`` int64)."""
+    scale = fp8_scale(tl.max(tl.where(row_ok[:, None] & col_ok[None, :], tl.abs(y), 0.0), 1))  # [R]
+    tl.store(s_ptr + rows, scale, mask=row_ok)
+    return scale
+
+
+@triton.jit
 def _store_fp8_rows(y, rows, row_ok, cols, col_ok, q_ptr, s_ptr, stride_q):
     """Per-token fp8 quantization of the float32 tile ``y [R, C]`` of whole rows (``rows`` int64): ``scale =
     max|y| / 448`` per row into ``s_ptr``, the codes ``y / scale`` into ``q_ptr`` (``_fp8_rows_kernel``'s numbers)."""
     mask = row_ok[:, None] & col_ok[None, :]
-    scale = fp8_scale(tl.max(tl.where(mask, tl.abs(y), 0.0), 1))  # [R]
-    tl.store(s_ptr + rows, scale, mask=row_ok)
+    scale = _store_fp8_scales(y, rows, row_ok, col_ok, s_ptr)
     codes = to_fp8(y / scale[:, None])
     tl.store(q_ptr + rows[:, None] * stride_q + cols[None, :], codes, mask=mask)
 
@@ -87,7 +95,7 @@ def _rmsnorm_rows_kernel(
     n_rows, H, stride_x, stride_r, stride_o, stride_sum, stride_q, eps, w_offset,
     BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, HAS_OFFSET: tl.constexpr, X_DTYPE: tl.constexpr, PROD_DTYPE: tl.constexpr,
-    FP8_OUT: tl.constexpr, RNE: tl.constexpr, USE_PDL: tl.constexpr,
+    FP8_OUT: tl.constexpr, SCALE_OUT: tl.constexpr, RNE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pdl_enter(USE_PDL)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
@@ -107,7 +115,10 @@ def _rmsnorm_rows_kernel(
         y16 = cast_rne(y, o_ptr.dtype.element_ty, RNE).to(tl.float32)
         _store_fp8_rows(y16, rows.to(tl.int64), rows < n_rows, cols, cols < H, q_ptr, s_ptr, stride_q)
     else:
-        tl.store(o_ptr + rows64 * stride_o + cols[None, :], y.to(o_ptr.dtype.element_ty), mask=mask)
+        y_out = y.to(o_ptr.dtype.element_ty)
+        tl.store(o_ptr + rows64 * stride_o + cols[None, :], y_out, mask=mask)
+        if SCALE_OUT:  # from the row as stored, as its reader would compute it
+            _store_fp8_scales(y_out.to(tl.float32), rows.to(tl.int64), rows < n_rows, cols < H, s_ptr)
 
 
 @triton.jit
@@ -163,9 +174,11 @@ def rmsnorm_launch(
     summed: torch.Tensor | None = None,  # [..., H] contiguous, receives x + residual
     max_one_pass: int = MAX_ONE_PASS,
     fp8_out: tuple[torch.Tensor, torch.Tensor] | None = None,  # ([R, H] fp8, [R, 1] f32) written instead of out
+    scale_out: torch.Tensor | None = None,  # [R, 1] f32, written with out
 ) -> None:
     """Normalise ``x`` (or ``x + residual``, also written to ``summed``) into ``out``, or its fp8 codes and
-    scales into ``fp8_out`` (rows of up to ``max_one_pass`` elements)."""
+    scales into ``fp8_out``, or ``out`` and its fp8 scales into ``scale_out`` (the last two: rows of up to
+    ``max_one_pass`` elements)."""
     h = x.shape[-1]
     x2, o2 = _rows(x), out.view(-1, h)
     n_rows = x2.shape[0]
@@ -185,16 +198,16 @@ def rmsnorm_launch(
     )
     args = (x2, r2, weight, o2, s2)
     block_h = next_pow2(h)
-    if fp8_out is not None and block_h > max_one_pass:
+    if (fp8_out is not None or scale_out is not None) and block_h > max_one_pass:
         raise ValueError(f"rmsnorm: fp8 output needs rows of at most {max_one_pass} elements, got {h}")
     if block_h <= max_one_pass:
-        q2, scales = fp8_out if fp8_out is not None else (o2, o2)
+        q2, scales = fp8_out if fp8_out is not None else (o2, scale_out if scale_out is not None else o2)
         block_r = max(1, min(ROW_ELEMS // block_h, next_pow2(n_rows)))
         warps = 1 if INTERPRET else max(1, min(16, block_r * block_h // 512))
         _rmsnorm_rows_kernel[(triton.cdiv(n_rows, block_r),)](
             *args, q2, scales, n_rows, h, x2.stride(0), r2.stride(0), o2.stride(0), s2.stride(0), q2.stride(0),
             eps, float(weight_offset), BLOCK_R=block_r, BLOCK_H=block_h, **flags, FP8_OUT=fp8_out is not None,
-            RNE=INTERPRET and o2.dtype == torch.bfloat16, num_warps=warps,
+            SCALE_OUT=scale_out is not None, RNE=INTERPRET and o2.dtype == torch.bfloat16, num_warps=warps,
         )
     else:
         block_h = min(block_h, max_one_pass)
