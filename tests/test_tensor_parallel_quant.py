@@ -28,6 +28,7 @@ WIDE = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, 
         "head_dim": 64, "num_hidden_layers": 1}  # 128 input features a rank for o_proj: whole int4 chunks
 FLAGS = {
     "fp8": {"quantize": "fp8"},
+    "fp8-lm-head": {"quantize": "fp8", "transforms.quantize_fp8_linear.quantize_lm_head": True},  # vocab-parallel
     "int8": {"quantize": "int8_weight_only"},
     "int4-g64": {"quantize": "int4_weight_only", "transforms.quantize_int4_linear.group_size": 64},
     "int4-channel": {"quantize": "int4_weight_only", "transforms.quantize_int4_linear.group_size": -1},
@@ -74,7 +75,7 @@ def test_quantized_shards_are_slices_of_the_full_linears(flag):
         torch.testing.assert_close(torch.cat(pieces, dims.pop()), value, rtol=0, atol=0, msg=name)
         split += 1
     quantized = [n for n in shards[0].graph.nodes if is_quantized_linear(n)]
-    assert len(quantized) == 7  # q, k, v, o, gate, up, down
+    assert len(quantized) == 7 + flag.endswith("lm-head")  # q, k, v, o, gate, up, down (, the LM head)
     assert split >= 7 + 2  # every weight, and some of their scales (an int4 row split keeps all of a channel's)
 
 
