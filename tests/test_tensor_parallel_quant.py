@@ -112,3 +112,14 @@ def test_gptq_checkpoint_tp2_equals_tp1(tmp_path):
 
 def test_fp8_linears_and_experts_tp2_equals_tp1():
     _tp2_equals_tp1(tiny_model("mixtral", seed=7, num_hidden_layers=1), quantize="fp8")
+
+
+def test_int8_with_biases_tp2_equals_tp1():
+    """Row-split quantized linears with biases (o_proj, down_proj): the bias leaves the op and is added once, after
+    the all-reduce."""
+    model = tiny_model("llama", seed=8, num_hidden_layers=1, attention_bias=True, mlp_bias=True)
+    with torch.no_grad():  # biases start at zero; a bias added on every rank must show
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(9))
+    _tp2_equals_tp1(model, quantize="int8_weight_only")
