@@ -8,8 +8,9 @@ only by fp8 linears (``triton_quant_fp8_linear``, fp8 ``triton_linear_glu``), di
 activation (down) write fp8 codes and per-token scales in place of their 16-bit output, and ``torch._scaled_mm``
 multiplies them — one launch and two passes over the activation fewer per linear. At one token, and on CPU, the
 graph computes what it did before; there the norms also write the per-token scale, which the fp8 decode GEMVs of
-q/k/v and gate/up read instead of each program computing it from the whole row. Not matched: the attention output (``o_proj`` keeps its quantization launch),
-norms fused with an all-reduce (tensor parallel), readers of other formats. The torch backend has no such nodes.
+q/k/v and gate/up read instead of each program computing it from the whole row. Not matched: the attention output
+(``o_proj`` keeps its quantization launch), norms fused with an all-reduce (tensor parallel), readers of other
+formats. The torch backend has no such nodes.
 """
 
 from __future__ import annotations
