@@ -34,7 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 from graph_timing import capture, replay_us  # noqa: E402  (bench/, the script's folder)
 from results import JsonResults  # noqa: E402
 from autodeploy.custom_ops.quant_linear import (  # noqa: E402
-    quantize_fp8_weight, quantize_int4_weight, quantize_int8_weight,
+    quantize_fp8_per_token, quantize_fp8_weight, quantize_int4_weight, quantize_int8_weight,
 )
 
 SHAPE_SETS = {  # (N, K) of Llama-3.1-8B's linears, whole and as one rank of two holds them; Qwen3-30B-A3B's dense ones
@@ -104,25 +104,16 @@ def make_weights(fmt: str, n: int, k: int, copies: int) -> list[tuple]:
     return out
 
 
-X_SCALES: dict[int, torch.Tensor] = {}  # --x-scale-given: x's per-token fp8 scales, by id(x)
-
-
-def fp8_scales(x):
-    from autodeploy.custom_ops.quant_linear import quantize_fp8_per_token
-
-    return quantize_fp8_per_token(x)[1].reshape(-1).float().contiguous()
-
-
-def gemv_call(fmt: str, x, weights: tuple, cfg: tuple | None, glu: bool = False):
+def gemv_call(fmt: str, x, weights: tuple, cfg: tuple | None, glu: bool = False, x_scale=None):
     """The GEMV on ``weights``; ``glu``: as the engine runs a packed ``[gate; up]``, SiLU(gate) * up in its
-    epilogue."""
+    epilogue; ``x_scale``: fp8 only, x's per-token scales as its producer (a norm) writes them."""
     from autodeploy.custom_ops.triton.gemv import W_DENSE, W_FP8, W_INT4, W_INT8, GemvConfig, gemv
 
     config = GemvConfig(*cfg) if cfg else None
     code = {"dense": W_DENSE, "fp8": W_FP8, "int8": W_INT8, "int4": W_INT4}[fmt]
     glu_args = dict(glu_activation="silu" if glu else None)
-    if fmt == "fp8" and X_SCALES.get(id(x)) is not None:
-        glu_args["x_scale"] = X_SCALES[id(x)]
+    if x_scale is not None:
+        glu_args["x_scale"] = x_scale
     if fmt == "int4":
         return gemv(x, code, weights[0], weights[1], weights[2], None, GROUP, config=config, **glu_args)
     if fmt == "dense":
@@ -254,8 +245,11 @@ def main() -> None:
             ws = make_weights(fmt, n, k, copies)
             for m in tokens:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                if args.x_scale_given:  # as x's producer would have written it
-                    X_SCALES[id(x)] = fp8_scales(x)
+                xs = quantize_fp8_per_token(x)[1].view(-1) if args.x_scale_given and fmt == "fp8" else None
+
+                def run(w, cfg):
+                    return gemv_call(fmt, x, w, cfg, glu, xs)
+
                 ref = reference(fmt, x, ws[0], glu)
                 row = {"phase": "gemv", "fmt": fmt, "M": m, "shape": name, "glu": glu, "MB": round(size / 1e6, 1)}
                 base = graph_us(lambda: [baseline(fmt, x, w) for w in ws], copies)
@@ -263,7 +257,7 @@ def main() -> None:
                 results = []
                 for cfg in sweep[fmt, m] or default_tiles(fmt, m, n, k):
                     try:
-                        us = graph_us(lambda: [gemv_call(fmt, x, w, cfg, glu) for w in ws], copies)
+                        us = graph_us(lambda: [run(w, cfg) for w in ws], copies)
                     except Exception as e:  # an illegal config (registers, shared memory) is skipped
                         row.setdefault("errors", []).append(f"{cfg}: {type(e).__name__}")
                         continue
@@ -274,15 +268,14 @@ def main() -> None:
                     row.update(best_us=round(best_us, 2), best_GB_s=round(size / best_us / 1e3), best_cfg=best_cfg,
                                roof_us=round(size / COPY_BPS * 1e6, 2),
                                top5=[(round(u, 2), c) for u, c in results[:5]],
-                               rel_err=rel_err(gemv_call(fmt, x, ws[0], best_cfg, glu), ref),
-                               default_us=round(graph_us(lambda: [gemv_call(fmt, x, w, None, glu) for w in ws],
-                                                         copies), 2))
+                               rel_err=rel_err(run(ws[0], best_cfg), ref),
+                               default_us=round(graph_us(lambda: [run(w, None) for w in ws], copies), 2))
                     row["all"] = [(round(u, 2), c) for u, c in results]
                     for kind, best in (("tc", [r for r in results if len(r[1]) > 5 and r[1][5]]),
                                        ("cuda", [r for r in results if len(r[1]) == 5 or not r[1][5]])):
                         if best:
                             row[f"best_{kind}_us"], row[f"best_{kind}_cfg"] = round(best[0][0], 2), best[0][1]
-                            row[f"best_{kind}_rel_err"] = rel_err(gemv_call(fmt, x, ws[0], best[0][1], glu), ref)
+                            row[f"best_{kind}_rel_err"] = rel_err(run(ws[0], best[0][1]), ref)
                 res.add(row)
             if fmt == "int4":
                 for m in PREFILL_TOKENS:

@@ -54,9 +54,12 @@ def _values(gm) -> dict[str, torch.Tensor]:
     """Parameters as comparable values: int4 ``qweight`` as codes, float8 as its bytes."""
     out = {}
     for name, p in gm.named_parameters():
-        p = p.detach()
-        out[name] = unpack_int4(p) if name.endswith("qweight") else p.view(torch.uint8) if p.element_size() == 1 \
-            and p.is_floating_point() else p
+        if name.endswith("qweight"):
+            out[name] = unpack_int4(p.detach())
+        elif p.dtype == torch.float8_e4m3fn:
+            out[name] = p.detach().view(torch.uint8)
+        else:
+            out[name] = p.detach()
     return out
 
 
