@@ -3,9 +3,10 @@
 At a few tokens a linear layer is a read of its weight and nothing else, so the kernel is built to stream the
 weight at the copy bandwidth: one program owns ``BLOCK_N`` output channels, walks K in ``BLOCK_K`` steps loading a
 ``[BLOCK_N, BLOCK_K]`` weight tile (contiguous along K), and multiplies it on the CUDA cores against the
-``[BLOCK_M, BLOCK_K]`` activations (from L2), accumulating ``[BLOCK_M, BLOCK_N, BLOCK_K]`` in float32 and
-reducing over K once at the end; or on the tensor cores (``TENSOR_CORES`` below), which idle on padding at these
-M but take the multiply-adds off the CUDA cores, which is what bounds the 8- and 4-bit formats.
+``[BLOCK_M, BLOCK_K]`` activations (from L2), accumulating ``[BLOCK_M, BLOCK_N, BLOCK_K]`` (one row: ``[BLOCK_N,
+BLOCK_K]``) in float32 and reducing over K once at the end; or on the tensor cores (``TENSOR_CORES`` below), which
+idle on padding at these M but take the multiply-adds off the CUDA cores, which is what bounds the 8- and 4-bit
+formats.
 
 Formats (``W_FMT``): 16-bit weights; fp8 and int8 (per-channel scale applied after the reduction); int4 planar
 (``quant_linear.py``), whose steps live in ``gemv_int4.py``: on the CUDA cores one nibble plane at a time, on the
@@ -124,8 +125,10 @@ def tensor_core_gemv_ok(fmt: int, dtype: torch.dtype, group: int = 0) -> bool:
 
 
 @triton.jit
-def _dense_step(acc, w, xt, x_scale, W_FMT: tl.constexpr, HW_FP8: tl.constexpr):
-    """``acc [BM, BN, BK] += w [BN, BK] * xt [BM, BK]`` (x rounded to fp8 first for the fp8 format)."""
+def _dense_step(acc, w, xt, x_scale, W_FMT: tl.constexpr, HW_FP8: tl.constexpr, ONE_ROW: tl.constexpr):
+    """``acc [BM, BN, BK] += w [BN, BK] * xt [BM, BK]`` (x rounded to fp8 first for the fp8 format). At one row
+    (``ONE_ROW``) ``acc`` is ``[BN, BK]`` in the weight tile's own layout: the tile is multiplied as it was loaded
+    (16-byte loads, no trip through shared memory), 4.3 instead of 7.3 SASS instructions an fp8 weight."""
     xt = xt.to(tl.float32)
     if W_FMT == 0:
         xt = xt / x_scale[:, None]
@@ -133,7 +136,11 @@ def _dense_step(acc, w, xt, x_scale, W_FMT: tl.constexpr, HW_FP8: tl.constexpr):
             xt = xt.to(tl.float8e4nv).to(tl.float32)  # round-to-nearest, saturating (|x| <= 448 here)
         else:
             xt = fp8_round(xt)
-    return acc + w.to(tl.float32)[None, :, :] * xt[:, None, :]
+    if ONE_ROW:  # one row: acc [BN, BK], in the weight tile's own layout
+        acc = acc + w.to(tl.float32) * tl.reshape(xt, (xt.shape[1],))[None, :]
+    else:
+        acc = acc + w.to(tl.float32)[None, :, :] * xt[:, None, :]
+    return acc
 
 
 @triton.jit
@@ -163,7 +170,7 @@ def _dense_acc(acc, w, x_rows, kk, k_ok, m_ok, x_scale, x_ptr, r_ptr, nw_ptr, rs
     if TENSOR_CORES:
         out = _dense_step_tc(acc, w, xt, x_scale, W_FMT, HW_FP8)
     else:
-        out = _dense_step(acc, w, xt, x_scale, W_FMT, HW_FP8)
+        out = _dense_step(acc, w, xt, x_scale, W_FMT, HW_FP8, xt.shape[0] == 1)
     return out
 
 
@@ -262,6 +269,8 @@ def _gemv_kernel(
     else:
         if TENSOR_CORES:
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        elif BLOCK_M == 1:
+            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
         acc = _dense_acc(acc, w, x_rows, kk, k_ok, m_ok, x_scale, x_ptr, r_ptr, nw_ptr, rstd, w_offset,
@@ -274,6 +283,8 @@ def _gemv_kernel(
                              W_FMT, HW_FP8, TENSOR_CORES, NORM, NORM_OFFSET, NORM_PROD)
         if TENSOR_CORES:
             total = tl.trans(acc)  # [BM, BN]
+        elif BLOCK_M == 1:
+            total = tl.reshape(tl.sum(acc, 1), (1, BLOCK_N))
         else:
             total = tl.sum(acc, 2)  # [BM, BN]
 
