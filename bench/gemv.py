@@ -4,6 +4,8 @@
     options: --fmts fp8,int4,dense,int8  --tokens 1,2,4  --workers 14 (parallel Triton compiles)
              --glu (gate_up with the SiLU gating in the GEMV's epilogue, as the engine runs it)
              --shapes llama-tp2 (one rank's linears at tensor parallel 2), qwen3-moe (the MoE model's dense linears)
+             --names o,down (only these linears of the set)
+             --x-scale-given (fp8: the per-token scale from x's producer)
              --variants cuda,tc (CUDA-core and tensor-core products; int4 on the tensor cores: 50 tiles),
                         wide (CUDA-core tiles of 1-8 rows and 1-4K-long steps), tc-narrow (int4 tensor-core tiles
                         over 1-2 warps), default (gemv_config's tiles only)
@@ -138,11 +140,12 @@ def default_tiles(fmt: str, m: int, n: int, k: int) -> list[tuple]:
     return [dataclasses.astuple(gemv_config(m, n, k, code, torch.device("cuda")))]
 
 
-def compile_worker(work: tuple[list[tuple], dict]) -> int:
-    """Compile (into Triton's disk cache) every (fmt, m, cfg) on every shape; returns the failures."""
+def compile_worker(work: tuple[list[tuple], dict, bool, bool]) -> int:
+    """Compile (into Triton's disk cache) every (fmt, m, cfg) on every shape, as ``main`` times it (``glu`` for
+    gate_up, ``x_scale_given`` for fp8); returns the failures."""
     import autodeploy.custom_ops.triton  # noqa: F401
 
-    tasks, shapes = work
+    tasks, shapes, glu, x_scale_given = work
     failures = 0
     weights = {}
     for fmt, m, cfg in tasks:
@@ -150,8 +153,9 @@ def compile_worker(work: tuple[list[tuple], dict]) -> int:
             if (fmt, name) not in weights:
                 weights[fmt, name] = make_weights(fmt, n, k, 1)[0]
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            xs = quantize_fp8_per_token(x)[1].view(-1) if x_scale_given and fmt == "fp8" else None
             try:
-                gemv_call(fmt, x, weights[fmt, name], cfg)
+                gemv_call(fmt, x, weights[fmt, name], cfg, glu and name == "gate_up", xs)
             except Exception:
                 failures += 1
     torch.cuda.synchronize()
@@ -218,8 +222,11 @@ def main() -> None:
     parser.add_argument("--shapes", default="llama", choices=sorted(SHAPE_SETS))
     parser.add_argument("--glu", action="store_true", help="gate_up with the SiLU gating epilogue, as in the engine")
     parser.add_argument("--x-scale-given", action="store_true", help="fp8: the per-token scale from x's producer")
+    parser.add_argument("--names", default=None, help="only these of the set's linears, e.g. o,down")
     args = parser.parse_args()
     shapes = SHAPE_SETS[args.shapes]
+    if args.names:
+        shapes = {name: shapes[name] for name in args.names.split(",")}
     import autodeploy.custom_ops.triton  # noqa: F401
 
     fmts, tokens = args.fmts.split(","), [int(t) for t in args.tokens.split(",")]
@@ -233,7 +240,8 @@ def main() -> None:
     failures = 0
     if tasks:
         with mp.get_context("spawn").Pool(args.workers) as pool:
-            failures = sum(pool.map(compile_worker, [(chunk, shapes) for chunk in chunks]))
+            failures = sum(pool.map(compile_worker, [(chunk, shapes, args.glu, args.x_scale_given)
+                                                          for chunk in chunks]))
     res.emit("compile", configs=len(tasks), failures=failures, s=round(time.time() - t0, 1))
 
     torch.manual_seed(0)
