@@ -1,6 +1,7 @@
 """Compile this project's newest Triton kernels for an H100 (sm_90) on a machine without a GPU.
 
     python scripts/compile_sm90.py        # prints one line per kernel variant; exit status 1 if any fails
+    python scripts/compile_sm90.py --sass # ... with the SASS of each one's longest loop: instructions, global loads
 
 The Triton interpreter checks what a kernel computes, not whether the GPU compiler accepts it: a construct the
 interpreter runs can still fail to lower to PTX. This compiles each variant that ``gemv.py`` (with the add + RMSNorm
@@ -13,7 +14,9 @@ launch on, for ``sm_90`` with Triton's own ``ptxas``, so such a failure shows up
 
 from __future__ import annotations
 
+import collections
 import os
+import re
 import sys
 
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -24,6 +27,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+from triton.tools.disasm import get_sass  # noqa: E402
 
 from autodeploy.custom_ops.triton.all_reduce_rmsnorm import _all_reduce_rmsnorm_kernel  # noqa: E402
 from autodeploy.custom_ops.triton.cached_attention import _decode_kernel  # noqa: E402
@@ -208,21 +212,48 @@ def decode_chain_variants():
         yield f"decode attention split={split} cache={cache} {launch}", _decode_kernel, signature, consts, launch
 
 
-#: arguments a real launch specializes as multiples of 16 (Triton's divisibility hint), which decides whether
-#: loads vectorize; the pointers and the sizes of the Llama shapes all are
-ALIGNED = {"x_ptr", "w_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "part_ptr", "lock_ptr", "N", "K", "stride_xm",
-           "stride_ym", "stride_wn"}
+#: integer arguments a real launch specializes as multiples of 16 (Triton's divisibility hint), which decides
+#: whether loads vectorize: the sizes and strides of the Llama and Qwen3-30B-A3B shapes all are, as every pointer
+ALIGNED = {"N", "K", "stride_xm", "stride_ym", "stride_wn", "stride_sg", "H", "U", "I", "stride_xt", "stride_we",
+           "stride_hm", "stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_kb", "stride_ks", "stride_kh",
+           "stride_vb", "stride_vs", "stride_vh", "stride_pt", "stride_kt", "stride_vt", "stride_qot", "stride_qoh",
+           "stride_kcb", "stride_kcs", "stride_kch", "stride_vcb", "stride_vcs", "stride_vch", "stride_gu",
+           "stride_o", "stride_q", "inter"}
+#: arguments a real launch passes as 1, which Triton specializes into constants (the experts' unit K stride)
+UNIT = {"stride_wk"}
+
+
+def longest_loop(sass: str) -> str:
+    """The instruction count of the longest loop (a label to the backward branch to it) and its global loads by
+    width: what a kernel's main loop costs per step, read on CPU (``LDG.E.128`` is 16 bytes a thread)."""
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"(\w+):$", line.strip()))}
+    body: list[str] = []
+    for i, line in enumerate(lines):
+        target = re.search(r"BRA (\w+);", line)
+        start = labels.get(target.group(1), i) if target else i
+        if start < i and i - start > len(body):
+            body = lines[start + 1 : i + 1]
+    ops = [m.group(1) for line in body if (m := re.search(r"\t(?:@!?U?P\w+ )?([A-Z][A-Z0-9_.]*)", line))]
+    loads = collections.Counter(op for op in ops if op.startswith(("LDG.", "LDGSTS.")))
+    return f"loop of {len(ops)} instructions, global loads {dict(loads) or 'none'}"
 
 
 def main() -> int:
+    sass = "--sass" in sys.argv[1:]
     failed = 0
     for name, kernel, signature, consts, options in variants():
+        unit = {a: 1 for a in UNIT if a in signature}
+        signature, consts = {**signature, **dict.fromkeys(unit, "constexpr")}, {**consts, **unit}
         names = list(signature)
-        attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in ALIGNED if a in signature}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(names)
+                 if a in ALIGNED or signature[a].startswith("*")}
         try:
             compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs),
                                       target=TARGET, options=options)
             print(f"ok      {name}: {len(compiled.asm['ptx'])} chars of PTX")
+            if sass:
+                print(f"        {longest_loop(get_sass(compiled.asm['cubin']))}")
         except Exception as e:  # every variant is tried, each failure printed
             failed += 1
             print(f"FAILED  {name}: {type(e).__name__}: {str(e)[:600]}")
