@@ -117,7 +117,8 @@ def variants():
         name = f"gemv fmt={fmt} M<={bm} {bn}x{bk} split={split} warps={warps} glu={glu} tc={tensor_cores} norm={norm}"
         yield (name, _gemv_kernel, gemv_signature(fmt, consts), consts, dict(num_warps=warps, num_stages=stages))
     for fmt, act_fp8, bm, bn, bk, split, warps, stages in [
-        (W_INT4, False, 16, 64, 128, 4, 4, 4), (W_INT8, False, 16, 64, 256, 4, 4, 3), (W_FP8, True, 64, 64, 128, 1, 4, 4),
+        (W_INT4, False, 16, 64, 128, 4, 4, 4), (W_INT8, False, 16, 64, 256, 4, 4, 3),
+        (W_FP8, True, 64, 64, 128, 1, 4, 4),
     ]:
         consts = dict(W_FMT=fmt, ACT_FP8=act_fp8, GROUP=128 if fmt == W_INT4 else 1, PLANES=8 if fmt == W_INT4 else 1,
                       HAS_ZEROS=fmt == W_INT4, HAS_BIAS=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
