@@ -106,6 +106,11 @@ def make_weights(fmt: str, n: int, k: int, copies: int) -> list[tuple]:
     return out
 
 
+def given_scale(x, fmt: str, x_scale_given: bool):
+    """--x-scale-given: x's per-token fp8 scales as its producer (a norm) writes them; else None."""
+    return quantize_fp8_per_token(x)[1].view(-1) if x_scale_given and fmt == "fp8" else None
+
+
 def gemv_call(fmt: str, x, weights: tuple, cfg: tuple | None, glu: bool = False, x_scale=None):
     """The GEMV on ``weights``; ``glu``: as the engine runs a packed ``[gate; up]``, SiLU(gate) * up in its
     epilogue; ``x_scale``: fp8 only, x's per-token scales as its producer (a norm) writes them."""
@@ -153,7 +158,7 @@ def compile_worker(work: tuple[list[tuple], dict, bool, bool]) -> int:
             if (fmt, name) not in weights:
                 weights[fmt, name] = make_weights(fmt, n, k, 1)[0]
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            xs = quantize_fp8_per_token(x)[1].view(-1) if x_scale_given and fmt == "fp8" else None
+            xs = given_scale(x, fmt, x_scale_given)
             try:
                 gemv_call(fmt, x, weights[fmt, name], cfg, glu and name == "gate_up", xs)
             except Exception:
@@ -253,7 +258,7 @@ def main() -> None:
             ws = make_weights(fmt, n, k, copies)
             for m in tokens:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                xs = quantize_fp8_per_token(x)[1].view(-1) if args.x_scale_given and fmt == "fp8" else None
+                xs = given_scale(x, fmt, args.x_scale_given)
 
                 def run(w, cfg):
                     return gemv_call(fmt, x, w, cfg, glu, xs)
