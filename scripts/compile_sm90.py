@@ -103,7 +103,7 @@ def variants():
         (W_FP8, 1, 8, 1024, 1, 4, 2, -1), (W_FP8, 2, 16, 512, 1, 4, 2, -1), (W_INT8, 1, 16, 512, 1, 4, 3, -1),
         (W_INT4, 1, 8, 1024, 2, 4, 3, -1), (W_INT4, 2, 8, 1024, 1, 4, 3, -1),
         (W_DENSE, 1, 2, 2048, 1, 4, 1, 0), (W_FP8, 1, 8, 1024, 1, 4, 2, 0), (W_INT4, 1, 8, 1024, 1, 4, 3, 0),
-        (W_FP8, 16, 64, 256, 2, 4, 3, -1), (W_FP8, 16, 128, 512, 1, 8, 3, 0), (W_DENSE, 16, 64, 128, 1, 4, 3, -1),
+        (W_FP8, 1, 8, 512, 1, 4, 2, -1), (W_FP8, 16, 128, 512, 1, 8, 3, 0), (W_DENSE, 16, 64, 128, 1, 4, 3, -1),
         (W_DENSE, 16, 32, 256, 4, 4, 4, 0), (W_INT8, 16, 64, 256, 1, 4, 3, -1),
         (W_INT4, 16, 64, 128, 1, 4, 4, 0), (W_INT4, 16, 64, 128, 4, 4, 4, -1), (W_INT4, 16, 128, 128, 2, 8, 3, -1),
     ]]:
@@ -113,7 +113,7 @@ def variants():
                       TENSOR_CORES=tensor_cores, NORM=norm, NORM_H=2048 if norm else 1, NORM_OFFSET=False,
                       NORM_PROD=tl.bfloat16, X_COLS=1 if bm == 16 else bm, OFFSET_CHUNKS=16 if split == 1 else 4,
                       ROW_TILE=64 if fmt == W_INT4 and glu < 0 else 1, USE_PDL=True,
-                      XS_GIVEN=fmt == W_FP8 and tensor_cores)  # the engine's q/k/v and gate/up at one token
+                      XS_GIVEN=fmt == W_FP8 and (bk, glu) in ((512, -1), (512, 0)))  # q/k/v, gate/up: 1 token
         name = f"gemv fmt={fmt} M<={bm} {bn}x{bk} split={split} warps={warps} glu={glu} tc={tensor_cores} norm={norm}"
         yield (name, _gemv_kernel, gemv_signature(fmt, consts), consts, dict(num_warps=warps, num_stages=stages))
     for fmt, act_fp8, bm, bn, bk, split, warps, stages in [

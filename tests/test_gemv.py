@@ -99,11 +99,12 @@ def test_gemv_gpu_tiles(fmt, m, k, n):
     torch.testing.assert_close(out, ref, atol=5e-5, rtol=5e-5)
 
 
-@pytest.mark.parametrize("k,n", [(1024, 4160), (1024, 1600)])
-def test_gemv_fp8_tensor_core_tiles(k, n):
-    """The tensor-core tiles ``gemv_config`` picks for fp8 gate/up-like and qkv-like shapes on CUDA."""
+@pytest.mark.parametrize("k,n,tensor_cores", [(1024, 4160, True), (1024, 1600, False)])
+def test_gemv_fp8_cuda_tiles(k, n, tensor_cores):
+    """The tiles ``gemv_config`` picks for fp8 at one token on CUDA: gate/up-like shapes on the tensor cores,
+    qkv-like ones on the CUDA cores (the one-row product)."""
     config = gemv_config(1, n, k, W_FP8, torch.device("cuda"))
-    assert config.tensor_cores
+    assert config.tensor_cores == tensor_cores
     x, w = torch.randn(1, k), torch.randn(n, k) * 0.05
     q, s = quantize_fp8_weight(w)
     torch.testing.assert_close(gemv(x, W_FP8, q, s, config=config), ops.torch_quant_fp8_linear(x, q, s),
@@ -157,8 +158,8 @@ def test_dequantized_int4_linear_matches_reference():
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k", [(28672, 4096), (6144, 4096), (4096, 14336)])
 def test_gemv_llama_shapes_gpu(n, k):
-    """The tiles ``gemv_config`` picks on an H100 (the tensor-core product for fp8 gate/up and qkv, and for int4) and
-    an explicit tensor-core config for bf16 weights, against the references."""
+    """The tiles ``gemv_config`` picks (the tensor-core product for fp8 gate/up and for int4, the one-row one for the
+    others) and an explicit tensor-core config for bf16 weights, against the references."""
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda") * k**-0.5
     q, s = quantize_fp8_weight(w)
