@@ -7,9 +7,9 @@
              --names o,down (only these linears of the set)
              --x-scale-given (fp8: the per-token scale from x's producer)
              --variants cuda,tc (CUDA-core and tensor-core products; int4 on the tensor cores: 50 tiles),
-                        wide (CUDA-core tiles of 1-8 rows and 1-4K-long steps), one-row (CUDA-core tiles of 4-16
-                        rows around the one-row product's default), tc-narrow (int4 tensor-core tiles over 1-2 warps),
-                        default (gemv_config's tiles only)
+                        wide (CUDA-core tiles of 1-8 rows and 1-4K-long steps), one-row (CUDA-core tiles around
+                        the one-row product's defaults: 16-bit 1-4 rows, 8-bit 4-16), tc-narrow (int4 tensor-core
+                        tiles over 1-2 warps), default (gemv_config's tiles only)
 
 For Llama-3.1-8B's four linears per layer (fused qkv, o, fused gate/up, down), each format and M, every tile
 config of the grid is timed; the weights rotate over at least ``COPIES`` copies and ``ROTATE_BYTES`` inside one
@@ -70,7 +70,10 @@ def grid(fmt: str, m: int, variants: str = "cuda,tc") -> list[tuple]:
         return []
     if variants == "wide":
         return wide_grid()
-    if variants == "one-row":  # around the CUDA-core default of 8 rows x 1024, 2 stages
+    if variants == "one-row" and fmt == "dense":  # around the 16-bit defaults of 1-4 rows
+        return [(bn, bk, 1, w, s) for bn, bk, (w, s) in
+                itertools.product([1, 2, 4], [512, 1024, 2048], [(4, 1), (4, 2), (8, 1)])]
+    if variants == "one-row":  # around the 8-bit default of 8 rows x 1024, 2 stages
         return [(bn, bk, sk, w, s) for bn, bk, sk, (w, s) in
                 itertools.product([4, 8, 16], [512, 1024, 2048], [1, 2], [(4, 2), (4, 3), (8, 2)])]
     if variants == "tc-narrow":  # int4 tensor-core tiles of 1-2 warps: programs with no barrier across 4 warps
