@@ -98,7 +98,7 @@ def gemv_config(m: int, n: int, k: int, fmt: int, device: torch.device, int4_ten
             return GemvConfig(4, 512, 1, 4, 2)
         if m == 1 and n >= 65536:  # LM heads (run 77, H200: Qwen3-MoE's 138.2 µs, its best 138.1)
             return GemvConfig(2, min(2048, k_cap), 1, 4, 1)
-        if m == 1:  # the one-row product (run 77, H200, µs: Llama o 11.9 -> 10.3, gate/up 60.1 -> 55.6)
+        if m == 1:  # the one-row product (run 77, H200, µs: Llama o 11.9 -> 10.3, gate/up 60.1 -> 55.1)
             return GemvConfig(1, min(1024, k_cap), 1, 4, 2)
         return GemvConfig(4, min(512, k_cap), 1, 4, 3)
     if m == 1 and fmt == W_FP8 and n >= 4 * k and k >= 1024:  # gate/up-like: tensor cores, 4% faster (run 20)
