@@ -113,7 +113,7 @@ def variants():
                       TENSOR_CORES=tensor_cores, NORM=norm, NORM_H=2048 if norm else 1, NORM_OFFSET=False,
                       NORM_PROD=tl.bfloat16, X_COLS=1 if bm == 16 else bm, OFFSET_CHUNKS=16 if split == 1 else 4,
                       ROW_TILE=64 if fmt == W_INT4 and glu < 0 else 1, USE_PDL=True,
-                      XS_GIVEN=fmt == W_FP8 and (bk, glu) in ((512, -1), (512, 0)))  # q/k/v, gate/up: 1 token
+                      XS_GIVEN=fmt == W_FP8 and bm in (1, 16) and bk == 512)  # q/k/v, gate/up at 1 token
         name = f"gemv fmt={fmt} M<={bm} {bn}x{bk} split={split} warps={warps} glu={glu} tc={tensor_cores} norm={norm}"
         yield (name, _gemv_kernel, gemv_signature(fmt, consts), consts, dict(num_warps=warps, num_stages=stages))
     for fmt, act_fp8, bm, bn, bk, split, warps, stages in [

@@ -74,9 +74,10 @@ class GemvConfig:
 
 
 def gemv_config(m: int, n: int, k: int, fmt: int, device: torch.device, int4_tensor_cores: bool = True) -> GemvConfig:
-    """Tiles from the shape, read off ``bench/gemv.py`` on an H100 (Llama-3.1-8B's linears at M = 1, 2, whole and
-    as one rank of two holds them); the interpreter gets small legal tiles. ``int4_tensor_cores``: whether int4
-    can take the tensor-core product (``tensor_core_gemv_ok``), else its CUDA-core tiles."""
+    """Tiles from the shape, read off ``bench/gemv.py`` on an H100 and, for the one-token product (runs 75-77), an
+    H200 (Llama-3.1-8B's linears at M = 1, 2, whole and as one rank of two holds them); the interpreter gets small
+    legal tiles. ``int4_tensor_cores``: whether int4 can take the tensor-core product (``tensor_core_gemv_ok``),
+    else its CUDA-core tiles."""
     if device.type != "cuda":
         return GemvConfig(8, INT4_CHUNK if fmt == W_INT4 else 64, 2 if k > 128 else 1, 1, 1)
     split = 2 if k >= 8192 and m == 1 else 1  # long rows (down_proj): two programs share a row tile
