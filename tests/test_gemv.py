@@ -151,8 +151,8 @@ def test_dequantized_int4_linear_matches_reference():
     w = torch.randn(40, 200) * 0.05
     bias = torch.randn(40)
     q, s, z = quantize_int4_weight(w, 64, False)
-    torch.testing.assert_close(int4_dequant_linear(x, q, s, z, bias, 64), ops.torch_quant_int4_linear(x, q, s, z, bias, 64),
-                               atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(int4_dequant_linear(x, q, s, z, bias, 64),
+                               ops.torch_quant_int4_linear(x, q, s, z, bias, 64), atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.gpu
