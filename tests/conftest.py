@@ -24,6 +24,13 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))  # pytest-xdist
 torch.set_num_threads(max(1, min(4, (os.cpu_count() or 1) // _WORKERS)))
 
 
+def pytest_report_header(config):
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return ("CUDA is visible, so the Triton interpreter is off: run the GPU tests with `-m gpu`; the rest is the "
+                "CPU suite (models built on CPU with the Triton backend), run it as CI does with CUDA_VISIBLE_DEVICES=")
+    return None
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
