@@ -9,7 +9,8 @@
              --variants cuda,tc (CUDA-core and tensor-core products; int4 on the tensor cores: 50 tiles),
                         wide (CUDA-core tiles of 1-8 rows and 1-4K-long steps), one-row (CUDA-core tiles around
                         the one-row product's defaults: 16-bit 1-4 rows, 8-bit 4-16), tc-narrow (int4 tensor-core
-                        tiles over 1-2 warps), default (gemv_config's tiles only)
+                        tiles over 1-2 warps), default (gemv_config's tiles only), mma (int4: the CUDA C++
+                        GEMV, cuda/int4_gemv.py: warps x tiles x ring stages)
 
 For Llama-3.1-8B's four linears per layer (fused qkv, o, fused gate/up, down), each format and M, every tile
 config of the grid is timed; the weights rotate over at least ``COPIES`` copies and ``ROTATE_BYTES`` inside one
@@ -68,6 +69,8 @@ def grid(fmt: str, m: int, variants: str = "cuda,tc") -> list[tuple]:
     sweep for the CUDA-core product (``cuda``), and the tensor-core one (``tc``)."""
     if variants == "default":  # each shape's gemv_config tiles, chosen in main
         return []
+    if variants == "mma":  # int4: the CUDA C++ GEMV (cuda/int4_gemv.py): warps, 16-row tiles, ring stages a block
+        return [("mma", *c) for c in itertools.product([4, 8, 16], [1, 2, 4], [3, 4])] if fmt == "int4" else []
     if variants == "wide":
         return wide_grid()
     if variants == "one-row" and fmt == "dense":  # around the 16-bit defaults of 1-4 rows
@@ -123,6 +126,11 @@ def gemv_call(fmt: str, x, weights: tuple, cfg: tuple | None, glu: bool = False,
     epilogue; ``x_scale``: fp8 only, x's per-token scales as its producer (a norm) writes them."""
     from autodeploy.custom_ops.triton.gemv import W_DENSE, W_FP8, W_INT4, W_INT8, GemvConfig, gemv
 
+    if cfg and cfg[0] == "mma":
+        from autodeploy.custom_ops.cuda.int4_gemv import MmaGemvConfig, int4_gemv_mma
+
+        return int4_gemv_mma(x, *weights, None, GROUP, glu_activation="silu" if glu else None,
+                             config=MmaGemvConfig(*cfg[1:]))
     config = GemvConfig(*cfg) if cfg else None
     code = {"dense": W_DENSE, "fp8": W_FP8, "int8": W_INT8, "int4": W_INT4}[fmt]
     glu_args = dict(glu_activation="silu" if glu else None)
@@ -247,7 +255,7 @@ def main() -> None:
                       quiet=("all", "top5"))
     t0 = time.time()
     sweep = {(f, m): grid(f, m, args.variants) for f in fmts for m in tokens}
-    tasks = [(f, m, cfg) for (f, m), cfgs in sweep.items() for cfg in cfgs]
+    tasks = [(f, m, cfg) for (f, m), cfgs in sweep.items() for cfg in cfgs if cfg[0] != "mma"]  # NVRTC: in-process
     chunks = [tasks[i :: args.workers] for i in range(args.workers)]
     failures = 0
     if tasks:
@@ -292,7 +300,9 @@ def main() -> None:
                                default_us=round(graph_us(lambda: [run(w, None) for w in ws], copies), 2))
                     row["all"] = [(round(u, 2), c) for u, c in results]
                     for kind, best in (("tc", [r for r in results if len(r[1]) > 5 and r[1][5]]),
-                                       ("cuda", [r for r in results if len(r[1]) == 5 or not r[1][5]])):
+                                       ("cuda", [r for r in results if len(r[1]) == 5
+                                                 or (len(r[1]) > 5 and not r[1][5])]),
+                                       ("mma", [r for r in results if r[1][0] == "mma"])):
                         if best:
                             row[f"best_{kind}_us"], row[f"best_{kind}_cfg"] = round(best[0][0], 2), best[0][1]
                             row[f"best_{kind}_rel_err"] = rel_err(run(ws[0], best[0][1]), ref)

@@ -17,7 +17,7 @@ from ._common import INTERPRET
 from .gemv import W_DENSE, W_FP8, W_INT4, gemv
 from .glu import glu_packed_launch
 from .linear import dense_linear, gemv_applies
-from .quant_linear import FP8_GEMV_MAX_TOKENS, _rows, fp8_linear, int4_gemv_max_tokens, int4_linear
+from .quant_linear import FP8_GEMV_MAX_TOKENS, _rows, fp8_linear, int4_gemv, int4_gemv_max_tokens, int4_linear
 
 #: weight_format -> the GEMV's format code
 WEIGHT_FORMATS: dict[str, int] = {"dense": W_DENSE, "fp8": W_FP8, "int4": W_INT4}
@@ -56,9 +56,10 @@ def triton_linear_glu(
         raise ValueError(f"triton_linear_glu: unknown weight_format {weight_format!r}; known: {sorted(WEIGHT_FORMATS)}")
     x2 = _rows(x)
     n_out = weight.shape[0] // 2
-    if gemv_glu_applies(x2, weight, weight_format, group_size):
-        fmt = WEIGHT_FORMATS[weight_format]
-        y = gemv(x2, fmt, weight, scales, zeros, bias, group_size, glu_activation=activation)
+    if gemv_glu_applies(x2, weight, weight_format, group_size) and weight_format == "int4":
+        y = int4_gemv(x2, weight, scales, zeros, bias, group_size, glu_activation=activation)  # CUDA C++ or Triton
+    elif gemv_glu_applies(x2, weight, weight_format, group_size):
+        y = gemv(x2, WEIGHT_FORMATS[weight_format], weight, scales, zeros, bias, group_size, glu_activation=activation)
     else:
         gate_up = _linear(x2, weight, scales, zeros, bias, weight_format, group_size)
         y = gate_up.new_empty((x2.shape[0], n_out))

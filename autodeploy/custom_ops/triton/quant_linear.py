@@ -25,8 +25,9 @@ Which path runs, by the number of tokens M (the thresholds are read off ``bench/
   row-wise scales (Hopper fp8 tensor cores), fewer than ``SCALED_MM_MIN_ROWS`` rows zero-padded; elsewhere (CPU
   interpreter, unaligned shapes) this file's kernel.
 - int4: up to ``int4_gemv_max_tokens`` the GEMV (``GEMV_MAX_TOKENS`` where its tensor-core product applies, else
-  ``INT4_GEMV_MAX_TOKENS``); from ``DEQUANT_MIN_TOKENS`` up, on CUDA, ``dequant_linear.py`` (a dense copy of the
-  weight, cuBLAS); between the two, this file's kernel.
+  ``INT4_GEMV_MAX_TOKENS``), on CUDA the CUDA C++ one of ``cuda/int4_gemv.py`` where it applies; from
+  ``DEQUANT_MIN_TOKENS`` up, on CUDA, ``dequant_linear.py`` (a dense copy of the weight, cuBLAS); between the
+  two, this file's kernel.
 - int8: this file's kernel at every M (it streams int8 at 1.3-1.9 TB/s from M = 1; neither the GEMV nor
   dequantize + cuBLAS beat it in the sweep).
 """
@@ -41,6 +42,7 @@ import triton.language as tl
 
 from .. import quant_linear as _reference  # noqa: F401  (registers the torch op family)
 from ..quant_linear import FP8_DTYPE, INT4_CHUNK, INT4_SLICE, int4_group, int4_row_tile
+from ..cuda.int4_gemv import MmaGemvUnavailable, int4_gemv_mma, mma_gemv_applies
 from ._common import (
     INTERPRET, NUM_LOCKS, device_sms, fp8_round, fp8_scale, mma, next_pow2, split_k_sum, split_locks, tl_dtype,
     to_fp8, upcast_dots,
@@ -287,12 +289,26 @@ def int4_gemv_max_tokens(x: torch.Tensor, group_size: int) -> int:
     return INT4_GEMV_MAX_TOKENS
 
 
+def int4_gemv(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+    bias: torch.Tensor | None, group_size: int, glu_activation: str | None = None,
+) -> torch.Tensor:
+    """The int4 decode GEMV: the CUDA C++ tensor-core kernel where it applies (``cuda/int4_gemv.py``), else this
+    package's Triton one."""
+    if mma_gemv_applies(x, qweight, scales, zeros, group_size):
+        try:
+            return int4_gemv_mma(x, qweight, scales, zeros, bias, group_size, glu_activation)
+        except MmaGemvUnavailable:
+            pass
+    return gemv(x, W_INT4, qweight, scales, zeros, bias, group_size, glu_activation=glu_activation)
+
+
 def int4_linear(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
     bias: torch.Tensor | None, group_size: int,
 ) -> torch.Tensor:
     if x.shape[0] <= int4_gemv_max_tokens(x, group_size):
-        return gemv(x, W_INT4, qweight, scales, zeros, bias, group_size)
+        return int4_gemv(x, qweight, scales, zeros, bias, group_size)
     if use_dequant(x):
         return int4_dequant_linear(x, qweight, scales, zeros, bias, group_size)
     return wq_gemm(x, W_INT4, qweight, scales, zeros, bias, group_size)
