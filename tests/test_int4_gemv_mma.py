@@ -1,22 +1,42 @@
 """The CUDA C++ int4 GEMV (``custom_ops/cuda/int4_gemv.py``, NVRTC-compiled, needs a GPU) against the torch
 reference and the Triton GEMV, on fresh random inputs: odd sizes, zero points or none, bias, both 16-bit dtypes,
-groups of 128 and 256, the gated gate/up product, 1-4 tokens; and what it does not take."""
+groups of 128 and 256, the gated gate/up product, 1-4 tokens; and what it does not take. On CPU: the layout
+addressing its source hard-codes, against ``quant_linear.py``'s packing."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from autodeploy.custom_ops.quant_linear import quantize_int4_weight
+from autodeploy.custom_ops.quant_linear import pack_int4, quantize_int4_weight
 
 ops = torch.ops.autodeploy
-pytestmark = pytest.mark.gpu
 
 
 def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
+@pytest.mark.parametrize("n", [128, 192])
+def test_int4_codes_sit_where_the_cuda_gemv_reads_them(n):
+    """``int4_gemv_mma.cu``'s addressing (``run_codes``, ``CHUNK_WORDS``): word w of chunk c of row r is word
+    ``(r // 64) 64 stride + (r % 64) 16 + 1024 c + w`` of the tensor, and its nibble j is code
+    ``[r, 128 c + 16 j + w]``; rows 8 apart (a lane's two runs) and the up half of a gate/up pair alike."""
+    k = 300
+    codes = torch.randint(0, 16, (n, k), dtype=torch.int32)
+    words = pack_int4(codes).flatten()
+    stride = words.numel() // n
+    r, c, w, j = torch.meshgrid(torch.arange(n), torch.arange(stride // 16), torch.arange(16), torch.arange(8),
+                                indexing="ij")
+    address = (r // 64) * 64 * stride + (r % 64) * 16 + 1024 * c + w
+    kk = 128 * c + 16 * j + w
+    read = (words[address] >> (4 * j)) & 0xF
+    padded = torch.zeros((n, stride * 8), dtype=torch.int32)
+    padded[:, :k] = codes
+    assert torch.equal(read, padded[r, kk])
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group,symmetric", [(128, False), (256, True)])
 @pytest.mark.parametrize("m,k,n", [(1, 4096, 6144), (2, 776, 192), (3, 14336, 128), (4, 296, 64), (1, 2200, 320)])
@@ -33,6 +53,7 @@ def test_int4_gemv_mma_matches_reference(dtype, group, symmetric, m, k, n):
     assert _rel_err(got, ref) < 4e-3
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m,k,inter", [(1, 4096, 1024), (3, 640, 32), (2, 296, 96), (1, 300, 64)])
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
@@ -51,6 +72,7 @@ def test_int4_gemv_mma_gated(dtype, m, k, inter, activation):
     assert _rel_err(got, ref) < 1e-2
 
 
+@pytest.mark.gpu
 def test_int4_linear_takes_the_mma_gemv_unless_told_not_to(monkeypatch):
     """The op the graph holds sends few tokens to the CUDA GEMV (bitwise its output), and with
     ``AUTODEPLOY_INT4_GEMV=triton`` to the Triton GEMV (bitwise that one's); the two agree to bf16 rounding."""
@@ -68,6 +90,7 @@ def test_int4_linear_takes_the_mma_gemv_unless_told_not_to(monkeypatch):
     assert _rel_err(cuda_out, triton_out) < 4e-3
 
 
+@pytest.mark.gpu
 def test_int4_gemv_mma_refuses_what_it_does_not_take():
     """Rows not in 64-row tiles, float32 activations, more tokens than the MMA's share, token rows that are not
     16-byte aligned: the Triton GEMV's."""
