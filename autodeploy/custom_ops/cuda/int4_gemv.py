@@ -8,7 +8,8 @@ Same inputs and numerics as ``gemv(x, W_INT4, ...)``: ``x [M, K]`` 16-bit, plana
 layout, scales and zero points ``[Gn, N]``; with ``glu_activation`` the packed gate/up product's
 ``act(gate) * up``, each half rounded to x's dtype first. ``mma_gemv_applies`` says when it serves;
 ``AUTODEPLOY_INT4_GEMV=triton`` turns it off (A/B runs); a failed compile turns it off for the process, with a
-warning, and the Triton GEMV serves.
+warning. ``int4_gemv_mma_or_none`` is the dispatch's entry (None: the Triton GEMV serves), ``int4_gemv_mma`` the
+checked one of tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from ..quant_linear import INT4_CHUNK, int4_group, int4_row_tile
 log = logging.getLogger(__name__)
 
 MMA_GEMV_MAX_TOKENS = 4  # the MMA has 8 columns; the engine sends at most the Triton GEMV's 4 tokens
-ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "relu2": 4}  # glu.py's ACTIVATION_CODES
 TILE_BYTES = 1088  # the .cu's: a tile's chunk in a warp's ring (codes, scales, zero points); 256 bytes a token
 _SOURCE = Path(__file__).with_name("int4_gemv_mma.cu")
 _compile_failed = False
@@ -123,25 +123,53 @@ def _kernel(defines: tuple[tuple[str, int], ...], smem_bytes: int, device_index:
     return kernel
 
 
+def int4_gemv_mma_or_none(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+    bias: torch.Tensor | None, group_size: int, glu_activation: str | None = None,
+) -> torch.Tensor | None:
+    """The product with ``mma_gemv_config``'s tiles where ``mma_gemv_applies``; None where it does not (an
+    unknown activation included: the Triton GEMV names it in its error), or once the kernel failed to compile."""
+    from ..triton.glu import ACTIVATION_CODES
+
+    if glu_activation not in (None, *ACTIVATION_CODES) or not mma_gemv_applies(x, qweight, scales, zeros, group_size):
+        return None
+    try:
+        return _launch(x, qweight, scales, zeros, bias, group_size, glu_activation,
+                       mma_gemv_config(qweight.shape[0], x.shape[1]))
+    except MmaGemvUnavailable:
+        return None
+
+
 def int4_gemv_mma(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
     bias: torch.Tensor | None, group_size: int, glu_activation: str | None = None,
     config: MmaGemvConfig | None = None,
 ) -> torch.Tensor:
+    """The product, or a ValueError where the kernel (or the given tiles) does not take these inputs."""
     m, k = x.shape
-    n = qweight.shape[0]
-    cfg = config or mma_gemv_config(n, k)
+    cfg = config or mma_gemv_config(qweight.shape[0], k)
     if not mma_gemv_applies(x, qweight, scales, zeros, group_size) or cfg.tiles not in (1, 2, 4) or (
             cfg.smem_bytes(m) > _device_smem(_index(x.device))):
         raise ValueError(f"int4_gemv_mma does not take x {tuple(x.shape)} {x.dtype} on {x.device}, qweight "
                          f"{tuple(qweight.shape)}, group {group_size}, {cfg} (see mma_gemv_applies)")
+    return _launch(x, qweight, scales, zeros, bias, group_size, glu_activation, cfg)
+
+
+def _launch(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+    bias: torch.Tensor | None, group_size: int, glu_activation: str | None, cfg: MmaGemvConfig,
+) -> torch.Tensor:
+    from ..triton.glu import ACTIVATION_CODES  # the codes the .cu's activate() follows
+
+    m, k = x.shape
+    n = qweight.shape[0]
     y = torch.empty((m, n if glu_activation is None else n // 2), dtype=x.dtype, device=x.device)
     defines = (
         ("WARPS", cfg.warps), ("TILES", cfg.tiles), ("STAGES", cfg.stages), ("TOKENS", m),
         ("X_BF16", int(x.dtype == torch.bfloat16)), ("SCALE_BF16", int(scales.dtype == torch.bfloat16)),
         ("BIAS_BF16", int(bias is not None and bias.dtype == torch.bfloat16)), ("GROUP", int4_group(group_size, k)),
         ("HAS_ZEROS", int(zeros is not None)), ("HAS_BIAS", int(bias is not None)),
-        ("GLU_ACT", -1 if glu_activation is None else ACTIVATIONS[glu_activation]),
+        ("GLU_ACT", -1 if glu_activation is None else ACTIVATION_CODES[glu_activation]),
     )
     smem = cfg.smem_bytes(m)
     kernel = _kernel(defines, smem, _index(x.device))

@@ -42,7 +42,7 @@ import triton.language as tl
 
 from .. import quant_linear as _reference  # noqa: F401  (registers the torch op family)
 from ..quant_linear import FP8_DTYPE, INT4_CHUNK, INT4_SLICE, int4_group, int4_row_tile
-from ..cuda.int4_gemv import MmaGemvUnavailable, int4_gemv_mma, mma_gemv_applies
+from ..cuda.int4_gemv import int4_gemv_mma_or_none
 from ._common import (
     INTERPRET, NUM_LOCKS, device_sms, fp8_round, fp8_scale, mma, next_pow2, split_k_sum, split_locks, tl_dtype,
     to_fp8, upcast_dots,
@@ -295,12 +295,10 @@ def int4_gemv(
 ) -> torch.Tensor:
     """The int4 decode GEMV: the CUDA C++ tensor-core kernel where it applies (``cuda/int4_gemv.py``), else this
     package's Triton one."""
-    if mma_gemv_applies(x, qweight, scales, zeros, group_size):
-        try:
-            return int4_gemv_mma(x, qweight, scales, zeros, bias, group_size, glu_activation)
-        except MmaGemvUnavailable:
-            pass
-    return gemv(x, W_INT4, qweight, scales, zeros, bias, group_size, glu_activation=glu_activation)
+    y = int4_gemv_mma_or_none(x, qweight, scales, zeros, bias, group_size, glu_activation)
+    if y is None:
+        y = gemv(x, W_INT4, qweight, scales, zeros, bias, group_size, glu_activation=glu_activation)
+    return y
 
 
 def int4_linear(
